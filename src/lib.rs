@@ -1,0 +1,3 @@
+//! taskgate (crate map written as modules land).
+pub mod celery;
+pub mod task;
