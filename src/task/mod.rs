@@ -7,6 +7,7 @@
 //! registry ([`registry`]) and routing ([`routing`]), so every field in it is
 //! what will be published.
 
+pub mod intake;
 pub mod registry;
 pub mod routing;
 

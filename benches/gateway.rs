@@ -1,0 +1,374 @@
+//! `scripts/bench`: taskgate's throughput, latency and memory, measured side
+//! by side with the broker's own limit, in one run on one machine.
+//!
+//! (a) raw lapin publishing with confirms to a durable queue (the broker's
+//!     limit), same message, same confirm window as taskgate's relay;
+//! (b) taskgate end to end: HTTP POST → confirmed in the queue;
+//! (c) taskgate accept rate with the broker down (outbox only), p50/p99;
+//! (d) drain rate of a 100,000-task backlog when the broker returns;
+//! (e) peak RSS of the taskgate process in each.
+//!
+//! Prints a table and writes `docs/benchmarks.md`. Not a test: it asserts
+//! nothing about speed; it reports.
+
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const RABBITMQ: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+const CONNECTIONS: usize = 64;
+const WINDOW: usize = 1000;
+
+fn count(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn sample_task(n: usize) -> Value {
+    json!({
+        "task": "bench.export",
+        "args": ["org-slug", format!("project-{n}")],
+        "kwargs": {"output_type": "xls", "note": "x".repeat(160)},
+        "properties": {"creator_id": "u1"}
+    })
+}
+
+struct Gateway {
+    child: Child,
+    base_url: String,
+}
+
+impl Gateway {
+    fn start(config: &Path) -> Gateway {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_taskgate"))
+            .args(["serve", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "warn,taskgate=info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn taskgate");
+        let stderr = child.stderr.take().unwrap();
+        let (sender, receiver) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut sent = false;
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if !sent {
+                    if let Some(rest) = line.split("address=").nth(1) {
+                        let _ = sender.send(rest.split_whitespace().next().unwrap_or("").to_owned());
+                        sent = true;
+                    }
+                }
+            }
+        });
+        let address = receiver
+            .recv_timeout(Duration::from_secs(60))
+            .expect("taskgate listening");
+        Gateway {
+            child,
+            base_url: format!("http://{address}"),
+        }
+    }
+
+    fn peak_rss_mib(&self) -> f64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+            .map(|kib| kib / 1024.0)
+            .unwrap_or(f64::NAN)
+    }
+
+    fn stop(mut self) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn write_config(dir: &Path, broker_url: &str, queue: &str, exchange: &str) -> PathBuf {
+    let path = dir.join(format!("{queue}.toml"));
+    let text = format!(
+        "[http]\nlisten = \"127.0.0.1:0\"\n\n[broker]\nurl = \"{broker_url}\"\nconnect_timeout_ms = 1000\n\n\
+         [routing]\nexchange = \"{exchange}\"\n\n[[routing.queues]]\nname = \"{queue}\"\nbinding_key = \"#\"\n\n\
+         [outbox]\npath = \"{}\"\nmax_bytes = 4294967296\n\n[breaker]\nopen_min_ms = 200\nopen_max_ms = 1000\n",
+        dir.join("outbox").display()
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+async fn queue_depth(channel: &lapin::Channel, queue: &str) -> u32 {
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map(|q| q.message_count())
+        .unwrap_or(0)
+}
+
+async fn wait_for_depth(channel: &lapin::Channel, queue: &str, target: u32, timeout: Duration) -> Instant {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if queue_depth(channel, queue).await >= target {
+            return Instant::now();
+        }
+        assert!(Instant::now() < deadline, "queue {queue} never reached {target}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// (a): the broker's limit with a confirm window of `WINDOW`.
+async fn raw_lapin(total: usize) -> f64 {
+    let connection = Connection::connect(RABBITMQ, ConnectionProperties::default())
+        .await
+        .expect("RabbitMQ");
+    let channel = connection.create_channel().await.unwrap();
+    channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    let queue = format!("bench-raw-{}", std::process::id());
+    channel
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let task: taskgate::task::Task = {
+        let request: taskgate::task::TaskRequest = serde_json::from_value(sample_task(0)).unwrap();
+        let router = taskgate::task::routing::Router::from_settings(&Default::default()).unwrap();
+        taskgate::task::intake::accept(request, &Default::default(), &router, chrono::Utc::now()).unwrap()
+    };
+    let message = taskgate::celery::encode(&task, "bench@host");
+    let started = Instant::now();
+    let mut sent = 0;
+    while sent < total {
+        let batch = WINDOW.min(total - sent);
+        let mut confirms = Vec::with_capacity(batch);
+        for _ in 0..batch {
+            let properties = BasicProperties::default()
+                .with_content_type("application/json".into())
+                .with_delivery_mode(2);
+            confirms.push(
+                channel
+                    .basic_publish(
+                        "".into(),
+                        queue.as_str().into(),
+                        BasicPublishOptions {
+                            mandatory: true,
+                            ..BasicPublishOptions::default()
+                        },
+                        &message.body,
+                        properties,
+                    )
+                    .await
+                    .unwrap(),
+            );
+        }
+        for confirm in confirms {
+            assert!(confirm.await.unwrap().is_ack());
+        }
+        sent += batch;
+    }
+    let rate = total as f64 / started.elapsed().as_secs_f64();
+    let _ = channel
+        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await;
+    let _ = connection.close(200, "bench done".into()).await;
+    rate
+}
+
+struct LoadResult {
+    rate: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    started: Instant,
+}
+
+/// Posts `total` tasks over `CONNECTIONS` concurrent clients.
+async fn http_load(base_url: &str, total: usize) -> LoadResult {
+    let next = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for _ in 0..CONNECTIONS {
+        let next = next.clone();
+        let url = format!("{base_url}/v1/tasks");
+        workers.push(tokio::spawn(async move {
+            let client = reqwest::Client::builder().pool_max_idle_per_host(1).build().unwrap();
+            let mut latencies = Vec::new();
+            loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                if n >= total {
+                    return latencies;
+                }
+                let body = sample_task(n);
+                let sent = Instant::now();
+                let response = client.post(&url).json(&body).send().await.expect("POST");
+                assert_eq!(response.status(), 202, "{}", response.text().await.unwrap_or_default());
+                let _ = response.bytes().await;
+                latencies.push(sent.elapsed());
+            }
+        }));
+    }
+    let mut latencies = Vec::with_capacity(total);
+    for worker in workers {
+        latencies.extend(worker.await.unwrap());
+    }
+    let elapsed = started.elapsed();
+    latencies.sort();
+    let percentile =
+        |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)].as_secs_f64() * 1000.0;
+    LoadResult {
+        rate: total as f64 / elapsed.as_secs_f64(),
+        p50_ms: percentile(0.50),
+        p99_ms: percentile(0.99),
+        started,
+    }
+}
+
+fn refused_url() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap();
+    drop(listener);
+    format!("amqp://guest:guest@{address}/%2f")
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|text| {
+            text.lines().find_map(|l| {
+                l.strip_prefix("model name")
+                    .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+            })
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let memory = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .next()
+                .map(|l| l.split_whitespace().nth(1).unwrap_or("0").to_owned())
+        })
+        .and_then(|kib| kib.parse::<f64>().ok())
+        .map(|kib| format!("{:.0} GiB", kib / 1024.0 / 1024.0))
+        .unwrap_or_default();
+    format!("{cores} cores ({cpu}), {memory} RAM")
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() {
+    // `cargo bench` passes `--bench`; `cargo test --all-targets` runs this
+    // target without it, and a benchmark is no test: do nothing then.
+    if !std::env::args().any(|arg| arg == "--bench") {
+        eprintln!("benches/gateway.rs measures, it does not test: run scripts/bench");
+        return;
+    }
+    let e2e_total = count("BENCH_E2E_TASKS", 50_000);
+    let accept_total = count("BENCH_ACCEPT_TASKS", 100_000);
+    let dir = tempfile::tempdir().unwrap();
+    let inspector = Connection::connect(RABBITMQ, ConnectionProperties::default())
+        .await
+        .expect("RabbitMQ on 127.0.0.1:5672");
+    let inspect = inspector.create_channel().await.unwrap();
+
+    eprintln!("(a) raw lapin, {e2e_total} messages, confirm window {WINDOW}…");
+    let raw_rate = raw_lapin(e2e_total).await;
+
+    eprintln!("(b) taskgate end to end, {e2e_total} tasks over {CONNECTIONS} connections…");
+    let e2e_dir = dir.path().join("e2e");
+    std::fs::create_dir_all(&e2e_dir).unwrap();
+    let e2e_queue = format!("bench-e2e-{}", std::process::id());
+    let gateway = Gateway::start(&write_config(&e2e_dir, RABBITMQ, &e2e_queue, "bench_exchange"));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let load = http_load(&gateway.base_url, e2e_total).await;
+    let confirmed_at = wait_for_depth(&inspect, &e2e_queue, e2e_total as u32, Duration::from_secs(600)).await;
+    let e2e_rate = e2e_total as f64 / confirmed_at.duration_since(load.started).as_secs_f64();
+    let e2e_rss = gateway.peak_rss_mib();
+    let (e2e_p50, e2e_p99) = (load.p50_ms, load.p99_ms);
+    gateway.stop();
+    let _ = inspect
+        .queue_delete(e2e_queue.as_str().into(), QueueDeleteOptions::default())
+        .await;
+
+    eprintln!("(c) accept with the broker down, {accept_total} tasks over {CONNECTIONS} connections…");
+    let spool_dir = dir.path().join("spool");
+    std::fs::create_dir_all(&spool_dir).unwrap();
+    let spool_queue = format!("bench-drain-{}", std::process::id());
+    let gateway = Gateway::start(&write_config(
+        &spool_dir,
+        &refused_url(),
+        &spool_queue,
+        "bench_exchange",
+    ));
+    let accept = http_load(&gateway.base_url, accept_total).await;
+    let accept_rss = gateway.peak_rss_mib();
+    gateway.stop();
+
+    eprintln!("(d) drain the {accept_total}-task backlog into RabbitMQ…");
+    let started = Instant::now();
+    let gateway = Gateway::start(&write_config(&spool_dir, RABBITMQ, &spool_queue, "bench_exchange"));
+    // The queue is declared by taskgate on connect; wait for it to appear.
+    let drained_at = wait_for_depth(&inspect, &spool_queue, accept_total as u32, Duration::from_secs(900)).await;
+    let drain_rate = accept_total as f64 / drained_at.duration_since(started).as_secs_f64();
+    let drain_rss = gateway.peak_rss_mib();
+    gateway.stop();
+    let _ = inspect
+        .queue_delete(spool_queue.as_str().into(), QueueDeleteOptions::default())
+        .await;
+    let _ = inspector.close(200, "bench done".into()).await;
+
+    let table = format!(
+        "| measurement | result | ratio to (a) | target | peak RSS of taskgate |\n|---|---|---|---|---|\n\
+         | (a) raw lapin publish + confirm (window {WINDOW}) | {raw_rate:.0} msg/s | 1.00 | broker limit | n/a |\n\
+         | (b) taskgate HTTP POST → confirmed in queue ({CONNECTIONS} connections) | {e2e_rate:.0} tasks/s (p50 {e2e_p50:.2} ms, p99 {e2e_p99:.2} ms) | {:.2} | ≥ 0.80 | {e2e_rss:.1} MiB |\n\
+         | (c) taskgate accept, broker down ({CONNECTIONS} connections) | {:.0} tasks/s (p50 {:.2} ms, p99 {:.2} ms) | {:.2} | ≥ 10,000/s, p99 < 10 ms | {accept_rss:.1} MiB |\n\
+         | (d) drain of a {accept_total}-task backlog (incl. restart) | {drain_rate:.0} tasks/s | {:.2} | ≥ 0.80 | {drain_rss:.1} MiB (< 64 MiB target) |\n",
+        e2e_rate / raw_rate,
+        accept.rate,
+        accept.p50_ms,
+        accept.p99_ms,
+        accept.rate / raw_rate,
+        drain_rate / raw_rate,
+    );
+    println!("{table}");
+    let report = format!(
+        "# Benchmarks\n\nProduced by `scripts/bench` on {}, {}.\n\nMachine: {}. RabbitMQ on the same machine \
+         (127.0.0.1:5672); the HTTP load generator runs on the same cores as taskgate and the broker. Message: the same \
+         Celery task (≈ 0.9 KiB with headers) in every row. (a) uses the same confirm window as taskgate's relay \
+         (`relay.publish_window`).\n\n{table}\n",
+        chrono::Utc::now().format("%Y-%m-%d %H:%M UTC"),
+        format_args!("{e2e_total} tasks for (a)/(b), {accept_total} for (c)/(d)"),
+        machine()
+    );
+    let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/benchmarks.md");
+    std::fs::write(&out, report).unwrap();
+    eprintln!("wrote {}", out.display());
+}

@@ -1,0 +1,207 @@
+//! Building and running the server, and the shutdown order.
+//!
+//! [`Application::build`] opens the outbox, binds the listener and starts
+//! the background pieces (publisher connection manager, relay, health
+//! monitor, outbox maintenance). Nothing here waits on the broker.
+//!
+//! Shutdown, on one signal (SIGTERM, SIGINT, or the future given to
+//! [`Application::run_until_stopped`]):
+//! 1. stop accepting: the HTTP server stops taking connections and lets
+//!    requests in flight finish;
+//! 2. finish in-flight publishes: the relay completes its current round
+//!    (bounded by `http.shutdown_grace_ms`) and stops;
+//! 3. flush the outbox;
+//! 4. close the broker connection.
+
+use crate::broker::amqp::AmqpPublisher;
+use crate::broker::sqs::SqsPublisher;
+use crate::broker::Publisher;
+use crate::config::{BrokerKind, Settings};
+use crate::health::HealthMonitor;
+use crate::http::{self, AppState};
+use crate::outbox::Outbox;
+use crate::relay::breaker::Breaker;
+use crate::relay::Relay;
+use crate::task::registry::Registry;
+use crate::task::routing::Router;
+use anyhow::Context;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// The process-wide Prometheus recorder (metrics' recorder is global).
+pub fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new().build_recorder();
+            let handle = recorder.handle();
+            // Another recorder may already be installed (tests); then our
+            // handle simply renders nothing new, which is harmless.
+            let _ = metrics::set_global_recorder(recorder);
+            handle
+        })
+        .clone()
+}
+
+pub struct Application {
+    listener: TcpListener,
+    state: AppState,
+    background: CancellationToken,
+    relay_task: tokio::task::JoinHandle<()>,
+}
+
+impl Application {
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let settings = Arc::new(settings);
+        let router = Arc::new(Router::from_settings(&settings.routing).context("routing settings")?);
+        let registry = Arc::new(Registry::from_settings(&settings.registry).context("registry settings")?);
+        let outbox_settings = settings.outbox.clone();
+        let outbox = tokio::task::spawn_blocking(move || Outbox::open(&outbox_settings))
+            .await?
+            .with_context(|| format!("opening the outbox at {}", settings.outbox.path.display()))?;
+        let listener = TcpListener::bind(settings.http.listen)
+            .await
+            .with_context(|| format!("binding {}", settings.http.listen))?;
+        let publisher: Arc<dyn Publisher> = match settings.broker.kind {
+            BrokerKind::Amqp => AmqpPublisher::start(settings.broker.clone(), (*router).clone()),
+            BrokerKind::Sqs => {
+                let create_queues = settings.broker.creates_queues(settings.environment);
+                SqsPublisher::start(settings.broker.clone(), (*router).clone(), create_queues)
+            }
+        };
+        let breaker = Arc::new(Breaker::new(&settings.breaker));
+        let relay = Relay::new(
+            outbox.clone(),
+            publisher.clone(),
+            breaker.clone(),
+            settings.relay.clone(),
+        );
+        let background = CancellationToken::new();
+        let relay_task = tokio::spawn(relay.clone().run(background.clone()));
+        let health = HealthMonitor::start(
+            outbox.clone(),
+            publisher.status(),
+            breaker.subscribe(),
+            settings.http.warn_backlog_age_seconds,
+            background.clone(),
+        );
+        spawn_maintenance(outbox.clone(), background.clone());
+        let state = AppState {
+            settings,
+            registry,
+            router,
+            outbox,
+            publisher,
+            breaker,
+            relay,
+            health,
+            metrics: metrics_handle(),
+        };
+        Ok(Self {
+            listener,
+            state,
+            background,
+            relay_task,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("bound listener has an address")
+    }
+
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Serves until `stop` resolves, then shuts down in order.
+    pub async fn run_until_stopped(self, stop: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+        let Self {
+            listener,
+            state,
+            background,
+            relay_task,
+        } = self;
+        let grace = Duration::from_millis(state.settings.http.shutdown_grace_ms);
+        let stop_accepting = CancellationToken::new();
+        let stopping = stop_accepting.clone();
+        let app = http::router(state.clone());
+        tracing::info!(address = %listener.local_addr()?, "taskgate listening");
+        let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+            stop.await;
+            stopping.cancel();
+        });
+        // Streams (SSE) would keep graceful shutdown waiting forever: give
+        // requests in flight the grace period, then move on.
+        let server = async move {
+            let serve = tokio::spawn(async move { server.await });
+            stop_accepting.cancelled().await;
+            tracing::info!("shutting down: no longer accepting tasks");
+            match tokio::time::timeout(grace, serve).await {
+                Ok(joined) => joined.map_err(anyhow::Error::from)?.map_err(anyhow::Error::from),
+                Err(_) => {
+                    tracing::warn!("requests still open after the grace period; closing them");
+                    Ok(())
+                }
+            }
+        };
+        let served = server.await;
+        background.cancel();
+        match tokio::time::timeout(grace, relay_task).await {
+            Ok(_) => tracing::info!("in-flight publishes finished"),
+            Err(_) => {
+                tracing::warn!("in-flight publishes did not finish within the grace period; they stay in the outbox")
+            }
+        }
+        if let Err(error) = state.outbox.flush().await {
+            tracing::error!(%error, "final outbox flush failed");
+        }
+        state.publisher.shutdown().await;
+        tracing::info!(depth = state.outbox.depth(), "taskgate stopped");
+        served
+    }
+}
+
+fn spawn_maintenance(outbox: Arc<Outbox>, stop: CancellationToken) {
+    tokio::spawn(async move {
+        let mut interval = tokio::time::interval(Duration::from_secs(30));
+        loop {
+            tokio::select! {
+                _ = interval.tick() => {}
+                _ = stop.cancelled() => return,
+            }
+            let outbox = outbox.clone();
+            match tokio::task::spawn_blocking(move || outbox.prune()).await {
+                Ok(Ok(removed)) if removed > 0 => tracing::debug!(removed, "pruned outbox statuses"),
+                Ok(Err(error)) => tracing::warn!(%error, "outbox maintenance failed"),
+                _ => {}
+            }
+        }
+    });
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let interrupt = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = interrupt => {}
+        _ = terminate => {}
+    }
+}

@@ -1,0 +1,64 @@
+//! Publishers: the one interface the relay uses to reach a broker.
+//!
+//! A [`Publisher`] owns its connection (established in the background:
+//! start-up never waits on a broker), knows how a task maps onto its
+//! delivery lanes, and publishes a window of pending entries, answering one
+//! [`PublishResult`] per entry, in order. It never retries: the relay does,
+//! behind the circuit breaker. Every broker call it makes has a timeout.
+//!
+//! What is retryable and what is permanent is decided in one place,
+//! [`error`].
+
+pub mod amqp;
+pub mod error;
+pub mod sqs;
+
+use crate::outbox::{Lane, PendingEntry};
+use crate::task::Task;
+use chrono::{DateTime, Utc};
+pub use error::PublishError;
+use futures_util::future::BoxFuture;
+use serde::Serialize;
+use tokio::sync::watch;
+
+pub type PublishResult = Result<(), PublishError>;
+
+/// What health and the status page show about the broker connection.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BrokerStatus {
+    pub connected: bool,
+    /// Where we connect, with any password masked.
+    pub endpoint: String,
+    pub last_error: Option<String>,
+    pub changed_at: DateTime<Utc>,
+}
+
+impl BrokerStatus {
+    pub fn disconnected(endpoint: String, error: Option<String>) -> Self {
+        Self {
+            connected: false,
+            endpoint,
+            last_error: error,
+            changed_at: Utc::now(),
+        }
+    }
+}
+
+pub trait Publisher: Send + Sync + 'static {
+    /// The lanes a task is delivered through; one outbox entry each.
+    fn lanes_for(&self, task: &Task) -> Vec<Lane>;
+
+    /// Publishes `entries` (all from `lane`, in order) and waits for the
+    /// broker's confirmation of each, within the configured timeout.
+    fn publish<'a>(&'a self, lane: &'a Lane, entries: &'a [PendingEntry]) -> BoxFuture<'a, Vec<PublishResult>>;
+
+    /// Connection state, updated by the background connection manager.
+    fn status(&self) -> watch::Receiver<BrokerStatus>;
+
+    /// Asks the connection manager to reconnect now rather than after its
+    /// backoff (an operator's drain, a half-open probe).
+    fn reconnect_now(&self);
+
+    /// Closes the connection (bounded by the connect timeout).
+    fn shutdown(&self) -> BoxFuture<'_, ()>;
+}

@@ -1,0 +1,660 @@
+//! Typed settings: built-in defaults, then a TOML file, then
+//! `TASKGATE_<SECTION>__<KEY>` environment variables, validated once.
+//!
+//! Invariant: a [`Settings`] value that [`load`] returned is valid; nothing
+//! downstream re-validates it. A bad configuration is a [`ConfigError`] that
+//! names the offending key; the binary exits with status 64 (`EX_USAGE`).
+
+use crate::outbox::OutboxSettings;
+use crate::task::registry::{Registry, RegistrySettings};
+use crate::task::routing::{Router, RoutingSettings};
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// Exit status for a configuration error (sysexits.h `EX_USAGE`).
+pub const CONFIG_ERROR_EXIT_CODE: i32 = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration file {path} does not exist")]
+    MissingFile { path: PathBuf },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+    #[error("invalid configuration: key `{key}`: {message}")]
+    Key { key: String, message: String },
+}
+
+impl ConfigError {
+    fn key(key: &str, message: impl Into<String>) -> Self {
+        Self::Key {
+            key: key.to_owned(),
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Environment {
+    #[default]
+    Development,
+    Production,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    pub environment: Environment,
+    pub http: HttpSettings,
+    pub broker: BrokerSettings,
+    pub routing: RoutingSettings,
+    pub registry: RegistrySettings,
+    pub outbox: OutboxSettings,
+    pub breaker: BreakerSettings,
+    pub relay: RelaySettings,
+    pub tracking: TrackingSettings,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            environment: Environment::Development,
+            http: HttpSettings::default(),
+            broker: BrokerSettings::default(),
+            routing: RoutingSettings::default(),
+            registry: RegistrySettings::default(),
+            outbox: OutboxSettings::default(),
+            breaker: BreakerSettings::default(),
+            relay: RelaySettings::default(),
+            tracking: TrackingSettings::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpSettings {
+    pub listen: SocketAddr,
+    pub max_body_bytes: usize,
+    /// Bearer token for the admin API; empty means unset.
+    #[serde(deserialize_with = "string_or_number")]
+    pub admin_token: String,
+    /// How long shutdown waits for in-flight publishes to be confirmed.
+    pub shutdown_grace_ms: u64,
+    /// Backlog age after which health turns `warn` even with the broker up.
+    pub warn_backlog_age_seconds: f64,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7439)),
+            max_body_bytes: 1 << 20,
+            admin_token: String::new(),
+            shutdown_grace_ms: 10_000,
+            warn_backlog_age_seconds: 60.0,
+        }
+    }
+}
+
+/// Tokens like `12345` arrive from the environment as numbers.
+fn string_or_number<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Loose {
+        Text(String),
+        Integer(i64),
+        Float(f64),
+        Flag(bool),
+    }
+    Ok(match Loose::deserialize(deserializer)? {
+        Loose::Text(text) => text,
+        Loose::Integer(n) => n.to_string(),
+        Loose::Float(n) => n.to_string(),
+        Loose::Flag(b) => b.to_string(),
+    })
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum BrokerKind {
+    #[default]
+    Amqp,
+    Sqs,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BrokerSettings {
+    pub kind: BrokerKind,
+    pub url: String,
+    pub region: Option<String>,
+    pub endpoint_url: Option<String>,
+    pub queue_name_prefix: Option<String>,
+    /// SQS: create missing queues. Unset means on in development and off
+    /// in production, where queues are provisioned (a typo must not
+    /// conjure a queue nobody consumes); see [`BrokerSettings::creates_queues`].
+    pub create_queues: Option<bool>,
+    /// SQS: `MessageGroupId` on FIFO queues for tasks whose request has no
+    /// `message_group_id` property.
+    pub fifo_message_group_id: String,
+    /// TCP connect plus AMQP handshake.
+    pub connect_timeout_ms: u64,
+    /// Longest wait for a batch of publisher confirms.
+    pub publish_timeout_ms: u64,
+    pub heartbeat_seconds: u16,
+    /// Declare queues as quorum queues (`x-queue-type = quorum`).
+    pub quorum_queues: bool,
+    /// Reconnect backoff bounds.
+    pub reconnect_min_ms: u64,
+    pub reconnect_max_ms: u64,
+}
+
+impl Default for BrokerSettings {
+    fn default() -> Self {
+        Self {
+            kind: BrokerKind::Amqp,
+            url: "amqp://127.0.0.1:5672/%2f".into(),
+            region: None,
+            endpoint_url: None,
+            queue_name_prefix: None,
+            create_queues: None,
+            fifo_message_group_id: "taskgate".into(),
+            connect_timeout_ms: 5_000,
+            publish_timeout_ms: 5_000,
+            heartbeat_seconds: 10,
+            quorum_queues: false,
+            reconnect_min_ms: 200,
+            reconnect_max_ms: 10_000,
+        }
+    }
+}
+
+impl BrokerSettings {
+    /// Whether the SQS publisher creates missing queues: `create_queues`
+    /// when given, else only in development.
+    pub fn creates_queues(&self, environment: Environment) -> bool {
+        self.create_queues.unwrap_or(environment == Environment::Development)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BreakerSettings {
+    /// Consecutive failed publish attempts that open the breaker.
+    pub consecutive_failures: u32,
+    /// Success rate below which the breaker opens, over `window_seconds`,
+    /// once `minimum_requests` attempts were made in the window.
+    pub required_success_rate: f64,
+    pub minimum_requests: u32,
+    pub window_seconds: u64,
+    /// Open interval: jittered exponential backoff between these bounds.
+    pub open_min_ms: u64,
+    pub open_max_ms: u64,
+}
+
+impl Default for BreakerSettings {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: 3,
+            required_success_rate: 0.5,
+            minimum_requests: 10,
+            window_seconds: 30,
+            open_min_ms: 1_000,
+            open_max_ms: 30_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RelaySettings {
+    /// Unconfirmed messages in flight per publish round.
+    pub publish_window: usize,
+}
+
+impl Default for RelaySettings {
+    fn default() -> Self {
+        Self { publish_window: 1000 }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrackingSettings {
+    pub database_url: String,
+    pub sync_queue: Option<String>,
+}
+
+impl Default for TrackingSettings {
+    fn default() -> Self {
+        Self {
+            database_url: "sqlite://data/tracking.db".into(),
+            sync_queue: None,
+        }
+    }
+}
+
+/// Loads settings: defaults, then `file` (which must exist when given), then
+/// the environment. Validates everything before returning.
+pub fn load(file: Option<&Path>) -> Result<Settings, ConfigError> {
+    load_with_env(file, Env::prefixed("TASKGATE_").split("__"))
+}
+
+fn load_with_env(file: Option<&Path>, env: Env) -> Result<Settings, ConfigError> {
+    let mut explicit = Figment::new();
+    if let Some(path) = file {
+        if !path.exists() {
+            return Err(ConfigError::MissingFile { path: path.to_owned() });
+        }
+        explicit = explicit.merge(Toml::file(path));
+    }
+    let explicit = explicit.merge(env);
+    let settings: Settings = Figment::from(Serialized::defaults(Settings::default()))
+        .merge(explicit.clone())
+        .extract()
+        .map_err(|error| ConfigError::Invalid(describe_figment_error(error)))?;
+    validate(&settings, &explicit)?;
+    Ok(settings)
+}
+
+fn describe_figment_error(error: figment::Error) -> String {
+    error
+        .into_iter()
+        .map(|e| {
+            let key = e.path.join(".");
+            if key.is_empty() {
+                e.to_string()
+            } else {
+                format!("key `{key}`: {}", e.kind)
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+fn validate(settings: &Settings, explicit: &Figment) -> Result<(), ConfigError> {
+    // Their messages already name the key (`routing.queues[1]: ...`).
+    Router::from_settings(&settings.routing).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+    Registry::from_settings(&settings.registry).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+    if settings.http.max_body_bytes < 1024 {
+        return Err(ConfigError::key("http.max_body_bytes", "must be at least 1024"));
+    }
+    if settings.outbox.max_bytes < 4096 {
+        return Err(ConfigError::key("outbox.max_bytes", "must be at least 4096"));
+    }
+    let breaker = &settings.breaker;
+    if breaker.open_min_ms == 0 {
+        return Err(ConfigError::key("breaker.open_min_ms", "must be positive"));
+    }
+    if breaker.open_max_ms < breaker.open_min_ms {
+        return Err(ConfigError::key(
+            "breaker.open_max_ms",
+            "must be at least breaker.open_min_ms",
+        ));
+    }
+    if breaker.consecutive_failures == 0 {
+        return Err(ConfigError::key("breaker.consecutive_failures", "must be at least 1"));
+    }
+    if !(0.0..=1.0).contains(&breaker.required_success_rate) {
+        return Err(ConfigError::key(
+            "breaker.required_success_rate",
+            "must be between 0 and 1",
+        ));
+    }
+    if breaker.window_seconds == 0 {
+        return Err(ConfigError::key("breaker.window_seconds", "must be at least 1"));
+    }
+    if settings.relay.publish_window == 0 {
+        return Err(ConfigError::key("relay.publish_window", "must be at least 1"));
+    }
+    let broker = &settings.broker;
+    for (key, value) in [
+        ("broker.connect_timeout_ms", broker.connect_timeout_ms),
+        ("broker.publish_timeout_ms", broker.publish_timeout_ms),
+        ("broker.reconnect_min_ms", broker.reconnect_min_ms),
+    ] {
+        if value == 0 {
+            return Err(ConfigError::key(key, "must be positive"));
+        }
+    }
+    if broker.reconnect_max_ms < broker.reconnect_min_ms {
+        return Err(ConfigError::key(
+            "broker.reconnect_max_ms",
+            "must be at least broker.reconnect_min_ms",
+        ));
+    }
+    if broker.kind == BrokerKind::Amqp && !(broker.url.starts_with("amqp://") || broker.url.starts_with("amqps://")) {
+        return Err(ConfigError::key(
+            "broker.url",
+            "an AMQP broker URL must start with amqp:// or amqps://",
+        ));
+    }
+    if broker.kind == BrokerKind::Sqs {
+        validate_sqs(broker, &settings.routing)?;
+    }
+    if settings.environment == Environment::Production {
+        let given = |key: &str| explicit.find_value(key).is_ok();
+        if settings.http.admin_token.trim().is_empty() {
+            return Err(ConfigError::key(
+                "http.admin_token",
+                "production requires an admin token (or TASKGATE_HTTP__ADMIN_TOKEN)",
+            ));
+        }
+        if !given("broker.kind") {
+            return Err(ConfigError::key(
+                "broker.kind",
+                "production requires the broker kind to be set explicitly",
+            ));
+        }
+        match broker.kind {
+            BrokerKind::Amqp if !given("broker.url") => {
+                return Err(ConfigError::key(
+                    "broker.url",
+                    "production requires the broker URL to be set explicitly",
+                ));
+            }
+            BrokerKind::Sqs => {
+                if broker.queue_name_prefix.is_none() {
+                    return Err(ConfigError::key(
+                        "broker.queue_name_prefix",
+                        "production requires an explicit SQS queue name prefix",
+                    ));
+                }
+                if broker.region.is_none() {
+                    return Err(ConfigError::key(
+                        "broker.region",
+                        "production requires an explicit SQS region",
+                    ));
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// SQS settings that SQS would otherwise refuse only at the first call, in
+/// the background: queue names, the FIFO group id, the endpoint.
+fn validate_sqs(broker: &BrokerSettings, routing: &RoutingSettings) -> Result<(), ConfigError> {
+    use crate::broker::sqs;
+    if broker.region.as_deref().is_some_and(|region| region.trim().is_empty()) {
+        return Err(ConfigError::key(
+            "broker.region",
+            "must not be empty (leave it out to use the AWS configuration)",
+        ));
+    }
+    if let Some(url) = &broker.endpoint_url {
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(ConfigError::key(
+                "broker.endpoint_url",
+                "must be an http:// or https:// URL",
+            ));
+        }
+    }
+    if !sqs::is_valid_message_id(&broker.fifo_message_group_id) {
+        return Err(ConfigError::key(
+            "broker.fifo_message_group_id",
+            format!(
+                "must be 1 to {} ASCII letters, digits or punctuation (an SQS MessageGroupId)",
+                sqs::MAX_MESSAGE_ID_CHARS
+            ),
+        ));
+    }
+    let prefix = broker.queue_name_prefix.as_deref().unwrap_or("");
+    if let Some(bad) = sqs::sqs_queue_name(prefix, "")
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_')))
+    {
+        return Err(ConfigError::key(
+            "broker.queue_name_prefix",
+            format!(
+                "contains {bad:?}; SQS queue names allow only ASCII letters, digits, '-' and '_' ('.' becomes '-')"
+            ),
+        ));
+    }
+    for (index, queue) in routing.queues.iter().enumerate() {
+        sqs::validate_sqs_queue_name(&sqs::sqs_queue_name(prefix, &queue.name))
+            .map_err(|reason| ConfigError::key(&format!("routing.queues[{index}].name"), reason))?;
+    }
+    Ok(())
+}
+
+impl Settings {
+    /// A copy with secrets masked (admin token, URL passwords), for output.
+    pub fn masked(&self) -> Settings {
+        let mut masked = self.clone();
+        if !masked.http.admin_token.is_empty() {
+            masked.http.admin_token = "********".into();
+        }
+        masked.broker.url = mask_url_password(&masked.broker.url);
+        masked.tracking.database_url = mask_url_password(&masked.tracking.database_url);
+        masked
+    }
+
+    /// The settings as a TOML document that [`load`] reads back.
+    pub fn to_toml(&self) -> String {
+        toml_string(self)
+    }
+
+    /// The effective settings as TOML with secrets masked, for `check-config`.
+    pub fn to_masked_toml(&self) -> String {
+        toml_string(&self.masked())
+    }
+}
+
+fn toml_string(settings: &Settings) -> String {
+    let value = figment::value::Value::serialize(settings).expect("settings serialize");
+    let json = serde_json::to_value(&value).expect("settings to json");
+    let mut out = String::new();
+    write_toml_table(&mut out, "", &json);
+    out
+}
+
+/// A small TOML writer for the settings tree (tables, arrays of tables,
+/// scalars); figment does not serialise TOML itself.
+fn write_toml_table(out: &mut String, path: &str, value: &serde_json::Value) {
+    let serde_json::Value::Object(map) = value else { return };
+    for (key, item) in map {
+        match item {
+            serde_json::Value::Object(_) => {}
+            serde_json::Value::Array(items) if items.iter().all(|i| i.is_object()) && !items.is_empty() => {}
+            serde_json::Value::Null => {}
+            scalar => out.push_str(&format!("{key} = {scalar}\n")),
+        }
+    }
+    for (key, item) in map {
+        let child = if path.is_empty() {
+            key.clone()
+        } else {
+            format!("{path}.{key}")
+        };
+        match item {
+            serde_json::Value::Object(_) => {
+                out.push_str(&format!("\n[{child}]\n"));
+                write_toml_table(out, &child, item);
+            }
+            serde_json::Value::Array(items) if items.iter().all(|i| i.is_object()) && !items.is_empty() => {
+                for element in items {
+                    out.push_str(&format!("\n[[{child}]]\n"));
+                    write_toml_table(out, &child, element);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// `scheme://user:secret@host` → `scheme://user:****@host`, for logs and output.
+pub fn mask_url_password(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_owned();
+    };
+    let rest = &url[scheme_end + 3..];
+    let Some(at) = rest.find('@') else {
+        return url.to_owned();
+    };
+    let credentials = &rest[..at];
+    match credentials.find(':') {
+        Some(colon) => format!("{}://{}:****{}", &url[..scheme_end], &credentials[..colon], &rest[at..]),
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn no_env() -> Env {
+        Env::prefixed("TASKGATE_TEST_UNUSED_PREFIX_").split("__")
+    }
+
+    fn write(toml: &str) -> tempfile::NamedTempFile {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        file.write_all(toml.as_bytes()).unwrap();
+        file
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let settings = load_with_env(None, no_env()).unwrap();
+        assert_eq!(settings.http.listen.port(), 7439);
+        assert_eq!(settings.broker.url, "amqp://127.0.0.1:5672/%2f");
+        assert_eq!(settings.routing.exchange, "task_exchange");
+    }
+
+    #[test]
+    fn design_example_loads_as_written() {
+        let file = write(include_str!("../tests/support/design-example.toml"));
+        let settings = load_with_env(Some(file.path()), no_env()).unwrap();
+        assert!(settings.registry.strict);
+        assert_eq!(settings.routing.queues.len(), 2);
+        assert_eq!(settings.breaker.open_max_ms, 30_000);
+        assert_eq!(settings.tracking.sync_queue.as_deref(), Some("platform.fifo"));
+    }
+
+    #[test]
+    fn wrong_type_names_the_key() {
+        let file = write("[http]\nmax_body_bytes = \"lots\"\n");
+        let error = load_with_env(Some(file.path()), no_env()).unwrap_err().to_string();
+        assert!(error.contains("http.max_body_bytes"), "{error}");
+    }
+
+    #[test]
+    fn unknown_key_is_refused_by_name() {
+        let file = write("[broker]\nurll = \"amqp://x\"\n");
+        let error = load_with_env(Some(file.path()), no_env()).unwrap_err().to_string();
+        assert!(error.contains("urll"), "{error}");
+    }
+
+    #[test]
+    fn missing_file_is_an_error() {
+        let error = load_with_env(Some(Path::new("/nonexistent/taskgate.toml")), no_env()).unwrap_err();
+        assert!(matches!(error, ConfigError::MissingFile { .. }));
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail API returns figment::Error
+    fn environment_overrides_file() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("t.toml", "[http]\nadmin_token = \"from-file\"\n")?;
+            jail.set_env("TASKGATE_HTTP__ADMIN_TOKEN", "12345");
+            jail.set_env("TASKGATE_BROKER__URL", "amqp://other:5672/%2f");
+            let settings = load(Some(Path::new("t.toml"))).unwrap();
+            assert_eq!(settings.http.admin_token, "12345");
+            assert_eq!(settings.broker.url, "amqp://other:5672/%2f");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn production_requires_explicit_settings() {
+        let file = write("environment = \"production\"\n[http]\nadmin_token = \"t\"\n[broker]\nkind = \"amqp\"\n");
+        let error = load_with_env(Some(file.path()), no_env()).unwrap_err().to_string();
+        assert!(error.contains("broker.url"), "{error}");
+        let file = write("environment = \"production\"\n[broker]\nkind = \"amqp\"\nurl = \"amqp://h/%2f\"\n");
+        let error = load_with_env(Some(file.path()), no_env()).unwrap_err().to_string();
+        assert!(error.contains("http.admin_token"), "{error}");
+        let file = write("environment = \"production\"\n[http]\nadmin_token = \"t\"\n[broker]\nkind = \"sqs\"\nregion = \"us-west-2\"\n");
+        let error = load_with_env(Some(file.path()), no_env()).unwrap_err().to_string();
+        assert!(error.contains("broker.queue_name_prefix"), "{error}");
+    }
+
+    #[test]
+    fn production_sqs_requires_prefix_and_region() {
+        let base = "environment = \"production\"\n[http]\nadmin_token = \"t\"\n[broker]\nkind = \"sqs\"\n";
+        let file = write(&format!("{base}queue_name_prefix = \"prod-\"\n"));
+        let error = load_with_env(Some(file.path()), no_env()).unwrap_err().to_string();
+        assert!(error.contains("broker.region"), "{error}");
+        let file = write(&format!(
+            "{base}queue_name_prefix = \"prod-\"\nregion = \"eu-west-1\"\n"
+        ));
+        let settings = load_with_env(Some(file.path()), no_env()).unwrap();
+        assert!(!settings.broker.creates_queues(settings.environment));
+    }
+
+    #[test]
+    fn sqs_queues_are_created_by_default_in_development_only() {
+        let file = write("[broker]\nkind = \"sqs\"\n");
+        let settings = load_with_env(Some(file.path()), no_env()).unwrap();
+        assert!(settings.broker.creates_queues(settings.environment));
+        assert_eq!(settings.broker.fifo_message_group_id, "taskgate");
+        assert!(!settings.broker.creates_queues(Environment::Production));
+        let file = write("[broker]\nkind = \"sqs\"\ncreate_queues = false\n");
+        let settings = load_with_env(Some(file.path()), no_env()).unwrap();
+        assert!(!settings.broker.creates_queues(settings.environment));
+    }
+
+    #[test]
+    fn sqs_names_and_group_ids_sqs_would_refuse_are_config_errors() {
+        let cases = [
+            (
+                "[broker]\nkind = \"sqs\"\nqueue_name_prefix = \"has space-\"\n",
+                "broker.queue_name_prefix",
+            ),
+            (
+                "[broker]\nkind = \"sqs\"\nfifo_message_group_id = \"\"\n",
+                "broker.fifo_message_group_id",
+            ),
+            (
+                "[broker]\nkind = \"sqs\"\nendpoint_url = \"127.0.0.1:4566\"\n",
+                "broker.endpoint_url",
+            ),
+            ("[broker]\nkind = \"sqs\"\nregion = \"\"\n", "broker.region"),
+        ];
+        for (toml, key) in cases {
+            let error = load_with_env(Some(write(toml).path()), no_env())
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains(key), "{toml}: {error}");
+        }
+        let long = format!(
+            "[broker]\nkind = \"sqs\"\nqueue_name_prefix = \"{}\"\n[[routing.queues]]\nname = \"export\"\nbinding_key = \"#\"\n",
+            "p".repeat(76)
+        );
+        let error = load_with_env(Some(write(&long).path()), no_env())
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("routing.queues[0].name"), "{error}");
+        // Dots in prefix and names are what kombu turns into dashes: fine.
+        let dotted = "[broker]\nkind = \"sqs\"\nqueue_name_prefix = \"dev.\"\n[[routing.queues]]\nname = \"platform.fifo\"\nbinding_key = \"#\"\n";
+        load_with_env(Some(write(dotted).path()), no_env()).unwrap();
+    }
+
+    #[test]
+    fn masked_output_hides_secrets_and_round_trips() {
+        let mut settings = Settings::default();
+        settings.http.admin_token = "secret-token".into();
+        settings.broker.url = "amqp://user:hunter2@host:5672/%2f".into();
+        let text = settings.to_masked_toml();
+        assert!(!text.contains("secret-token") && !text.contains("hunter2"), "{text}");
+        assert!(text.contains("[[routing.queues]]"), "{text}");
+        assert_eq!(mask_url_password("amqp://127.0.0.1:5672"), "amqp://127.0.0.1:5672");
+        let reparsed: Settings = Figment::from(Toml::string(&text)).extract().unwrap();
+        assert_eq!(reparsed.routing, settings.routing);
+    }
+}

@@ -1,0 +1,242 @@
+//! Health: one computed view of whether async work is available.
+//!
+//! Inputs are the broker connection, the breaker and the outbox. Rules:
+//! - `fail` (HTTP 503): tasks cannot be accepted (outbox full or failing).
+//! - `warn`: still accepting, but spooling: broker disconnected, breaker
+//!   not closed, or a backlog older than `warn_backlog_age_seconds`.
+//! - `pass`: broker connected and breaker closed.
+//!
+//! `async_available` (what a UI reads to grey out buttons) is true only
+//! while the broker is connected and the breaker closed.
+//!
+//! A monitor task recomputes the report on every broker or breaker change
+//! and a few times a second, and publishes it through a `watch` channel
+//! whenever the *state* (status, availability, connection, breaker)
+//! changes: that is one server-sent event per health change.
+
+use crate::broker::BrokerStatus;
+use crate::outbox::Outbox;
+use crate::relay::breaker::{BreakerSnapshot, BreakerState};
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::{json, Value};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthStatus {
+    Pass,
+    Warn,
+    Fail,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct HealthReport {
+    pub status: HealthStatus,
+    pub async_available: bool,
+    pub version: &'static str,
+    #[serde(rename = "releaseId")]
+    pub release_id: &'static str,
+    pub description: &'static str,
+    pub checks: serde_json::Map<String, Value>,
+    #[serde(skip)]
+    pub broker_connected: bool,
+    #[serde(skip)]
+    pub breaker_state: BreakerState,
+    #[serde(skip)]
+    pub outbox_depth: u64,
+}
+
+impl HealthReport {
+    /// What one health *change* is: a new event is sent only when this moves.
+    fn state_key(&self) -> (HealthStatus, bool, bool, BreakerState) {
+        (
+            self.status,
+            self.async_available,
+            self.broker_connected,
+            self.breaker_state,
+        )
+    }
+}
+
+fn check_status(status: HealthStatus) -> &'static str {
+    match status {
+        HealthStatus::Pass => "pass",
+        HealthStatus::Warn => "warn",
+        HealthStatus::Fail => "fail",
+    }
+}
+
+/// Computes the report from its inputs.
+pub fn compute(
+    broker: &BrokerStatus,
+    breaker: &BreakerSnapshot,
+    outbox: &Outbox,
+    warn_backlog_age_seconds: f64,
+) -> HealthReport {
+    let now: DateTime<Utc> = Utc::now();
+    let time = now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let stats = outbox.stats();
+    let (depth, bytes, max_bytes, oldest_age, storage_error) = match &stats {
+        Ok(stats) => (
+            stats.depth,
+            stats.bytes,
+            stats.max_bytes,
+            stats.oldest_age_seconds,
+            None,
+        ),
+        Err(error) => (
+            outbox.depth(),
+            outbox.bytes(),
+            outbox.settings().max_bytes,
+            None,
+            Some(error.to_string()),
+        ),
+    };
+    let has_room = outbox.has_room() && storage_error.is_none();
+    let breaker_closed = breaker.state.is_closed();
+    let stale_backlog = oldest_age.is_some_and(|age| age > warn_backlog_age_seconds);
+    let status = if !has_room {
+        HealthStatus::Fail
+    } else if !broker.connected || !breaker_closed || stale_backlog {
+        HealthStatus::Warn
+    } else {
+        HealthStatus::Pass
+    };
+    let broker_check_status = if broker.connected {
+        HealthStatus::Pass
+    } else {
+        HealthStatus::Warn
+    };
+    let mut broker_check = json!({
+        "componentType": "component",
+        "status": check_status(broker_check_status),
+        "observedValue": broker.connected,
+        "endpoint": broker.endpoint,
+        "time": broker.changed_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+    });
+    if let Some(error) = &broker.last_error {
+        broker_check["output"] = json!(error);
+    }
+    let breaker_check_status = if breaker_closed {
+        HealthStatus::Pass
+    } else {
+        HealthStatus::Warn
+    };
+    let outbox_status = if !has_room {
+        HealthStatus::Fail
+    } else {
+        HealthStatus::Pass
+    };
+    let mut depth_check = json!({
+        "componentType": "datastore",
+        "status": check_status(outbox_status),
+        "observedValue": depth,
+        "observedUnit": "tasks",
+        "bytes": bytes,
+        "maxBytes": max_bytes,
+        "time": time,
+    });
+    if let Some(error) = &storage_error {
+        depth_check["output"] = json!(error);
+    } else if !has_room {
+        depth_check["output"] = json!("the outbox is full: new tasks are refused");
+    }
+    let age_status = if stale_backlog {
+        HealthStatus::Warn
+    } else {
+        HealthStatus::Pass
+    };
+    let mut checks = serde_json::Map::new();
+    checks.insert("broker:connection".into(), json!([broker_check]));
+    checks.insert(
+        "breaker:state".into(),
+        json!([{
+            "componentType": "component",
+            "status": check_status(breaker_check_status),
+            "observedValue": breaker.state.as_str(),
+            "time": breaker.changed_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        }]),
+    );
+    checks.insert("outbox:depth".into(), json!([depth_check]));
+    checks.insert(
+        "outbox:oldestAge".into(),
+        json!([{
+            "componentType": "datastore",
+            "status": check_status(age_status),
+            "observedValue": oldest_age.unwrap_or(0.0),
+            "observedUnit": "s",
+            "time": time,
+        }]),
+    );
+    HealthReport {
+        status,
+        async_available: broker.connected && breaker_closed,
+        version: env!("CARGO_PKG_VERSION"),
+        release_id: env!("CARGO_PKG_VERSION"),
+        description: "taskgate broker gateway",
+        checks,
+        broker_connected: broker.connected,
+        breaker_state: breaker.state,
+        outbox_depth: depth,
+    }
+}
+
+/// Keeps a current [`HealthReport`] and announces changes.
+pub struct HealthMonitor {
+    report: watch::Sender<HealthReport>,
+}
+
+impl HealthMonitor {
+    pub fn start(
+        outbox: Arc<Outbox>,
+        mut broker: watch::Receiver<BrokerStatus>,
+        mut breaker: watch::Receiver<BreakerSnapshot>,
+        warn_backlog_age_seconds: f64,
+        shutdown: CancellationToken,
+    ) -> Arc<Self> {
+        let initial = compute(&broker.borrow(), &breaker.borrow(), &outbox, warn_backlog_age_seconds);
+        let (report, _) = watch::channel(initial);
+        let monitor = Arc::new(Self { report });
+        let task_monitor = monitor.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = broker.changed() => {}
+                    _ = breaker.changed() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                    _ = shutdown.cancelled() => return,
+                }
+                let next = compute(
+                    &broker.borrow_and_update(),
+                    &breaker.borrow_and_update(),
+                    &outbox,
+                    warn_backlog_age_seconds,
+                );
+                task_monitor.publish(next);
+            }
+        });
+        monitor
+    }
+
+    fn publish(&self, next: HealthReport) {
+        self.report.send_if_modified(|current| {
+            let changed = current.state_key() != next.state_key();
+            // Keep the latest figures either way; only a state change wakes
+            // the event streams.
+            *current = next;
+            changed
+        });
+    }
+
+    pub fn current(&self) -> HealthReport {
+        self.report.borrow().clone()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<HealthReport> {
+        self.report.subscribe()
+    }
+}

@@ -1,0 +1,826 @@
+//! The durable outbox: every accepted task is written here before `202`,
+//! and leaves only once the broker confirmed it (or as a dead letter).
+//!
+//! # Invariants
+//!
+//! 1. **Accepted means durable.** [`Outbox::accept`] returns `Ok` only after a
+//!    flush that started after the task's batch was applied has completed
+//!    ([`group_commit`]). Many concurrent accepts share one flush.
+//! 2. **FIFO per lane.** A lane is one delivery destination (the AMQP
+//!    exchange, or one SQS queue). Sequence numbers are assigned under the
+//!    insert lock, in the same critical section that applies the batch, so
+//!    key order within a lane is acceptance order, and a key is visible only
+//!    once every smaller key of the lane is. The relay always reads a lane
+//!    from its head, so retries and restarts preserve order.
+//! 3. **At least once.** Entries are removed only by [`Outbox::complete`]
+//!    (broker confirmed) or [`Outbox::dead_letter`] (permanent failure).
+//! 4. **Bounded.** Pending bytes are counted in memory (rebuilt by a scan at
+//!    open); an accept that would pass `max_bytes` is refused with
+//!    [`OutboxError::Full`]. Readers page through lanes (`head(limit)`), and
+//!    sled's page cache is capped, so memory does not grow with depth.
+//! 5. **All-or-nothing batches.** Every accept (one task or a batch, its
+//!    status records and its idempotency key) is one atomic storage batch.
+//!
+//! # On-disk layout (one sled tree; big-endian integers so keys sort)
+//!
+//! | key | value |
+//! |---|---|
+//! | `q/{lane}\0{sequence:u64}` | pending [`Task`] (JSON) |
+//! | `t/{task id:16 bytes}` | [`TaskStatus`] (JSON): state, attempts, last error |
+//! | `d/{sequence:u64}` | [`DeadLetter`] (JSON): the task and the reason |
+//! | `i/{idempotency key}` | [`IdempotencyRecord`] (JSON), honoured for 24 h |
+//! | `p/{published at, ms:u64}{task id}` | empty: retention index of published statuses |
+//! | `m/sequence_reserved` | u64: sequences below it may be in use |
+//!
+//! Lane names never contain `\0` (they are exchange or queue names).
+
+pub mod group_commit;
+pub mod storage;
+
+use crate::task::{QueueName, Task, TaskId, TaskName};
+use chrono::{DateTime, Utc};
+use group_commit::GroupCommitter;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+pub use storage::{FaultyStorage, OutboxStorage, SledStorage, StorageError};
+use tokio::sync::Notify;
+
+const PENDING: &[u8] = b"q/";
+const STATUS: &[u8] = b"t/";
+const DEAD: &[u8] = b"d/";
+const IDEMPOTENCY: &[u8] = b"i/";
+const PUBLISHED_INDEX: &[u8] = b"p/";
+const SEQUENCE_RESERVED: &[u8] = b"m/sequence_reserved";
+/// Sequences are reserved in blocks so that a normal accept writes no
+/// metadata; a crash only leaves a gap.
+const SEQUENCE_BLOCK: u64 = 1 << 20;
+pub const IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(24 * 3600);
+
+/// Outbox settings (`[outbox]`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutboxSettings {
+    pub path: PathBuf,
+    /// Pending bytes at which new tasks are refused with 503.
+    pub max_bytes: u64,
+    /// sled page cache; bounds memory whatever the depth.
+    pub cache_bytes: u64,
+    /// How long the status of a published task stays answerable by
+    /// `GET /v1/tasks/{id}` from the outbox alone.
+    pub published_retention_seconds: u64,
+}
+
+impl Default for OutboxSettings {
+    fn default() -> Self {
+        Self {
+            path: PathBuf::from("data/outbox"),
+            max_bytes: 1 << 30,
+            cache_bytes: 16 << 20,
+            published_retention_seconds: 3600,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OutboxError {
+    #[error("the outbox is full ({used} of {limit} bytes used)")]
+    Full { used: u64, limit: u64 },
+    #[error("task id {0} was already accepted")]
+    DuplicateTaskId(TaskId),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("outbox record could not be encoded: {0}")]
+    Encode(#[from] serde_json::Error),
+}
+
+/// A delivery destination with its own FIFO order.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Lane(String);
+
+impl Lane {
+    pub fn new(name: impl Into<String>) -> Self {
+        let name = name.into();
+        debug_assert!(!name.contains('\0'));
+        Self(name)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for Lane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskState {
+    Queued,
+    Published,
+    DeadLetter,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskStatus {
+    pub id: TaskId,
+    pub task: TaskName,
+    pub routing_key: String,
+    pub queues: Vec<QueueName>,
+    pub state: TaskState,
+    pub attempts: u32,
+    pub last_error: Option<String>,
+    pub accepted_at: DateTime<Utc>,
+    pub published_at: Option<DateTime<Utc>>,
+    /// Lanes still to confirm before the task counts as published.
+    pub remaining_deliveries: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    pub sequence: u64,
+    pub lane: Lane,
+    /// `None` when the pending record itself could not be decoded; `raw`
+    /// then keeps its bytes (lossily as text) for an operator.
+    pub task: Option<Task>,
+    pub raw: Option<String>,
+    pub reason: String,
+    pub attempts: u32,
+    pub dead_at: DateTime<Utc>,
+}
+
+/// What a caller is told about an accepted task; stored with an
+/// idempotency key so a repeated request gets the same answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Acceptance {
+    pub id: TaskId,
+    pub task: TaskName,
+    pub routing_key: String,
+    pub queues: Vec<QueueName>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IdempotencyRecord {
+    pub acceptances: Vec<Acceptance>,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum AcceptOutcome {
+    Accepted(Vec<Acceptance>),
+    /// The idempotency key was seen within the window: nothing was written.
+    Replayed(Vec<Acceptance>),
+}
+
+/// A task waiting in a lane, as the relay sees it.
+#[derive(Debug, Clone)]
+pub struct PendingEntry {
+    pub lane: Lane,
+    pub sequence: u64,
+    pub task: Task,
+    pub encoded_len: usize,
+}
+
+impl PendingEntry {
+    fn key(&self) -> Vec<u8> {
+        pending_key(&self.lane, self.sequence)
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct QueueStats {
+    pub depth: u64,
+    pub oldest_age_seconds: Option<f64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct OutboxStats {
+    pub depth: u64,
+    pub bytes: u64,
+    pub max_bytes: u64,
+    pub oldest_age_seconds: Option<f64>,
+    pub dead_letters: u64,
+    pub queues: BTreeMap<String, QueueStats>,
+}
+
+#[derive(Default)]
+struct LaneCounter {
+    depth: u64,
+    bytes: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    lanes: HashMap<Lane, LaneCounter>,
+    queue_depths: HashMap<QueueName, u64>,
+    depth: u64,
+    bytes: u64,
+    dead_letters: u64,
+}
+
+impl Counters {
+    fn add(&mut self, lane: &Lane, task: &Task, bytes: u64) {
+        let counter = self.lanes.entry(lane.clone()).or_default();
+        counter.depth += 1;
+        counter.bytes += bytes;
+        self.depth += 1;
+        self.bytes += bytes;
+        for queue in &task.queues {
+            *self.queue_depths.entry(queue.clone()).or_default() += 1;
+        }
+    }
+
+    fn remove(&mut self, lane: &Lane, task: &Task, bytes: u64) {
+        if let Some(counter) = self.lanes.get_mut(lane) {
+            counter.depth = counter.depth.saturating_sub(1);
+            counter.bytes = counter.bytes.saturating_sub(bytes);
+            if counter.depth == 0 {
+                self.lanes.remove(lane);
+            }
+        }
+        self.depth = self.depth.saturating_sub(1);
+        self.bytes = self.bytes.saturating_sub(bytes);
+        for queue in &task.queues {
+            if let Some(depth) = self.queue_depths.get_mut(queue) {
+                *depth = depth.saturating_sub(1);
+                if *depth == 0 {
+                    self.queue_depths.remove(queue);
+                }
+            }
+        }
+    }
+}
+
+struct SequenceState {
+    next: u64,
+    reserved: u64,
+}
+
+pub struct Outbox {
+    storage: Arc<dyn OutboxStorage>,
+    committer: GroupCommitter,
+    /// Held while sequences are assigned and the batch applied (invariant 2).
+    insert_lock: Mutex<SequenceState>,
+    /// Serialises read-modify-write of status records.
+    status_lock: Mutex<()>,
+    counters: Mutex<Counters>,
+    settings: OutboxSettings,
+    new_work: Notify,
+    /// Set when an accept was refused for lack of room; cleared once the
+    /// outbox drained below [`ROOM_AGAIN_FRACTION`] of its limit, so a load
+    /// balancer does not flap on every confirmed task.
+    refusing: AtomicBool,
+}
+
+/// Readiness returns once pending bytes fall below this share of the limit.
+const ROOM_AGAIN_FRACTION: f64 = 0.9;
+
+fn pending_prefix(lane: &Lane) -> Vec<u8> {
+    let mut key = Vec::with_capacity(PENDING.len() + lane.0.len() + 1);
+    key.extend_from_slice(PENDING);
+    key.extend_from_slice(lane.0.as_bytes());
+    key.push(0);
+    key
+}
+
+fn pending_key(lane: &Lane, sequence: u64) -> Vec<u8> {
+    let mut key = pending_prefix(lane);
+    key.extend_from_slice(&sequence.to_be_bytes());
+    key
+}
+
+/// Splits `q/{lane}\0{sequence}` back into its parts.
+fn parse_pending_key(key: &[u8]) -> Option<(Lane, u64)> {
+    let rest = key.strip_prefix(PENDING)?;
+    if rest.len() < 9 || rest[rest.len() - 9] != 0 {
+        return None;
+    }
+    let (lane, sequence) = rest.split_at(rest.len() - 9);
+    let lane = std::str::from_utf8(lane).ok()?;
+    let sequence = u64::from_be_bytes(sequence[1..].try_into().ok()?);
+    Some((Lane::new(lane), sequence))
+}
+
+fn prefixed(prefix: &[u8], rest: &[u8]) -> Vec<u8> {
+    let mut key = Vec::with_capacity(prefix.len() + rest.len());
+    key.extend_from_slice(prefix);
+    key.extend_from_slice(rest);
+    key
+}
+
+fn status_key(id: &TaskId) -> Vec<u8> {
+    prefixed(STATUS, id.as_bytes())
+}
+
+fn dead_key(sequence: u64) -> Vec<u8> {
+    prefixed(DEAD, &sequence.to_be_bytes())
+}
+
+fn idempotency_key(key: &str) -> Vec<u8> {
+    prefixed(IDEMPOTENCY, key.as_bytes())
+}
+
+fn published_index_key(at: DateTime<Utc>, id: &TaskId) -> Vec<u8> {
+    let millis = at.timestamp_millis().max(0) as u64;
+    let mut key = prefixed(PUBLISHED_INDEX, &millis.to_be_bytes());
+    key.extend_from_slice(id.as_bytes());
+    key
+}
+
+fn age_seconds(since: DateTime<Utc>, now: DateTime<Utc>) -> f64 {
+    ((now - since).num_milliseconds().max(0) as f64) / 1000.0
+}
+
+impl Outbox {
+    /// Opens the outbox at `settings.path` and rebuilds its counters.
+    pub fn open(settings: &OutboxSettings) -> Result<Arc<Self>, OutboxError> {
+        std::fs::create_dir_all(&settings.path)
+            .map_err(|error| StorageError::Io(format!("{}: {error}", settings.path.display())))?;
+        let storage = SledStorage::open(&settings.path, settings.cache_bytes)?;
+        Self::with_storage(Arc::new(storage), settings.clone())
+    }
+
+    /// Opens an outbox over any storage (tests inject faults this way).
+    pub fn with_storage(storage: Arc<dyn OutboxStorage>, settings: OutboxSettings) -> Result<Arc<Self>, OutboxError> {
+        let mut counters = Counters::default();
+        let mut highest_sequence = 0u64;
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let page = storage.scan(PENDING, after.as_deref(), 4096)?;
+            let Some((last, _)) = page.last() else { break };
+            after = Some(last.clone());
+            for (key, value) in &page {
+                let Some((lane, sequence)) = parse_pending_key(key) else {
+                    continue;
+                };
+                highest_sequence = highest_sequence.max(sequence);
+                match serde_json::from_slice::<Task>(value) {
+                    Ok(task) => counters.add(&lane, &task, value.len() as u64),
+                    Err(_) => {
+                        // Counted by lane only; the relay dead-letters it.
+                        let counter = counters.lanes.entry(lane).or_default();
+                        counter.depth += 1;
+                        counter.bytes += value.len() as u64;
+                        counters.depth += 1;
+                        counters.bytes += value.len() as u64;
+                    }
+                }
+            }
+        }
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let page = storage.scan(DEAD, after.as_deref(), 4096)?;
+            let Some((last, _)) = page.last() else { break };
+            after = Some(last.clone());
+            counters.dead_letters += page.len() as u64;
+        }
+        let reserved = storage
+            .get(SEQUENCE_RESERVED)?
+            .and_then(|bytes| bytes.try_into().ok().map(u64::from_be_bytes))
+            .unwrap_or(0);
+        let next = reserved.max(highest_sequence + 1);
+        let committer = GroupCommitter::start(storage.clone());
+        Ok(Arc::new(Self {
+            storage,
+            committer,
+            insert_lock: Mutex::new(SequenceState { next, reserved: next }),
+            status_lock: Mutex::new(()),
+            counters: Mutex::new(counters),
+            settings,
+            new_work: Notify::new(),
+            refusing: AtomicBool::new(false),
+        }))
+    }
+
+    pub fn settings(&self) -> &OutboxSettings {
+        &self.settings
+    }
+
+    /// Makes `tasks` durable, each in the given lanes, atomically, and
+    /// returns once they are on disk (shared flush).
+    pub async fn accept(
+        &self,
+        tasks: Vec<(Task, Vec<Lane>)>,
+        idempotency: Option<&str>,
+    ) -> Result<AcceptOutcome, OutboxError> {
+        let outcome = self.apply_accept(&tasks, idempotency)?;
+        // A replay also waits: the first request's write may still be
+        // waiting for its flush, and we must not answer before it is durable.
+        self.committer.commit().await?;
+        if matches!(outcome, AcceptOutcome::Accepted(_)) {
+            self.new_work.notify_one();
+        }
+        Ok(outcome)
+    }
+
+    /// The synchronous part of [`Outbox::accept`]: checks, sequence
+    /// assignment and one atomic batch, all under the insert lock.
+    fn apply_accept(
+        &self,
+        tasks: &[(Task, Vec<Lane>)],
+        idempotency: Option<&str>,
+    ) -> Result<AcceptOutcome, OutboxError> {
+        let now = Utc::now();
+        let mut acceptances = Vec::with_capacity(tasks.len());
+        let mut operations = Vec::with_capacity(tasks.len() * 2 + 2);
+        let mut additions = Vec::with_capacity(tasks.len());
+        for (task, lanes) in tasks {
+            let encoded = serde_json::to_vec(task)?;
+            let status = TaskStatus {
+                id: task.id,
+                task: task.task.clone(),
+                routing_key: task.routing_key.clone(),
+                queues: task.queues.clone(),
+                state: TaskState::Queued,
+                attempts: 0,
+                last_error: None,
+                accepted_at: task.accepted_at,
+                published_at: None,
+                remaining_deliveries: lanes.len() as u32,
+            };
+            operations.push((status_key(&task.id), Some(serde_json::to_vec(&status)?)));
+            for lane in lanes {
+                additions.push((lane.clone(), task, encoded.clone()));
+            }
+            acceptances.push(Acceptance {
+                id: task.id,
+                task: task.task.clone(),
+                routing_key: task.routing_key.clone(),
+                queues: task.queues.clone(),
+            });
+        }
+        let added_bytes: u64 = additions.iter().map(|(_, _, e)| e.len() as u64).sum();
+        let mut sequences = self.insert_lock.lock().expect("insert lock poisoned");
+        if let Some(key) = idempotency {
+            if let Some(bytes) = self.storage.get(&idempotency_key(key))? {
+                if let Ok(record) = serde_json::from_slice::<IdempotencyRecord>(&bytes) {
+                    let window = chrono::Duration::from_std(IDEMPOTENCY_WINDOW).unwrap_or_default();
+                    if now - record.created_at < window {
+                        return Ok(AcceptOutcome::Replayed(record.acceptances));
+                    }
+                }
+            }
+            let record = IdempotencyRecord {
+                acceptances: acceptances.clone(),
+                created_at: now,
+            };
+            operations.push((idempotency_key(key), Some(serde_json::to_vec(&record)?)));
+        }
+        {
+            let counters = self.counters.lock().expect("counters poisoned");
+            if counters.bytes + added_bytes > self.settings.max_bytes {
+                self.refusing.store(true, Ordering::SeqCst);
+                return Err(OutboxError::Full {
+                    used: counters.bytes,
+                    limit: self.settings.max_bytes,
+                });
+            }
+        }
+        let mut seen = std::collections::HashSet::with_capacity(tasks.len());
+        for (task, _) in tasks {
+            if !seen.insert(task.id) || self.storage.get(&status_key(&task.id))?.is_some() {
+                return Err(OutboxError::DuplicateTaskId(task.id));
+            }
+        }
+        let first = sequences.next;
+        let next = first + additions.len() as u64;
+        if next > sequences.reserved {
+            let reserved = next + SEQUENCE_BLOCK;
+            operations.push((SEQUENCE_RESERVED.to_vec(), Some(reserved.to_be_bytes().to_vec())));
+            sequences.reserved = reserved;
+        }
+        for (offset, (lane, _, encoded)) in additions.iter().enumerate() {
+            operations.push((pending_key(lane, first + offset as u64), Some(encoded.clone())));
+        }
+        self.storage.apply(operations)?;
+        sequences.next = next;
+        let mut counters = self.counters.lock().expect("counters poisoned");
+        for (lane, task, encoded) in &additions {
+            counters.add(lane, task, encoded.len() as u64);
+        }
+        Ok(AcceptOutcome::Accepted(acceptances))
+    }
+
+    /// Resolves when new work may be waiting (a permit is kept if nobody
+    /// was waiting, so a wake-up is never lost).
+    pub async fn wait_for_work(&self) {
+        self.new_work.notified().await
+    }
+
+    /// Wakes the relay, e.g. after a requeue or an operator's drain.
+    pub fn notify_work(&self) {
+        self.new_work.notify_one();
+    }
+
+    /// Lanes that hold pending work, in name order.
+    pub fn lanes(&self) -> Vec<Lane> {
+        let counters = self.counters.lock().expect("counters poisoned");
+        let mut lanes: Vec<Lane> = counters.lanes.keys().cloned().collect();
+        lanes.sort();
+        lanes
+    }
+
+    /// The first `limit` tasks of `lane` in order. A record that cannot be
+    /// decoded is moved to the dead letters on the spot (it could never be
+    /// published, and must not block the lane).
+    pub fn head(&self, lane: &Lane, limit: usize) -> Result<Vec<PendingEntry>, OutboxError> {
+        let prefix = pending_prefix(lane);
+        let mut entries = Vec::with_capacity(limit.min(1024));
+        let mut after: Option<Vec<u8>> = None;
+        while entries.len() < limit {
+            let page = self.storage.scan(&prefix, after.as_deref(), limit - entries.len())?;
+            let Some((last, _)) = page.last() else { break };
+            after = Some(last.clone());
+            for (key, value) in page {
+                let Some((lane, sequence)) = parse_pending_key(&key) else {
+                    continue;
+                };
+                match serde_json::from_slice::<Task>(&value) {
+                    Ok(task) => entries.push(PendingEntry {
+                        lane,
+                        sequence,
+                        task,
+                        encoded_len: value.len(),
+                    }),
+                    Err(error) => self.dead_letter_undecodable(&lane, sequence, &key, &value, &error)?,
+                }
+            }
+        }
+        Ok(entries)
+    }
+
+    fn dead_letter_undecodable(
+        &self,
+        lane: &Lane,
+        sequence: u64,
+        key: &[u8],
+        value: &[u8],
+        error: &serde_json::Error,
+    ) -> Result<(), OutboxError> {
+        tracing::error!(%lane, sequence, %error, "undecodable outbox record moved to dead letters");
+        let letter = DeadLetter {
+            sequence,
+            lane: lane.clone(),
+            task: None,
+            raw: Some(String::from_utf8_lossy(value).into_owned()),
+            reason: format!("outbox record could not be decoded: {error}"),
+            attempts: 0,
+            dead_at: Utc::now(),
+        };
+        self.storage.apply(vec![
+            (key.to_vec(), None),
+            (dead_key(sequence), Some(serde_json::to_vec(&letter)?)),
+        ])?;
+        let mut counters = self.counters.lock().expect("counters poisoned");
+        if let Some(counter) = counters.lanes.get_mut(lane) {
+            counter.depth = counter.depth.saturating_sub(1);
+            counter.bytes = counter.bytes.saturating_sub(value.len() as u64);
+            if counter.depth == 0 {
+                counters.lanes.remove(lane);
+            }
+        }
+        counters.depth = counters.depth.saturating_sub(1);
+        counters.bytes = counters.bytes.saturating_sub(value.len() as u64);
+        counters.dead_letters += 1;
+        metrics::counter!("taskgate_dead_letters_total").increment(1);
+        Ok(())
+    }
+
+    /// Removes confirmed entries; a task whose every lane confirmed becomes
+    /// `published`. Not flushed here: sled's periodic flush persists it, and
+    /// a crash before that only re-publishes (at-least-once).
+    pub fn complete(&self, entries: &[&PendingEntry]) -> Result<(), OutboxError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let now = Utc::now();
+        let _status_guard = self.status_lock.lock().expect("status lock poisoned");
+        let mut operations = Vec::with_capacity(entries.len() * 3);
+        let mut statuses: HashMap<TaskId, TaskStatus> = HashMap::new();
+        for entry in entries {
+            operations.push((entry.key(), None));
+            let status = match statuses.remove(&entry.task.id) {
+                Some(status) => Some(status),
+                None => self.status(&entry.task.id)?,
+            };
+            if let Some(mut status) = status {
+                status.remaining_deliveries = status.remaining_deliveries.saturating_sub(1);
+                if status.remaining_deliveries == 0 {
+                    status.state = TaskState::Published;
+                    status.published_at = Some(now);
+                    status.last_error = None;
+                }
+                statuses.insert(entry.task.id, status);
+            }
+        }
+        for (id, status) in statuses {
+            if status.state == TaskState::Published {
+                operations.push((published_index_key(now, &id), Some(Vec::new())));
+            }
+            operations.push((status_key(&id), Some(serde_json::to_vec(&status)?)));
+        }
+        self.storage.apply(operations)?;
+        let mut counters = self.counters.lock().expect("counters poisoned");
+        for entry in entries {
+            counters.remove(&entry.lane, &entry.task, entry.encoded_len as u64);
+        }
+        Ok(())
+    }
+
+    /// Notes a failed attempt on each task's status (attempts, last error).
+    pub fn record_failure(&self, entries: &[&PendingEntry], error: &str) -> Result<(), OutboxError> {
+        let _status_guard = self.status_lock.lock().expect("status lock poisoned");
+        let mut operations = Vec::with_capacity(entries.len());
+        for entry in entries {
+            if let Some(mut status) = self.status(&entry.task.id)? {
+                status.attempts += 1;
+                status.last_error = Some(error.to_owned());
+                operations.push((status_key(&entry.task.id), Some(serde_json::to_vec(&status)?)));
+            }
+        }
+        self.storage.apply(operations)?;
+        Ok(())
+    }
+
+    /// Moves an entry to the dead letters with the reason; the lane goes on.
+    pub fn dead_letter(&self, entry: &PendingEntry, reason: &str) -> Result<(), OutboxError> {
+        let _status_guard = self.status_lock.lock().expect("status lock poisoned");
+        let mut operations = vec![(entry.key(), None)];
+        let mut attempts = 0;
+        if let Some(mut status) = self.status(&entry.task.id)? {
+            status.attempts += 1;
+            attempts = status.attempts;
+            status.state = TaskState::DeadLetter;
+            status.last_error = Some(reason.to_owned());
+            operations.push((status_key(&entry.task.id), Some(serde_json::to_vec(&status)?)));
+        }
+        let letter = DeadLetter {
+            sequence: entry.sequence,
+            lane: entry.lane.clone(),
+            task: Some(entry.task.clone()),
+            raw: None,
+            reason: reason.to_owned(),
+            attempts,
+            dead_at: Utc::now(),
+        };
+        operations.push((dead_key(entry.sequence), Some(serde_json::to_vec(&letter)?)));
+        self.storage.apply(operations)?;
+        let mut counters = self.counters.lock().expect("counters poisoned");
+        counters.remove(&entry.lane, &entry.task, entry.encoded_len as u64);
+        counters.dead_letters += 1;
+        metrics::counter!("taskgate_dead_letters_total").increment(1);
+        tracing::warn!(task_id = %entry.task.id, lane = %entry.lane, reason, "task dead-lettered");
+        Ok(())
+    }
+
+    pub fn status(&self, id: &TaskId) -> Result<Option<TaskStatus>, OutboxError> {
+        match self.storage.get(&status_key(id))? {
+            Some(bytes) => Ok(Some(serde_json::from_slice(&bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Dead letters in sequence order, after `after` when given.
+    pub fn dead_letters(&self, after: Option<u64>, limit: usize) -> Result<Vec<DeadLetter>, OutboxError> {
+        let after_key = after.map(dead_key);
+        self.storage
+            .scan(DEAD, after_key.as_deref(), limit)?
+            .into_iter()
+            .map(|(_, value)| serde_json::from_slice(&value).map_err(OutboxError::from))
+            .collect()
+    }
+
+    pub fn depth(&self) -> u64 {
+        self.counters.lock().expect("counters poisoned").depth
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.counters.lock().expect("counters poisoned").bytes
+    }
+
+    /// False from the moment a task was refused for lack of room until the
+    /// outbox drained below 90% of its limit.
+    pub fn has_room(&self) -> bool {
+        let bytes = self.bytes();
+        if bytes >= self.settings.max_bytes {
+            return false;
+        }
+        if self.refusing.load(Ordering::SeqCst) {
+            if (bytes as f64) < self.settings.max_bytes as f64 * ROOM_AGAIN_FRACTION {
+                self.refusing.store(false, Ordering::SeqCst);
+            } else {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Depth, bytes and ages. Ages read the head of each lane (one key each).
+    pub fn stats(&self) -> Result<OutboxStats, OutboxError> {
+        let now = Utc::now();
+        let (depth, bytes, dead_letters, queue_depths, lanes) = {
+            let counters = self.counters.lock().expect("counters poisoned");
+            (
+                counters.depth,
+                counters.bytes,
+                counters.dead_letters,
+                counters.queue_depths.clone(),
+                counters.lanes.keys().cloned().collect::<Vec<_>>(),
+            )
+        };
+        let mut oldest: Option<DateTime<Utc>> = None;
+        let mut queue_oldest: HashMap<QueueName, DateTime<Utc>> = HashMap::new();
+        for lane in lanes {
+            if let Some(head) = self.head(&lane, 1)?.into_iter().next() {
+                let accepted = head.task.accepted_at;
+                oldest = Some(oldest.map_or(accepted, |o| o.min(accepted)));
+                for queue in head.task.queues {
+                    let entry = queue_oldest.entry(queue).or_insert(accepted);
+                    *entry = (*entry).min(accepted);
+                }
+            }
+        }
+        let queues = queue_depths
+            .into_iter()
+            .map(|(queue, depth)| {
+                let oldest = queue_oldest.get(&queue).map(|at| age_seconds(*at, now));
+                (
+                    queue.to_string(),
+                    QueueStats {
+                        depth,
+                        oldest_age_seconds: oldest,
+                    },
+                )
+            })
+            .collect();
+        Ok(OutboxStats {
+            depth,
+            bytes,
+            max_bytes: self.settings.max_bytes,
+            oldest_age_seconds: oldest.map(|at| age_seconds(at, now)),
+            dead_letters,
+            queues,
+        })
+    }
+
+    /// Forgets published statuses past their retention and idempotency keys
+    /// past their window. Runs in pages so it never holds much in memory.
+    pub fn prune(&self) -> Result<u64, OutboxError> {
+        let now = Utc::now();
+        let retention = chrono::Duration::seconds(self.settings.published_retention_seconds as i64);
+        let cutoff = published_index_key(now - retention, &TaskId::from_bytes([0; 16]));
+        let mut removed = 0;
+        loop {
+            let page = self.storage.scan(PUBLISHED_INDEX, None, 1024)?;
+            let expired: Vec<_> = page.into_iter().filter(|(key, _)| key < &cutoff).collect();
+            if expired.is_empty() {
+                break;
+            }
+            let _status_guard = self.status_lock.lock().expect("status lock poisoned");
+            let mut operations = Vec::with_capacity(expired.len() * 2);
+            for (key, _) in &expired {
+                let id_bytes: [u8; 16] = key[key.len() - 16..].try_into().expect("16-byte id");
+                operations.push((status_key(&TaskId::from_bytes(id_bytes)), None));
+                operations.push((key.clone(), None));
+            }
+            removed += expired.len() as u64;
+            self.storage.apply(operations)?;
+        }
+        let window = chrono::Duration::from_std(IDEMPOTENCY_WINDOW).unwrap_or_default();
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let page = self.storage.scan(IDEMPOTENCY, after.as_deref(), 1024)?;
+            let Some((last, _)) = page.last() else { break };
+            after = Some(last.clone());
+            let stale: Vec<_> = page
+                .into_iter()
+                .filter(|(_, value)| {
+                    serde_json::from_slice::<IdempotencyRecord>(value)
+                        .map(|record| now - record.created_at >= window)
+                        .unwrap_or(true)
+                })
+                .map(|(key, _)| (key, None))
+                .collect();
+            removed += stale.len() as u64;
+            if !stale.is_empty() {
+                self.storage.apply(stale)?;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Makes every write so far durable (used at shutdown).
+    pub async fn flush(&self) -> Result<(), OutboxError> {
+        Ok(self.committer.commit().await?)
+    }
+}
+
+#[cfg(test)]
+mod tests;

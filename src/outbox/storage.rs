@@ -1,0 +1,169 @@
+//! The key-value storage under the outbox, behind a small trait.
+//!
+//! The outbox only needs ordered keys, atomic multi-key batches, prefix scans
+//! and an explicit durable flush. Keeping sled behind [`OutboxStorage`] lets
+//! tests inject faults ([`FaultyStorage`]) where a real disk would be needed
+//! to make them happen, and keeps sled's types out of the rest of the crate.
+
+use std::ops::Bound;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// A storage failure. Always reported, never retried here: the caller knows
+/// whether the operation can be repeated.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StorageError {
+    #[error("outbox storage I/O error: {0}")]
+    Io(String),
+    #[error("the outbox directory {path} is in use by another process (is a taskgate server running?)")]
+    Locked { path: String },
+    #[error("outbox storage is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// One write of an atomic batch: `Some(value)` inserts, `None` removes.
+pub type WriteOperation = (Vec<u8>, Option<Vec<u8>>);
+
+/// Key-value pairs in key order, as a scan returns them.
+pub type KeyValuePairs = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// What the outbox needs from an ordered, durable key-value store.
+pub trait OutboxStorage: Send + Sync + 'static {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError>;
+    /// Applies every operation or none of them.
+    fn apply(&self, operations: Vec<WriteOperation>) -> Result<(), StorageError>;
+    /// Up to `limit` pairs whose key starts with `prefix`, in key order,
+    /// strictly after `after` when given.
+    fn scan(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<KeyValuePairs, StorageError>;
+    /// Makes every write applied so far durable. Blocking: call it from
+    /// `spawn_blocking`.
+    fn flush(&self) -> Result<(), StorageError>;
+    /// Bytes the store occupies on disk (approximate).
+    fn size_on_disk(&self) -> Result<u64, StorageError>;
+}
+
+/// The production store: one sled tree.
+pub struct SledStorage {
+    db: sled::Db,
+}
+
+impl SledStorage {
+    /// Opens (creating) the store. `cache_bytes` bounds sled's page cache,
+    /// which is what keeps memory flat however deep the outbox grows.
+    pub fn open(path: &Path, cache_bytes: u64) -> Result<Self, StorageError> {
+        let db = sled::Config::new()
+            .path(path)
+            .cache_capacity(cache_bytes)
+            .mode(sled::Mode::HighThroughput)
+            .flush_every_ms(Some(500))
+            .open()
+            .map_err(|error| match error {
+                sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => StorageError::Locked {
+                    path: path.display().to_string(),
+                },
+                sled::Error::Corruption { .. } => StorageError::Corrupt(error.to_string()),
+                other => StorageError::Io(other.to_string()),
+            })?;
+        Ok(Self { db })
+    }
+}
+
+fn io_error(error: sled::Error) -> StorageError {
+    StorageError::Io(error.to_string())
+}
+
+impl OutboxStorage for SledStorage {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        Ok(self.db.get(key).map_err(io_error)?.map(|v| v.to_vec()))
+    }
+
+    fn apply(&self, operations: Vec<WriteOperation>) -> Result<(), StorageError> {
+        let mut batch = sled::Batch::default();
+        for (key, value) in operations {
+            match value {
+                Some(value) => batch.insert(key, value),
+                None => batch.remove(key),
+            }
+        }
+        self.db.apply_batch(batch).map_err(io_error)
+    }
+
+    fn scan(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<KeyValuePairs, StorageError> {
+        let start = match after {
+            Some(after) => Bound::Excluded(after.to_vec()),
+            None => Bound::Included(prefix.to_vec()),
+        };
+        let mut found = Vec::new();
+        for item in self.db.range::<Vec<u8>, _>((start, Bound::Unbounded)) {
+            let (key, value) = item.map_err(io_error)?;
+            if !key.starts_with(prefix) || found.len() >= limit {
+                break;
+            }
+            found.push((key.to_vec(), value.to_vec()));
+        }
+        Ok(found)
+    }
+
+    fn flush(&self) -> Result<(), StorageError> {
+        self.db.flush().map(|_| ()).map_err(io_error)
+    }
+
+    fn size_on_disk(&self) -> Result<u64, StorageError> {
+        self.db.size_on_disk().map_err(io_error)
+    }
+}
+
+/// A store that fails on demand, for tests of what the outbox promises when
+/// the disk does not cooperate (a failed flush must never produce a 202).
+pub struct FaultyStorage {
+    inner: Arc<dyn OutboxStorage>,
+    fail_writes: AtomicBool,
+    fail_flushes: AtomicBool,
+}
+
+impl FaultyStorage {
+    pub fn new(inner: Arc<dyn OutboxStorage>) -> Self {
+        Self {
+            inner,
+            fail_writes: AtomicBool::new(false),
+            fail_flushes: AtomicBool::new(false),
+        }
+    }
+
+    pub fn fail_writes(&self, fail: bool) {
+        self.fail_writes.store(fail, Ordering::SeqCst);
+    }
+
+    pub fn fail_flushes(&self, fail: bool) {
+        self.fail_flushes.store(fail, Ordering::SeqCst);
+    }
+}
+
+impl OutboxStorage for FaultyStorage {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        self.inner.get(key)
+    }
+
+    fn apply(&self, operations: Vec<WriteOperation>) -> Result<(), StorageError> {
+        if self.fail_writes.load(Ordering::SeqCst) {
+            return Err(StorageError::Io("injected write failure".into()));
+        }
+        self.inner.apply(operations)
+    }
+
+    fn scan(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<KeyValuePairs, StorageError> {
+        self.inner.scan(prefix, after, limit)
+    }
+
+    fn flush(&self) -> Result<(), StorageError> {
+        if self.fail_flushes.load(Ordering::SeqCst) {
+            return Err(StorageError::Io("injected flush failure".into()));
+        }
+        self.inner.flush()
+    }
+
+    fn size_on_disk(&self) -> Result<u64, StorageError> {
+        self.inner.size_on_disk()
+    }
+}

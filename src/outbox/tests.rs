@@ -1,0 +1,273 @@
+use super::*;
+use crate::task::{QueueName, Task, TaskId, TaskName};
+use serde_json::json;
+
+fn task(name: &str, n: i64) -> Task {
+    Task {
+        id: TaskId::new_random(),
+        task: TaskName::parse(name).unwrap(),
+        args: vec![json!(n)],
+        kwargs: Default::default(),
+        routing_key: "export".into(),
+        queues: vec![QueueName::parse("export").unwrap()],
+        eta: None,
+        expires: None,
+        priority: None,
+        parent_id: None,
+        root_id: None,
+        group: None,
+        time_limit: None,
+        soft_time_limit: None,
+        properties: Default::default(),
+        accepted_at: Utc::now(),
+    }
+}
+
+fn settings(dir: &std::path::Path) -> OutboxSettings {
+    OutboxSettings {
+        path: dir.join("outbox"),
+        ..OutboxSettings::default()
+    }
+}
+
+fn lane() -> Lane {
+    Lane::new("task_exchange")
+}
+
+#[tokio::test]
+async fn accepted_tasks_come_back_in_order_after_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let tasks: Vec<Task> = (0..50).map(|n| task("export.project", n)).collect();
+    {
+        let outbox = Outbox::open(&settings(dir.path())).unwrap();
+        for task in &tasks {
+            outbox.accept(vec![(task.clone(), vec![lane()])], None).await.unwrap();
+        }
+        assert_eq!(outbox.depth(), 50);
+    }
+    // Give sled's background threads a moment to release the lock.
+    let outbox = loop {
+        match Outbox::open(&settings(dir.path())) {
+            Ok(outbox) => break outbox,
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+        }
+    };
+    assert_eq!(outbox.depth(), 50);
+    let head = outbox.head(&lane(), 100).unwrap();
+    let ids: Vec<TaskId> = head.iter().map(|e| e.task.id).collect();
+    assert_eq!(ids, tasks.iter().map(|t| t.id).collect::<Vec<_>>());
+    // New sequences continue after the old ones, never before them.
+    let later = task("export.project", 99);
+    outbox.accept(vec![(later.clone(), vec![lane()])], None).await.unwrap();
+    let head = outbox.head(&lane(), 100).unwrap();
+    assert_eq!(head.last().unwrap().task.id, later.id);
+}
+
+#[tokio::test]
+async fn complete_removes_and_marks_published() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = Outbox::open(&settings(dir.path())).unwrap();
+    let first = task("a.b", 1);
+    outbox.accept(vec![(first.clone(), vec![lane()])], None).await.unwrap();
+    let head = outbox.head(&lane(), 10).unwrap();
+    assert_eq!(outbox.status(&first.id).unwrap().unwrap().state, TaskState::Queued);
+    outbox.complete(&head.iter().collect::<Vec<_>>()).unwrap();
+    assert_eq!(outbox.depth(), 0);
+    assert_eq!(outbox.bytes(), 0);
+    let status = outbox.status(&first.id).unwrap().unwrap();
+    assert_eq!(status.state, TaskState::Published);
+    assert!(status.published_at.is_some());
+    assert!(outbox.lanes().is_empty());
+}
+
+#[tokio::test]
+async fn fan_out_is_published_only_when_every_lane_confirmed() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = Outbox::open(&settings(dir.path())).unwrap();
+    let fanned = task("a.b", 1);
+    let lanes = vec![Lane::new("export"), Lane::new("platform.fifo")];
+    outbox
+        .accept(vec![(fanned.clone(), lanes.clone())], None)
+        .await
+        .unwrap();
+    assert_eq!(outbox.depth(), 2);
+    let first = outbox.head(&lanes[0], 10).unwrap();
+    outbox.complete(&first.iter().collect::<Vec<_>>()).unwrap();
+    assert_eq!(outbox.status(&fanned.id).unwrap().unwrap().state, TaskState::Queued);
+    let second = outbox.head(&lanes[1], 10).unwrap();
+    outbox.complete(&second.iter().collect::<Vec<_>>()).unwrap();
+    assert_eq!(outbox.status(&fanned.id).unwrap().unwrap().state, TaskState::Published);
+}
+
+#[tokio::test]
+async fn full_outbox_refuses_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = Outbox::open(&OutboxSettings {
+        max_bytes: 2_000,
+        ..settings(dir.path())
+    })
+    .unwrap();
+    let mut accepted = 0;
+    let refused = loop {
+        match outbox.accept(vec![(task("a.b", accepted), vec![lane()])], None).await {
+            Ok(_) => accepted += 1,
+            Err(error) => break error,
+        }
+    };
+    assert!(matches!(refused, OutboxError::Full { .. }), "{refused}");
+    assert_eq!(outbox.depth(), accepted as u64);
+    assert!(outbox.bytes() <= 2_000);
+    let head = outbox.head(&lane(), 1000).unwrap();
+    outbox.complete(&head.iter().collect::<Vec<_>>()).unwrap();
+    outbox.accept(vec![(task("a.b", 0), vec![lane()])], None).await.unwrap();
+}
+
+#[tokio::test]
+async fn idempotency_key_replays_the_first_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = Outbox::open(&settings(dir.path())).unwrap();
+    let first = outbox
+        .accept(vec![(task("a.b", 1), vec![lane()])], Some("key-1"))
+        .await
+        .unwrap();
+    let again = outbox
+        .accept(vec![(task("a.b", 2), vec![lane()])], Some("key-1"))
+        .await
+        .unwrap();
+    let (AcceptOutcome::Accepted(first), AcceptOutcome::Replayed(again)) = (first, again) else {
+        panic!("expected accepted then replayed");
+    };
+    assert_eq!(first, again);
+    assert_eq!(outbox.depth(), 1);
+}
+
+#[tokio::test]
+async fn batch_with_a_repeated_id_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = Outbox::open(&settings(dir.path())).unwrap();
+    let one = task("a.b", 1);
+    let error = outbox
+        .accept(vec![(one.clone(), vec![lane()]), (one.clone(), vec![lane()])], None)
+        .await
+        .unwrap_err();
+    assert!(matches!(error, OutboxError::DuplicateTaskId(_)));
+    assert_eq!(outbox.depth(), 0);
+    assert!(outbox.status(&one.id).unwrap().is_none());
+}
+
+#[tokio::test]
+async fn failed_flush_is_never_reported_as_accepted() {
+    let dir = tempfile::tempdir().unwrap();
+    let sled = Arc::new(SledStorage::open(&dir.path().join("o"), 1 << 20).unwrap());
+    let faulty = Arc::new(FaultyStorage::new(sled));
+    let outbox = Outbox::with_storage(faulty.clone(), settings(dir.path())).unwrap();
+    faulty.fail_flushes(true);
+    let error = outbox
+        .accept(vec![(task("a.b", 1), vec![lane()])], None)
+        .await
+        .unwrap_err();
+    assert!(matches!(error, OutboxError::Storage(_)), "{error}");
+    faulty.fail_flushes(false);
+    faulty.fail_writes(true);
+    let error = outbox
+        .accept(vec![(task("a.b", 2), vec![lane()])], None)
+        .await
+        .unwrap_err();
+    assert!(matches!(error, OutboxError::Storage(_)), "{error}");
+    faulty.fail_writes(false);
+    outbox.accept(vec![(task("a.b", 3), vec![lane()])], None).await.unwrap();
+}
+
+#[tokio::test]
+async fn undecodable_record_is_dead_lettered_and_the_lane_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let sled: Arc<dyn OutboxStorage> = Arc::new(SledStorage::open(&dir.path().join("o"), 1 << 20).unwrap());
+    sled.apply(vec![(pending_key(&lane(), 1), Some(b"{not json".to_vec()))])
+        .unwrap();
+    let outbox = Outbox::with_storage(sled, settings(dir.path())).unwrap();
+    assert_eq!(outbox.depth(), 1);
+    let good = task("a.b", 1);
+    outbox.accept(vec![(good.clone(), vec![lane()])], None).await.unwrap();
+    let head = outbox.head(&lane(), 10).unwrap();
+    assert_eq!(head.len(), 1);
+    assert_eq!(head[0].task.id, good.id);
+    let letters = outbox.dead_letters(None, 10).unwrap();
+    assert_eq!(letters.len(), 1);
+    assert!(letters[0].reason.contains("could not be decoded"));
+    assert_eq!(outbox.stats().unwrap().dead_letters, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_accepts_share_flushes_and_keep_sequence_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = Outbox::open(&settings(dir.path())).unwrap();
+    let mut handles = Vec::new();
+    for writer in 0..32 {
+        let outbox = outbox.clone();
+        handles.push(tokio::spawn(async move {
+            for n in 0..20 {
+                outbox
+                    .accept(vec![(task("a.b", writer * 100 + n), vec![lane()])], None)
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    for handle in handles {
+        handle.await.unwrap();
+    }
+    let head = outbox.head(&lane(), 10_000).unwrap();
+    assert_eq!(head.len(), 640);
+    assert!(head.windows(2).all(|pair| pair[0].sequence < pair[1].sequence));
+    // Each writer's own tasks stay in the order it sent them.
+    for writer in 0..32i64 {
+        let mine: Vec<i64> = head
+            .iter()
+            .map(|e| e.task.args[0].as_i64().unwrap())
+            .filter(|n| n / 100 == writer)
+            .collect();
+        assert!(mine.windows(2).all(|pair| pair[0] < pair[1]));
+    }
+}
+
+#[tokio::test]
+async fn prune_forgets_old_published_statuses() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = Outbox::open(&OutboxSettings {
+        published_retention_seconds: 0,
+        ..settings(dir.path())
+    })
+    .unwrap();
+    let one = task("a.b", 1);
+    outbox.accept(vec![(one.clone(), vec![lane()])], None).await.unwrap();
+    let head = outbox.head(&lane(), 10).unwrap();
+    outbox.complete(&head.iter().collect::<Vec<_>>()).unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    assert!(outbox.prune().unwrap() >= 1);
+    assert!(outbox.status(&one.id).unwrap().is_none());
+}
+
+#[tokio::test]
+async fn room_returns_only_after_draining_below_ninety_percent() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = Outbox::open(&OutboxSettings {
+        max_bytes: 40_000,
+        ..settings(dir.path())
+    })
+    .unwrap();
+    let mut accepted = 0;
+    while outbox
+        .accept(vec![(task("a.b", accepted), vec![lane()])], None)
+        .await
+        .is_ok()
+    {
+        accepted += 1;
+    }
+    assert!(!outbox.has_room(), "a refusal makes the outbox report no room");
+    let head = outbox.head(&lane(), 1).unwrap();
+    outbox.complete(&head.iter().collect::<Vec<_>>()).unwrap();
+    assert!(!outbox.has_room(), "one confirmed task is not enough room to flap back");
+    let head = outbox.head(&lane(), 1000).unwrap();
+    outbox.complete(&head.iter().collect::<Vec<_>>()).unwrap();
+    assert!(outbox.has_room());
+}

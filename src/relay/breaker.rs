@@ -1,0 +1,347 @@
+//! The circuit breaker in front of the publisher, built on `failsafe`.
+//!
+//! Opens on `consecutive_failures` failed rounds in a row, or when the
+//! success rate over a time window drops below `required_success_rate`.
+//! The open interval is a jittered exponential backoff between
+//! `open_min_ms` and `open_max_ms` (the `backoff` crate supplies it, at
+//! millisecond resolution). Half-open lets exactly one probe through: the
+//! relay sends a single message and the outcome closes or reopens.
+//!
+//! `failsafe` does not expose its state, so an [`Instrument`] mirrors every
+//! transition into a `watch` channel that health, metrics and the status
+//! page read. Operators may force the breaker open or closed; a forced
+//! state overrides the state machine until released.
+
+use crate::config::BreakerSettings;
+use backoff::backoff::Backoff;
+use chrono::{DateTime, Utc};
+use failsafe::failure_policy::{
+    consecutive_failures, success_rate_over_time_window, ConsecutiveFailures, OrElse, SuccessRateOverTimeWindow,
+};
+use failsafe::{FailurePolicy, Instrument, StateMachine};
+use serde::Serialize;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::watch;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BreakerState {
+    Closed,
+    Open,
+    HalfOpen,
+    ForcedOpen,
+    ForcedClosed,
+}
+
+impl BreakerState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Closed => "closed",
+            Self::Open => "open",
+            Self::HalfOpen => "half_open",
+            Self::ForcedOpen => "forced_open",
+            Self::ForcedClosed => "forced_closed",
+        }
+    }
+
+    /// Tasks flow normally only in these states.
+    pub fn is_closed(self) -> bool {
+        matches!(self, Self::Closed | Self::ForcedClosed)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BreakerSnapshot {
+    pub state: BreakerState,
+    pub changed_at: DateTime<Utc>,
+    /// How many times the breaker opened since start.
+    pub opened_count: u64,
+}
+
+/// What the relay may do right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Permit {
+    Denied,
+    /// Closed: publish a full window.
+    Normal,
+    /// Half-open or an explicit probe: publish one message.
+    Probe,
+}
+
+/// Open intervals for `failsafe`: jittered exponential backoff from the
+/// `backoff` crate, as an endless iterator (failsafe clones it to reset).
+#[derive(Clone)]
+pub struct OpenInterval {
+    backoff: backoff::ExponentialBackoff,
+    max: Duration,
+}
+
+impl OpenInterval {
+    pub fn new(min: Duration, max: Duration) -> Self {
+        let backoff = backoff::ExponentialBackoff {
+            current_interval: min,
+            initial_interval: min,
+            max_interval: max,
+            randomization_factor: 0.3,
+            multiplier: 2.0,
+            max_elapsed_time: None,
+            ..backoff::ExponentialBackoff::default()
+        };
+        Self { backoff, max }
+    }
+}
+
+impl Iterator for OpenInterval {
+    type Item = Duration;
+    fn next(&mut self) -> Option<Duration> {
+        Some(self.backoff.next_backoff().unwrap_or(self.max).min(self.max))
+    }
+}
+
+#[derive(Clone)]
+struct Observer {
+    sender: Arc<watch::Sender<BreakerSnapshot>>,
+}
+
+impl Observer {
+    fn transition(&self, state: BreakerState) {
+        self.sender.send_if_modified(|snapshot| {
+            if snapshot.state == state {
+                return false;
+            }
+            if state == BreakerState::Open {
+                snapshot.opened_count += 1;
+            }
+            snapshot.state = state;
+            snapshot.changed_at = Utc::now();
+            true
+        });
+        let value = match state {
+            BreakerState::Closed | BreakerState::ForcedClosed => 0.0,
+            BreakerState::HalfOpen => 1.0,
+            BreakerState::Open | BreakerState::ForcedOpen => 2.0,
+        };
+        metrics::gauge!("taskgate_breaker_state").set(value);
+    }
+}
+
+impl Instrument for Observer {
+    fn on_call_rejected(&self) {
+        metrics::counter!("taskgate_breaker_rejections_total").increment(1);
+    }
+    fn on_open(&self) {
+        tracing::warn!("circuit breaker opened: tasks spool in the outbox");
+        metrics::counter!("taskgate_breaker_opened_total").increment(1);
+        self.transition(BreakerState::Open);
+    }
+    fn on_half_open(&self) {
+        tracing::info!("circuit breaker half-open: probing the broker");
+        self.transition(BreakerState::HalfOpen);
+    }
+    fn on_closed(&self) {
+        self.transition(BreakerState::Closed);
+    }
+}
+
+type Policy = OrElse<ConsecutiveFailures<OpenInterval>, SuccessRateOverTimeWindow<OpenInterval>>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Forced {
+    Open,
+    Closed,
+}
+
+pub struct Breaker {
+    machine: StateMachine<Policy, Observer>,
+    observer: Observer,
+    forced: Mutex<Option<Forced>>,
+    probe_requested: AtomicBool,
+}
+
+impl Breaker {
+    pub fn new(settings: &BreakerSettings) -> Self {
+        let interval = OpenInterval::new(
+            Duration::from_millis(settings.open_min_ms),
+            Duration::from_millis(settings.open_max_ms),
+        );
+        let policy = consecutive_failures(settings.consecutive_failures, interval.clone()).or_else(
+            success_rate_over_time_window(
+                settings.required_success_rate,
+                settings.minimum_requests,
+                Duration::from_secs(settings.window_seconds),
+                interval,
+            ),
+        );
+        let (sender, _) = watch::channel(BreakerSnapshot {
+            state: BreakerState::Closed,
+            changed_at: Utc::now(),
+            opened_count: 0,
+        });
+        let observer = Observer {
+            sender: Arc::new(sender),
+        };
+        let machine = StateMachine::new(policy, observer.clone());
+        Self {
+            machine,
+            observer,
+            forced: Mutex::new(None),
+            probe_requested: AtomicBool::new(false),
+        }
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<BreakerSnapshot> {
+        self.observer.sender.subscribe()
+    }
+
+    pub fn snapshot(&self) -> BreakerSnapshot {
+        self.observer.sender.borrow().clone()
+    }
+
+    pub fn permit(&self) -> Permit {
+        match *self.forced.lock().expect("breaker lock") {
+            Some(Forced::Open) => return Permit::Denied,
+            Some(Forced::Closed) => return Permit::Normal,
+            None => {}
+        }
+        if self.machine.is_call_permitted() {
+            if self.snapshot().state == BreakerState::HalfOpen {
+                Permit::Probe
+            } else {
+                Permit::Normal
+            }
+        } else if self.probe_requested.swap(false, Ordering::SeqCst) {
+            Permit::Probe
+        } else {
+            Permit::Denied
+        }
+    }
+
+    /// Lets one probe through at the next [`Breaker::permit`] even while
+    /// open (the broker came back, or an operator asked to drain).
+    pub fn request_probe(&self) {
+        self.probe_requested.store(true, Ordering::SeqCst);
+    }
+
+    pub fn on_success(&self, permit: Permit) {
+        if permit == Permit::Probe && !self.snapshot().state.is_closed() {
+            // A successful probe closes the breaker whether it came from the
+            // half-open state or from an explicit request.
+            self.machine.reset();
+        }
+        self.machine.on_success();
+    }
+
+    pub fn on_failure(&self) {
+        self.machine.on_error();
+    }
+
+    pub fn force_open(&self) {
+        *self.forced.lock().expect("breaker lock") = Some(Forced::Open);
+        self.observer.transition(BreakerState::ForcedOpen);
+    }
+
+    pub fn force_closed(&self) {
+        *self.forced.lock().expect("breaker lock") = Some(Forced::Closed);
+        self.observer.transition(BreakerState::ForcedClosed);
+    }
+
+    /// Returns to automatic operation, starting closed.
+    pub fn release(&self) {
+        *self.forced.lock().expect("breaker lock") = None;
+        self.machine.reset();
+        self.observer.transition(BreakerState::Closed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fast() -> BreakerSettings {
+        BreakerSettings {
+            consecutive_failures: 3,
+            open_min_ms: 50,
+            open_max_ms: 200,
+            ..BreakerSettings::default()
+        }
+    }
+
+    #[test]
+    fn opens_after_consecutive_failures_then_probes_once_and_closes() {
+        let breaker = Breaker::new(&fast());
+        for _ in 0..3 {
+            assert_eq!(breaker.permit(), Permit::Normal);
+            breaker.on_failure();
+        }
+        assert_eq!(breaker.snapshot().state, BreakerState::Open);
+        assert_eq!(breaker.permit(), Permit::Denied);
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(breaker.permit(), Permit::Probe);
+        assert_eq!(breaker.snapshot().state, BreakerState::HalfOpen);
+        breaker.on_success(Permit::Probe);
+        assert_eq!(breaker.snapshot().state, BreakerState::Closed);
+        assert_eq!(breaker.permit(), Permit::Normal);
+        assert_eq!(breaker.snapshot().opened_count, 1);
+    }
+
+    #[test]
+    fn failed_probe_reopens() {
+        let breaker = Breaker::new(&fast());
+        for _ in 0..3 {
+            breaker.on_failure();
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(breaker.permit(), Permit::Probe);
+        breaker.on_failure();
+        assert_eq!(breaker.snapshot().state, BreakerState::Open);
+        assert_eq!(breaker.permit(), Permit::Denied);
+    }
+
+    #[test]
+    fn requested_probe_passes_while_open() {
+        let breaker = Breaker::new(&BreakerSettings {
+            open_min_ms: 60_000,
+            open_max_ms: 60_000,
+            ..fast()
+        });
+        for _ in 0..3 {
+            breaker.on_failure();
+        }
+        assert_eq!(breaker.permit(), Permit::Denied);
+        breaker.request_probe();
+        assert_eq!(breaker.permit(), Permit::Probe);
+        assert_eq!(breaker.permit(), Permit::Denied, "one probe only");
+        breaker.request_probe();
+        let permit = breaker.permit();
+        breaker.on_success(permit);
+        assert_eq!(breaker.snapshot().state, BreakerState::Closed);
+    }
+
+    #[test]
+    fn forced_states_override_and_release() {
+        let breaker = Breaker::new(&fast());
+        breaker.force_open();
+        assert_eq!(breaker.permit(), Permit::Denied);
+        assert_eq!(breaker.snapshot().state, BreakerState::ForcedOpen);
+        breaker.force_closed();
+        for _ in 0..5 {
+            breaker.on_failure();
+        }
+        assert_eq!(breaker.permit(), Permit::Normal);
+        breaker.release();
+        assert_eq!(breaker.snapshot().state, BreakerState::Closed);
+    }
+
+    #[test]
+    fn open_interval_grows_and_stays_within_bounds() {
+        let intervals: Vec<Duration> = OpenInterval::new(Duration::from_millis(100), Duration::from_millis(1000))
+            .take(12)
+            .collect();
+        assert!(intervals
+            .iter()
+            .all(|d| *d >= Duration::from_millis(70) && *d <= Duration::from_millis(1000)));
+        assert!(intervals[8] > intervals[0]);
+    }
+}

@@ -1,0 +1,201 @@
+//! The relay: moves tasks from the outbox to the broker, lane by lane,
+//! behind the circuit breaker.
+//!
+//! Invariants:
+//! - A lane is always read from its head, so order within a lane holds
+//!   across retries and restarts; an entry leaves the outbox only when the
+//!   publisher confirmed it, or as a dead letter when the failure is
+//!   permanent (so one poison message never blocks its lane).
+//! - One round publishes at most `publish_window` entries of one lane; a
+//!   round with any transient failure counts once against the breaker.
+//! - While the breaker is open nothing is sent; tasks keep spooling.
+//! - Shutdown is observed only between rounds, so a round in flight
+//!   finishes (bounded by the publisher's own timeouts).
+
+pub mod breaker;
+
+use crate::broker::{PublishError, Publisher};
+use crate::config::RelaySettings;
+use crate::outbox::{Outbox, PendingEntry};
+use breaker::{Breaker, Permit};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+/// How long the relay idles between breaker checks while it cannot send.
+const BLOCKED_POLL: Duration = Duration::from_millis(100);
+/// A safety net: even without a wake-up, look at the outbox this often.
+const IDLE_POLL: Duration = Duration::from_secs(1);
+
+pub struct Relay {
+    outbox: Arc<Outbox>,
+    publisher: Arc<dyn Publisher>,
+    breaker: Arc<Breaker>,
+    settings: RelaySettings,
+    paused: AtomicBool,
+    wake: Notify,
+}
+
+enum RoundOutcome {
+    /// Nothing to do.
+    Idle,
+    /// Work was done; go again at once.
+    Progress,
+    /// The breaker is open, paused, or the round failed: wait a little.
+    Blocked,
+}
+
+impl Relay {
+    pub fn new(
+        outbox: Arc<Outbox>,
+        publisher: Arc<dyn Publisher>,
+        breaker: Arc<Breaker>,
+        settings: RelaySettings,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            outbox,
+            publisher,
+            breaker,
+            settings,
+            paused: AtomicBool::new(false),
+            wake: Notify::new(),
+        })
+    }
+
+    pub fn breaker(&self) -> &Arc<Breaker> {
+        &self.breaker
+    }
+
+    pub fn pause(&self) {
+        self.paused.store(true, Ordering::SeqCst);
+    }
+
+    pub fn resume(&self) {
+        self.paused.store(false, Ordering::SeqCst);
+        self.wake.notify_one();
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::SeqCst)
+    }
+
+    /// Probes the broker now, even with the breaker open (operator drain).
+    pub fn probe_now(&self) {
+        self.breaker.request_probe();
+        self.publisher.reconnect_now();
+        self.wake.notify_one();
+    }
+
+    /// Runs until `shutdown` is cancelled; the round in flight completes.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut broker_status = self.publisher.status();
+        loop {
+            if shutdown.is_cancelled() {
+                break;
+            }
+            let wait = match self.round().await {
+                RoundOutcome::Progress => continue,
+                RoundOutcome::Idle => IDLE_POLL,
+                RoundOutcome::Blocked => BLOCKED_POLL,
+            };
+            tokio::select! {
+                _ = self.outbox.wait_for_work() => {}
+                _ = self.wake.notified() => {}
+                changed = broker_status.changed() => {
+                    // A fresh connection is the best moment to probe rather
+                    // than waiting out the open interval.
+                    if changed.is_ok() && broker_status.borrow_and_update().connected {
+                        self.breaker.request_probe();
+                    }
+                }
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.cancelled() => break,
+            }
+        }
+        tracing::info!("relay stopped");
+    }
+
+    async fn round(&self) -> RoundOutcome {
+        if self.is_paused() {
+            return RoundOutcome::Blocked;
+        }
+        let lanes = self.outbox.lanes();
+        if lanes.is_empty() {
+            return RoundOutcome::Idle;
+        }
+        let mut progressed = false;
+        for lane in lanes {
+            let permit = self.breaker.permit();
+            let limit = match permit {
+                Permit::Denied => return RoundOutcome::Blocked,
+                Permit::Probe => 1,
+                Permit::Normal => self.settings.publish_window,
+            };
+            let entries = match self.outbox.head(&lane, limit) {
+                Ok(entries) => entries,
+                Err(error) => {
+                    tracing::error!(%lane, %error, "cannot read the outbox");
+                    return RoundOutcome::Blocked;
+                }
+            };
+            if entries.is_empty() {
+                continue;
+            }
+            let results = self.publisher.publish(&lane, &entries).await;
+            match self.settle(&entries, results) {
+                Ok(None) => {
+                    self.breaker.on_success(permit);
+                    progressed = true;
+                }
+                Ok(Some(error)) => {
+                    self.breaker.on_failure();
+                    tracing::debug!(%lane, %error, "publish round failed");
+                    return RoundOutcome::Blocked;
+                }
+                Err(error) => {
+                    tracing::error!(%lane, %error, "cannot update the outbox after publishing");
+                    return RoundOutcome::Blocked;
+                }
+            }
+        }
+        if progressed {
+            RoundOutcome::Progress
+        } else {
+            RoundOutcome::Idle
+        }
+    }
+
+    /// Applies a round's results to the outbox. Returns the first transient
+    /// error, if any.
+    fn settle(
+        &self,
+        entries: &[PendingEntry],
+        results: Vec<Result<(), PublishError>>,
+    ) -> Result<Option<String>, crate::outbox::OutboxError> {
+        let mut confirmed = Vec::with_capacity(entries.len());
+        let mut failed = Vec::new();
+        let mut first_error = None;
+        for (entry, result) in entries.iter().zip(results) {
+            match result {
+                Ok(()) => confirmed.push(entry),
+                Err(PublishError::Permanent(reason)) => {
+                    metrics::counter!("taskgate_publish_failures_total", "kind" => "permanent").increment(1);
+                    self.outbox.dead_letter(entry, &reason)?;
+                }
+                Err(PublishError::Transient(reason)) => {
+                    metrics::counter!("taskgate_publish_failures_total", "kind" => "transient").increment(1);
+                    failed.push(entry);
+                    first_error.get_or_insert(reason);
+                }
+            }
+        }
+        metrics::counter!("taskgate_published_total").increment(confirmed.len() as u64);
+        self.outbox.complete(&confirmed)?;
+        if let Some(error) = &first_error {
+            self.outbox.record_failure(&failed, error)?;
+        }
+        Ok(first_error)
+    }
+}

@@ -1,0 +1,200 @@
+//! The compiled binary: configuration errors, `check-config`, graceful
+//! shutdown on SIGTERM, and no loss on `kill -9` under concurrent load.
+
+mod support;
+
+use serde_json::{json, Value};
+use std::collections::HashSet;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use support::app::{
+    binary_path, consume, consume_ids, delete_queues, test_settings, unique, write_config, GatewayProcess, RABBITMQ_URL,
+};
+use support::fault_proxy::{FaultMode, FaultProxy};
+
+#[test]
+fn bad_configuration_exits_64_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("bad.toml");
+    std::fs::write(&config, "[http]\nmax_body_bytes = \"big\"\n").unwrap();
+    let output = Command::new(binary_path())
+        .args(["check-config", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("http.max_body_bytes"), "{stderr}");
+
+    // --config works before the subcommand too, and the environment is read.
+    let output = Command::new(binary_path())
+        .arg("--config")
+        .arg(&config)
+        .arg("serve")
+        .env("TASKGATE_HTTP__MAX_BODY_BYTES", "not-a-number")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(64));
+
+    let output = Command::new(binary_path())
+        .arg("check-config")
+        .env("TASKGATE_BROKER__URL", "amqp://user:s3cret@broker:5672/%2f")
+        .env("TASKGATE_HTTP__ADMIN_TOKEN", "very-secret-token")
+        .output()
+        .unwrap();
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("amqp://user:****@broker:5672/%2f"), "{stdout}");
+    assert!(
+        !stdout.contains("s3cret") && !stdout.contains("very-secret-token"),
+        "{stdout}"
+    );
+
+    let output = Command::new(binary_path())
+        .args(["check-config", "--config", "/nonexistent/taskgate.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(64));
+}
+
+fn post_blocking(client: &reqwest::blocking::Client, url: &str, body: &Value) -> Option<String> {
+    let response = client.post(url).json(body).send().ok()?;
+    if response.status().as_u16() != 202 {
+        return None;
+    }
+    let body: Value = response.json().ok()?;
+    Some(body["id"].as_str()?.to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_under_load_loses_no_accepted_task() {
+    let dir = tempfile::tempdir().unwrap();
+    let queue = unique("kill9");
+    // The broker is unreachable while we load and kill, so everything
+    // accepted must come back from the outbox after the restart.
+    let proxy = FaultProxy::start("127.0.0.1:5672".parse().unwrap()).unwrap();
+    proxy.set_mode(FaultMode::Refuse);
+    let settings = test_settings(
+        dir.path(),
+        &format!("amqp://guest:guest@{}/%2f", proxy.addr()),
+        &[(&queue, "#")],
+    );
+    let config = dir.path().join("taskgate.toml");
+    write_config(&settings, &config);
+    let mut gateway = GatewayProcess::start(&config, &dir.path().join("first.log"));
+
+    let accepted = Arc::new(Mutex::new(Vec::<String>::new()));
+    let url = gateway.url("/v1/tasks");
+    let writers: Vec<_> = (0..16)
+        .map(|writer| {
+            let accepted = accepted.clone();
+            let url = url.clone();
+            std::thread::spawn(move || {
+                let client = reqwest::blocking::Client::builder()
+                    .timeout(Duration::from_secs(5))
+                    .build()
+                    .unwrap();
+                for n in 0.. {
+                    match post_blocking(&client, &url, &json!({"task": "load.test", "args": [writer, n]})) {
+                        Some(id) => accepted.lock().unwrap().push(id),
+                        None => break,
+                    }
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    gateway.signal("KILL");
+    assert_eq!(
+        gateway.wait(Duration::from_secs(5)),
+        None,
+        "killed by a signal, no exit code"
+    );
+    for writer in writers {
+        writer.join().unwrap();
+    }
+    let accepted = accepted.lock().unwrap().clone();
+    assert!(accepted.len() > 100, "the load ran: {} tasks accepted", accepted.len());
+
+    proxy.set_mode(FaultMode::Pass);
+    let restarted = GatewayProcess::start(&config, &dir.path().join("second.log"));
+    let messages = consume_ids(&queue, &accepted, Duration::from_secs(60)).await;
+    let delivered: HashSet<String> = messages.iter().map(|m| m.task_id()).collect();
+    let missing: Vec<&String> = accepted.iter().filter(|id| !delivered.contains(*id)).collect();
+    if let Some(first) = missing.first() {
+        let status = reqwest::get(restarted.url(&format!("/v1/tasks/{first}")))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        panic!(
+            "{} of {} accepted tasks lost ({} messages, {} distinct); the gateway says of {first}: {status}",
+            missing.len(),
+            accepted.len(),
+            messages.len(),
+            delivered.len()
+        );
+    }
+    delete_queues(&[&queue]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_cleanly_and_restart_resumes_from_the_outbox() {
+    let dir = tempfile::tempdir().unwrap();
+    let queue = unique("sigterm");
+    let proxy = FaultProxy::start("127.0.0.1:5672".parse().unwrap()).unwrap();
+    let settings = test_settings(
+        dir.path(),
+        &format!("amqp://guest:guest@{}/%2f", proxy.addr()),
+        &[(&queue, "#")],
+    );
+    let config = dir.path().join("taskgate.toml");
+    write_config(&settings, &config);
+    let mut gateway = GatewayProcess::start(&config, &dir.path().join("first.log"));
+    let client = reqwest::Client::new();
+    // Tasks in flight while the broker is slow, then more spooled behind a refusal.
+    proxy.set_mode(FaultMode::Slow(Duration::from_millis(200)));
+    let mut ids = Vec::new();
+    for n in 0..20 {
+        let response = client
+            .post(gateway.url("/v1/tasks"))
+            .json(&json!({"task": "graceful.stop", "args": [n]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 202);
+        let body: Value = response.json().await.unwrap();
+        ids.push(body["id"].as_str().unwrap().to_owned());
+    }
+    gateway.signal("TERM");
+    let code = tokio::task::spawn_blocking(move || {
+        let code = gateway.wait(Duration::from_secs(20));
+        (code, gateway)
+    })
+    .await
+    .unwrap();
+    let (code, gateway) = code;
+    let log = std::fs::read_to_string(&gateway.log).unwrap_or_default();
+    assert_eq!(code, Some(0), "clean exit on SIGTERM; log:\n{log}");
+    assert!(log.contains("no longer accepting"), "{log}");
+    drop(gateway);
+
+    proxy.set_mode(FaultMode::Pass);
+    let _restarted = GatewayProcess::start(&config, &dir.path().join("second.log"));
+    let messages = consume(&queue, ids.len(), Duration::from_secs(30)).await;
+    let mut delivered: Vec<String> = messages.iter().map(|m| m.task_id()).collect();
+    delivered.dedup();
+    assert_eq!(
+        delivered, ids,
+        "every task delivered once, in order, across the restart"
+    );
+    delete_queues(&[&queue]).await;
+    let _ = RABBITMQ_URL;
+}

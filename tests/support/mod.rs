@@ -1,0 +1,10 @@
+//! Shared helpers for the integration tests (`mod support;` in a test file):
+//! `fault_proxy` injects broker faults over TCP, `celery` runs a real Celery
+//! worker from the test virtualenv, `moto` runs the SQS server (moto) and
+//! reads back what taskgate sent. Each test binary uses only part of this.
+#![allow(dead_code)]
+
+pub mod app;
+pub mod celery;
+pub mod fault_proxy;
+pub mod moto;
