@@ -505,3 +505,49 @@ async fn probes_and_metrics_answer() {
     assert_eq!(missing.headers()["content-type"], "application/problem+json");
     app.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn unroutable_message_is_dead_lettered_and_the_rest_keeps_flowing() {
+    let dir = tempfile::tempdir().unwrap();
+    let doomed = unique("doomed");
+    let healthy = unique("healthy");
+    let settings = test_settings(dir.path(), RABBITMQ_URL, &[(&doomed, "doomed"), (&healthy, "healthy")]);
+    let app = spawn_app(settings).await;
+    app.wait_for_health(Duration::from_secs(10), |h| h["status"] == "pass").await;
+    // An operator deletes a queue under the running gateway: its messages
+    // now have nowhere to go and RabbitMQ returns them (mandatory).
+    delete_queues(&[&doomed]).await;
+
+    let (status, poisoned) = post(&app, &json!({"task": "doomed.job", "args": [1]})).await;
+    assert_eq!(status, 202);
+    let (status, fine) = post(&app, &json!({"task": "healthy.job", "args": [2]})).await;
+    assert_eq!(status, 202);
+
+    let messages = consume(&healthy, 1, Duration::from_secs(10)).await;
+    assert_eq!(messages.len(), 1);
+    assert_eq!(messages[0].task_id(), fine["id"].as_str().unwrap());
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        let status: Value = app
+            .client
+            .get(app.url(&format!("/v1/tasks/{}", poisoned["id"].as_str().unwrap())))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if status["state"] == "dead_letter" || Instant::now() > deadline {
+            break status;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(status["state"], "dead_letter", "{status}");
+    assert!(status["last_error"].as_str().unwrap().contains("unroutable"), "{status}");
+    let health = app.health().await;
+    assert_eq!(health["status"], "pass", "a poison message does not open the breaker: {health}");
+    assert_eq!(health["checks"]["outbox:depth"][0]["observedValue"], 0);
+    app.stop().await.unwrap();
+    delete_queues(&[&healthy]).await;
+}
