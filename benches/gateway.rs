@@ -115,8 +115,13 @@ fn write_config(dir: &Path, broker_url: &str, queue: &str, exchange: &str) -> Pa
     path
 }
 
-async fn queue_depth(channel: &lapin::Channel, queue: &str) -> u32 {
-    channel
+/// Messages ready in `queue`, or 0 while it does not exist yet. A passive
+/// declare of a missing queue closes its channel, so each look uses a fresh one.
+async fn queue_depth(connection: &Connection, queue: &str) -> u32 {
+    let Ok(channel) = connection.create_channel().await else {
+        return 0;
+    };
+    let depth = channel
         .queue_declare(
             queue.into(),
             QueueDeclareOptions {
@@ -127,13 +132,15 @@ async fn queue_depth(channel: &lapin::Channel, queue: &str) -> u32 {
         )
         .await
         .map(|q| q.message_count())
-        .unwrap_or(0)
+        .unwrap_or(0);
+    let _ = channel.close(200, "looked".into()).await;
+    depth
 }
 
-async fn wait_for_depth(channel: &lapin::Channel, queue: &str, target: u32, timeout: Duration) -> Instant {
+async fn wait_for_depth(connection: &Connection, queue: &str, target: u32, timeout: Duration) -> Instant {
     let deadline = Instant::now() + timeout;
     loop {
-        if queue_depth(channel, queue).await >= target {
+        if queue_depth(connection, queue).await >= target {
             return Instant::now();
         }
         assert!(Instant::now() < deadline, "queue {queue} never reached {target}");
@@ -309,7 +316,7 @@ async fn main() {
     let gateway = Gateway::start(&write_config(&e2e_dir, RABBITMQ, &e2e_queue, "bench_exchange"));
     tokio::time::sleep(Duration::from_millis(500)).await;
     let load = http_load(&gateway.base_url, e2e_total).await;
-    let confirmed_at = wait_for_depth(&inspect, &e2e_queue, e2e_total as u32, Duration::from_secs(600)).await;
+    let confirmed_at = wait_for_depth(&inspector, &e2e_queue, e2e_total as u32, Duration::from_secs(600)).await;
     let e2e_rate = e2e_total as f64 / confirmed_at.duration_since(load.started).as_secs_f64();
     let e2e_rss = gateway.peak_rss_mib();
     let (e2e_p50, e2e_p99) = (load.p50_ms, load.p99_ms);
@@ -336,7 +343,7 @@ async fn main() {
     let started = Instant::now();
     let gateway = Gateway::start(&write_config(&spool_dir, RABBITMQ, &spool_queue, "bench_exchange"));
     // The queue is declared by taskgate on connect; wait for it to appear.
-    let drained_at = wait_for_depth(&inspect, &spool_queue, accept_total as u32, Duration::from_secs(900)).await;
+    let drained_at = wait_for_depth(&inspector, &spool_queue, accept_total as u32, Duration::from_secs(900)).await;
     let drain_rate = accept_total as f64 / drained_at.duration_since(started).as_secs_f64();
     let drain_rss = gateway.peak_rss_mib();
     gateway.stop();

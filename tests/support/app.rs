@@ -33,6 +33,8 @@ pub fn test_settings(data_dir: &Path, broker_url: &str, queues: &[(&str, &str)])
     settings.http.listen = "127.0.0.1:0".parse().unwrap();
     settings.http.shutdown_grace_ms = 5_000;
     settings.outbox.path = data_dir.join("outbox");
+    // Each test app tracks into its own SQLite file (not ./data).
+    settings.tracking.database_url = format!("sqlite://{}", data_dir.join("tracking.db").display());
     settings.broker.url = broker_url.to_owned();
     settings.broker.connect_timeout_ms = 1_000;
     settings.broker.publish_timeout_ms = 1_000;
@@ -329,11 +331,15 @@ impl GatewayProcess {
                 }
             }
         });
-        let address: SocketAddr = receiver
-            .recv_timeout(Duration::from_secs(20))
-            .expect("taskgate printed its listen address")
-            .parse()
-            .unwrap();
+        let address: SocketAddr = match receiver.recv_timeout(Duration::from_secs(20)) {
+            Ok(address) => address.parse().unwrap(),
+            Err(_) => {
+                // Never leave a half-started gateway behind.
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("taskgate did not print its listen address; log: {}", log.display());
+            }
+        };
         GatewayProcess {
             child,
             address,
