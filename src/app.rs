@@ -10,8 +10,12 @@
 //!    requests in flight finish;
 //! 2. finish in-flight publishes: the relay completes its current round
 //!    (bounded by `http.shutdown_grace_ms`) and stops;
-//! 3. flush the outbox;
-//! 4. close the broker connection.
+//! 3. stop tracking: the journal writer and the tracking-queue consumer
+//!    finish the batch they are writing (bounded by the grace period);
+//!    unrecorded journal entries stay in the outbox, unacknowledged
+//!    messages go back to their queue; then its database pool closes;
+//! 4. flush the outbox;
+//! 5. close the broker connection.
 
 use crate::broker::amqp::AmqpPublisher;
 use crate::broker::sqs::SqsPublisher;
@@ -22,8 +26,10 @@ use crate::http::{self, AppState};
 use crate::outbox::Outbox;
 use crate::relay::breaker::Breaker;
 use crate::relay::Relay;
+use crate::systemd;
 use crate::task::registry::Registry;
 use crate::task::routing::Router;
+use crate::tracking::Tracking;
 use anyhow::Context;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use std::future::Future;
@@ -83,11 +89,14 @@ impl Application {
         );
         let background = CancellationToken::new();
         let relay_task = tokio::spawn(relay.clone().run(background.clone()));
+        // In the background: migrations, journal writer, tracking consumer.
+        let tracking = Tracking::start(&settings, outbox.clone()).context("tracking settings")?;
         let health = HealthMonitor::start(
             outbox.clone(),
             publisher.status(),
             breaker.subscribe(),
             settings.http.warn_backlog_age_seconds,
+            tracking.clone(),
             background.clone(),
         );
         spawn_maintenance(outbox.clone(), background.clone());
@@ -101,6 +110,7 @@ impl Application {
             relay,
             health,
             metrics: metrics_handle(),
+            tracking,
         };
         Ok(Self {
             listener,
@@ -130,7 +140,15 @@ impl Application {
         let stop_accepting = CancellationToken::new();
         let stopping = stop_accepting.clone();
         let app = http::router(state.clone());
-        tracing::info!(address = %listener.local_addr()?, "taskgate listening");
+        let address = listener.local_addr()?;
+        tracing::info!(%address, "taskgate listening");
+        // systemd: ready once serving; watchdog pings until this returns.
+        let notifier = systemd::Notifier::from_env();
+        let _watchdog = notifier.start_watchdog();
+        notifier.ready(&format!("listening on {address}"));
+        let stopping_notifier = notifier.clone();
+        // Peer addresses let the admin API tell loopback callers apart.
+        let app = app.into_make_service_with_connect_info::<SocketAddr>();
         let server = axum::serve(listener, app).with_graceful_shutdown(async move {
             stop.await;
             stopping.cancel();
@@ -140,6 +158,7 @@ impl Application {
         let server = async move {
             let serve = tokio::spawn(async move { server.await });
             stop_accepting.cancelled().await;
+            stopping_notifier.stopping("shutting down: finishing in-flight publishes");
             tracing::info!("shutting down: no longer accepting tasks");
             match tokio::time::timeout(grace, serve).await {
                 Ok(joined) => joined.map_err(anyhow::Error::from)?.map_err(anyhow::Error::from),
@@ -157,6 +176,7 @@ impl Application {
                 tracing::warn!("in-flight publishes did not finish within the grace period; they stay in the outbox")
             }
         }
+        state.tracking.shutdown(grace).await;
         if let Err(error) = state.outbox.flush().await {
             tracing::error!(%error, "final outbox flush failed");
         }

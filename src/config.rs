@@ -222,11 +222,42 @@ impl Default for RelaySettings {
     }
 }
 
+/// Task tracking in SQL (`[tracking]`): see [`crate::tracking`].
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrackingSettings {
+    /// `sqlite://PATH` (created with its directory) or `postgres://...`
+    /// (required in production).
     pub database_url: String,
+    /// The queue (bound `#`) whose copies of every task the consumer
+    /// records, tasks scheduled by workers included; unset: no consumer.
     pub sync_queue: Option<String>,
+    /// Apply migrations at `serve` start-up (in the background). Off when a
+    /// separate owner role runs `taskgate migrate`.
+    pub migrate_on_start: bool,
+    pub max_connections: u32,
+    /// Longest wait for a pooled connection (connecting included).
+    pub connect_timeout_ms: u64,
+    /// Bound on every statement or transaction.
+    pub query_timeout_ms: u64,
+    /// Journal entries upserted per transaction.
+    pub batch_size: usize,
+    /// Tracking-queue messages per batch (the AMQP prefetch window is
+    /// `consumer_batch_size * consumer_concurrency`; SQS receives at most 10
+    /// per call).
+    pub consumer_batch_size: usize,
+    /// Batches the consumer writes at the same time.
+    pub consumer_concurrency: usize,
+    /// How long a batch waits to fill before it is written anyway.
+    pub consumer_batch_wait_ms: u64,
+    /// SQS: visibility timeout of received messages, so those not yet
+    /// written (database down) come back in this time.
+    pub consumer_visibility_timeout_seconds: u32,
+    /// Backoff bounds while the database (or the sync queue) is away.
+    pub retry_min_ms: u64,
+    pub retry_max_ms: u64,
+    /// Journal age after which health warns even with the database up.
+    pub warn_journal_age_seconds: f64,
 }
 
 impl Default for TrackingSettings {
@@ -234,14 +265,47 @@ impl Default for TrackingSettings {
         Self {
             database_url: "sqlite://data/tracking.db".into(),
             sync_queue: None,
+            migrate_on_start: true,
+            max_connections: 5,
+            connect_timeout_ms: 3_000,
+            query_timeout_ms: 5_000,
+            batch_size: 500,
+            consumer_batch_size: 100,
+            consumer_concurrency: 4,
+            consumer_batch_wait_ms: 50,
+            consumer_visibility_timeout_seconds: 60,
+            retry_min_ms: 200,
+            retry_max_ms: 10_000,
+            warn_journal_age_seconds: 60.0,
         }
+    }
+}
+
+impl TrackingSettings {
+    pub fn is_postgres(&self) -> bool {
+        self.database_url.starts_with("postgres://") || self.database_url.starts_with("postgresql://")
+    }
+
+    pub fn is_sqlite(&self) -> bool {
+        self.database_url.starts_with("sqlite:")
     }
 }
 
 /// Loads settings: defaults, then `file` (which must exist when given), then
 /// the environment. Validates everything before returning.
 pub fn load(file: Option<&Path>) -> Result<Settings, ConfigError> {
-    load_with_env(file, Env::prefixed("TASKGATE_").split("__"))
+    load_with_env(file, settings_env())
+}
+
+/// `TASKGATE_<SECTION>__<KEY>` variables. A `TASKGATE_` variable without
+/// `__` (other than `TASKGATE_ENVIRONMENT`) belongs to other tools
+/// (`TASKGATE_CONFIG` is the CLI's, `TASKGATE_VENV` the tests'), so it is
+/// not read as a setting; a misspelt section (`TASKGATE_HTTTP__LISTEN`)
+/// still fails validation by name.
+fn settings_env() -> Env {
+    Env::prefixed("TASKGATE_")
+        .filter(|key| key.as_str().contains("__") || key.as_str().eq_ignore_ascii_case("environment"))
+        .split("__")
 }
 
 fn load_with_env(file: Option<&Path>, env: Env) -> Result<Settings, ConfigError> {
@@ -373,6 +437,53 @@ fn validate(settings: &Settings, explicit: &Figment) -> Result<(), ConfigError> 
             }
             _ => {}
         }
+    }
+    // Last, so the broker and token keys are named first in production.
+    validate_tracking(&settings.tracking, settings.environment)?;
+    Ok(())
+}
+
+fn validate_tracking(tracking: &TrackingSettings, environment: Environment) -> Result<(), ConfigError> {
+    if !tracking.is_postgres() && !tracking.is_sqlite() {
+        return Err(ConfigError::key(
+            "tracking.database_url",
+            "must start with sqlite:, postgres:// or postgresql://",
+        ));
+    }
+    if environment == Environment::Production && !tracking.is_postgres() {
+        return Err(ConfigError::key(
+            "tracking.database_url",
+            "production requires a postgres:// database URL (SQLite is for development)",
+        ));
+    }
+    if let Some(queue) = &tracking.sync_queue {
+        crate::task::QueueName::parse(queue).map_err(|reason| ConfigError::key("tracking.sync_queue", reason))?;
+    }
+    for (key, value) in [
+        ("tracking.max_connections", u64::from(tracking.max_connections)),
+        ("tracking.connect_timeout_ms", tracking.connect_timeout_ms),
+        ("tracking.query_timeout_ms", tracking.query_timeout_ms),
+        ("tracking.batch_size", tracking.batch_size as u64),
+        ("tracking.consumer_batch_size", tracking.consumer_batch_size as u64),
+        ("tracking.consumer_concurrency", tracking.consumer_concurrency as u64),
+        ("tracking.retry_min_ms", tracking.retry_min_ms),
+    ] {
+        if value == 0 {
+            return Err(ConfigError::key(key, "must be positive"));
+        }
+    }
+    if tracking.retry_max_ms < tracking.retry_min_ms {
+        return Err(ConfigError::key(
+            "tracking.retry_max_ms",
+            "must be at least tracking.retry_min_ms",
+        ));
+    }
+    // SQS caps the visibility timeout at 12 hours.
+    if !(1..=43_200).contains(&tracking.consumer_visibility_timeout_seconds) {
+        return Err(ConfigError::key(
+            "tracking.consumer_visibility_timeout_seconds",
+            "must be between 1 and 43200",
+        ));
     }
     Ok(())
 }
@@ -572,6 +683,21 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail API returns figment::Error
+    fn other_tools_variables_are_not_settings() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("TASKGATE_VENV", "/var/tmp/venv");
+            jail.set_env("TASKGATE_CONFIG", "x.toml");
+            jail.set_env("TASKGATE_ENVIRONMENT", "development");
+            load(None).unwrap();
+            jail.set_env("TASKGATE_HTTTP__LISTEN", "127.0.0.1:1");
+            let error = load(None).unwrap_err().to_string();
+            assert!(error.contains("htttp"), "{error}");
+            Ok(())
+        });
+    }
+
+    #[test]
     fn production_requires_explicit_settings() {
         let file = write("environment = \"production\"\n[http]\nadmin_token = \"t\"\n[broker]\nkind = \"amqp\"\n");
         let error = load_with_env(Some(file.path()), no_env()).unwrap_err().to_string();
@@ -591,7 +717,7 @@ mod tests {
         let error = load_with_env(Some(file.path()), no_env()).unwrap_err().to_string();
         assert!(error.contains("broker.region"), "{error}");
         let file = write(&format!(
-            "{base}queue_name_prefix = \"prod-\"\nregion = \"eu-west-1\"\n"
+            "{base}queue_name_prefix = \"prod-\"\nregion = \"eu-west-1\"\n[tracking]\ndatabase_url = \"postgres://db/p\"\n"
         ));
         let settings = load_with_env(Some(file.path()), no_env()).unwrap();
         assert!(!settings.broker.creates_queues(settings.environment));
@@ -643,6 +769,49 @@ mod tests {
         // Dots in prefix and names are what kombu turns into dashes: fine.
         let dotted = "[broker]\nkind = \"sqs\"\nqueue_name_prefix = \"dev.\"\n[[routing.queues]]\nname = \"platform.fifo\"\nbinding_key = \"#\"\n";
         load_with_env(Some(write(dotted).path()), no_env()).unwrap();
+    }
+
+    #[test]
+    fn production_requires_a_postgres_tracking_database() {
+        let base = "environment = \"production\"\n[http]\nadmin_token = \"t\"\n[broker]\nkind = \"amqp\"\nurl = \"amqp://h/%2f\"\n";
+        let error = load_with_env(Some(write(base).path()), no_env())
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("tracking.database_url"), "{error}");
+        let sqlite = format!("{base}[tracking]\ndatabase_url = \"sqlite://data/t.db\"\n");
+        let error = load_with_env(Some(write(&sqlite).path()), no_env())
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("tracking.database_url"), "{error}");
+        let postgres = format!("{base}[tracking]\ndatabase_url = \"postgres://taskgate@db/platform\"\n");
+        let settings = load_with_env(Some(write(&postgres).path()), no_env()).unwrap();
+        assert!(settings.tracking.is_postgres());
+    }
+
+    #[test]
+    fn tracking_settings_are_validated_by_key() {
+        let cases = [
+            ("[tracking]\ndatabase_url = \"mysql://x\"\n", "tracking.database_url"),
+            ("[tracking]\nsync_queue = \"bad queue\"\n", "tracking.sync_queue"),
+            ("[tracking]\nbatch_size = 0\n", "tracking.batch_size"),
+            ("[tracking]\nquery_timeout_ms = 0\n", "tracking.query_timeout_ms"),
+            (
+                "[tracking]\nretry_min_ms = 500\nretry_max_ms = 100\n",
+                "tracking.retry_max_ms",
+            ),
+            (
+                "[tracking]\nconsumer_visibility_timeout_seconds = 0\n",
+                "tracking.consumer_visibility_timeout_seconds",
+            ),
+        ];
+        for (toml, key) in cases {
+            let error = load_with_env(Some(write(toml).path()), no_env())
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains(key), "{toml}: {error}");
+        }
+        let defaults = load_with_env(None, no_env()).unwrap();
+        assert!(defaults.tracking.is_sqlite() && defaults.tracking.migrate_on_start);
     }
 
     #[test]

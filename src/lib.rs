@@ -8,16 +8,22 @@
 //! Crate map, in the order a task travels:
 //!
 //! - [`config`]: typed settings (defaults, TOML, environment) and validation.
-//! - [`http`]: the axum API, problem+json errors, probes, metrics.
+//! - [`http`]: the axum API, problem+json errors, probes, metrics, the
+//!   token-guarded admin API and the operator status page.
 //! - [`task`]: request and task types, newtypes, intake, registry binding,
 //!   topic routing.
-//! - [`outbox`]: the sled-backed durable outbox, group commit, dead letters.
+//! - [`outbox`]: the sled-backed durable outbox, group commit, dead letters,
+//!   and the operator operations (listing, export and import, requeue).
 //! - [`relay`]: the loop from outbox to publisher, and the circuit breaker.
 //! - [`broker`]: the `Publisher` interface and the AMQP publisher.
 //! - [`celery`]: the Celery protocol-v2 message and kombu's SQS envelope.
+//! - [`tracking`]: every task recorded in SQL (sqlx, SQLite or PostgreSQL),
+//!   Celery results read back, the tracking-queue consumer.
 //! - [`health`]: the computed health report and its change stream.
 //! - [`app`]: building the server, background tasks, shutdown order.
-//! - [`cli`]: the command line.
+//! - [`systemd`]: `sd_notify` readiness, stopping and watchdog messages.
+//! - [`cli`]: the command line: `serve`, `check-config`, and the operator
+//!   commands with their admin client and `--offline` mode.
 
 pub mod app;
 pub mod broker;
@@ -28,4 +34,6 @@ pub mod health;
 pub mod http;
 pub mod outbox;
 pub mod relay;
+pub mod systemd;
 pub mod task;
+pub mod tracking;

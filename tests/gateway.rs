@@ -513,7 +513,8 @@ async fn unroutable_message_is_dead_lettered_and_the_rest_keeps_flowing() {
     let healthy = unique("healthy");
     let settings = test_settings(dir.path(), RABBITMQ_URL, &[(&doomed, "doomed"), (&healthy, "healthy")]);
     let app = spawn_app(settings).await;
-    app.wait_for_health(Duration::from_secs(10), |h| h["status"] == "pass").await;
+    app.wait_for_health(Duration::from_secs(10), |h| h["status"] == "pass")
+        .await;
     // An operator deletes a queue under the running gateway: its messages
     // now have nowhere to go and RabbitMQ returns them (mandatory).
     delete_queues(&[&doomed]).await;
@@ -544,9 +545,15 @@ async fn unroutable_message_is_dead_lettered_and_the_rest_keeps_flowing() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert_eq!(status["state"], "dead_letter", "{status}");
-    assert!(status["last_error"].as_str().unwrap().contains("unroutable"), "{status}");
+    assert!(
+        status["last_error"].as_str().unwrap().contains("unroutable"),
+        "{status}"
+    );
     let health = app.health().await;
-    assert_eq!(health["status"], "pass", "a poison message does not open the breaker: {health}");
+    assert_eq!(
+        health["status"], "pass",
+        "a poison message does not open the breaker: {health}"
+    );
     assert_eq!(health["checks"]["outbox:depth"][0]["observedValue"], 0);
     app.stop().await.unwrap();
     delete_queues(&[&healthy]).await;

@@ -353,10 +353,17 @@ fn basic_properties(message: &CeleryMessage) -> BasicProperties {
     if let Some(reply_to) = &properties.reply_to {
         basic = basic.with_reply_to(ShortString::from(reply_to.as_str()));
     }
-    if let Some(expiration) = &properties.expiration {
-        basic = basic.with_expiration(ShortString::from(expiration.as_str()));
+    // RabbitMQ refuses a per-message TTL above 2^32-1 ms (about 49 days)
+    // with a channel error that would block the lane; the worker checks the
+    // `expires` header itself, so such a far expiry needs no broker TTL.
+    if let Some(expiration) = properties.expiration.as_deref().filter(|ttl| fits_rabbitmq_ttl(ttl)) {
+        basic = basic.with_expiration(ShortString::from(expiration));
     }
     basic
+}
+
+fn fits_rabbitmq_ttl(milliseconds: &str) -> bool {
+    milliseconds.parse::<u64>().is_ok_and(|ms| ms <= u64::from(u32::MAX))
 }
 
 fn json_object_to_table(object: &serde_json::Map<String, Value>) -> FieldTable {
@@ -389,6 +396,14 @@ fn json_to_amqp(value: &Value) -> AMQPValue {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn far_expiry_gets_no_broker_ttl() {
+        assert!(fits_rabbitmq_ttl("1000"));
+        assert!(fits_rabbitmq_ttl("4294967295"));
+        assert!(!fits_rabbitmq_ttl("4294967296"));
+        assert!(!fits_rabbitmq_ttl("not a number"));
+    }
 
     #[test]
     fn json_values_map_to_amqp_field_types() {

@@ -2,12 +2,24 @@
 //!
 //! `--config` is global, so it works before or after the subcommand.
 //! Configuration errors exit with status 64 and name the key.
+//!
+//! Operator commands (`send`, `health`, `outbox`, `dead-letters`,
+//! `breaker`) live in [`operator`] and its siblings: [`admin_client`] talks
+//! to the running server, [`offline`] opens a stopped server's outbox,
+//! [`output`] prints tables, JSON and progress bars.
 
 use crate::app::{shutdown_signal, Application};
 use crate::config::{self, ConfigError, CONFIG_ERROR_EXIT_CODE};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
+
+pub mod admin_client;
+pub mod dead_letters;
+pub mod offline;
+pub mod operator;
+pub mod outbox;
+pub mod output;
 
 #[derive(Debug, Parser)]
 #[command(name = "taskgate", version, about = "A resilient broker gateway for Celery tasks")]
@@ -31,6 +43,11 @@ pub enum Command {
     Serve,
     /// Validate the configuration and print the effective settings, secrets masked.
     CheckConfig,
+    /// Apply the tracking database migrations (`serve` also applies them at
+    /// start-up, in the background, unless tracking.migrate_on_start is off).
+    Migrate,
+    #[command(flatten)]
+    Operator(operator::OperatorCommand),
 }
 
 fn config_failure(error: &ConfigError) -> ExitCode {
@@ -44,6 +61,8 @@ pub fn run(cli: Cli) -> ExitCode {
         Err(error) => return config_failure(&error),
     };
     match cli.command {
+        Command::Operator(command) => operator::run(&settings, cli.json, command),
+        Command::Migrate => migrate(&settings, cli.json),
         Command::CheckConfig => {
             if cli.json {
                 let masked = settings.masked();
@@ -74,6 +93,33 @@ pub fn run(cli: Cli) -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+/// `taskgate migrate`: exit 0 once every migration is applied, 1 with the
+/// reason when the database refuses or does not answer in time.
+fn migrate(settings: &config::Settings, json: bool) -> ExitCode {
+    let endpoint = config::mask_url_password(&settings.tracking.database_url);
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("taskgate: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(crate::tracking::migrate(&settings.tracking)) {
+        Ok(()) => {
+            if json {
+                println!("{}", serde_json::json!({"status": "migrated", "database": endpoint}));
+            } else {
+                println!("tracking database {endpoint} is up to date");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("taskgate: migrating {endpoint} failed: {error}");
+            ExitCode::FAILURE
         }
     }
 }

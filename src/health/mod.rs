@@ -1,10 +1,18 @@
 //! Health: one computed view of whether async work is available.
 //!
-//! Inputs are the broker connection, the breaker and the outbox. Rules:
+//! Inputs are the broker connection, the breaker, the outbox and tracking.
+//! Rules:
 //! - `fail` (HTTP 503): tasks cannot be accepted (outbox full or failing).
 //! - `warn`: still accepting, but spooling: broker disconnected, breaker
 //!   not closed, or a backlog older than `warn_backlog_age_seconds`.
 //! - `pass`: broker connected and breaker closed.
+//! - Tracking (`tracking:database`, `tracking:syncQueue`) can only warn,
+//!   never fail: a database outage does not stop acceptance (tasks wait in
+//!   the outbox journal), so it must not take the gateway out of a load
+//!   balancer. It warns while the database is unreachable or its schema is
+//!   not ready, while the journal's oldest entry is older than
+//!   `tracking.warn_journal_age_seconds`, and while the tracking-queue
+//!   consumer is disconnected.
 //!
 //! `async_available` (what a UI reads to grey out buttons) is true only
 //! while the broker is connected and the breaker closed.
@@ -17,6 +25,7 @@
 use crate::broker::BrokerStatus;
 use crate::outbox::Outbox;
 use crate::relay::breaker::{BreakerSnapshot, BreakerState};
+use crate::tracking::{Tracking, TrackingHealth};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -48,16 +57,20 @@ pub struct HealthReport {
     pub breaker_state: BreakerState,
     #[serde(skip)]
     pub outbox_depth: u64,
+    /// Tracking's database answers and its journal keeps up.
+    #[serde(skip)]
+    pub tracking_ok: bool,
 }
 
 impl HealthReport {
     /// What one health *change* is: a new event is sent only when this moves.
-    fn state_key(&self) -> (HealthStatus, bool, bool, BreakerState) {
+    fn state_key(&self) -> (HealthStatus, bool, bool, BreakerState, bool) {
         (
             self.status,
             self.async_available,
             self.broker_connected,
             self.breaker_state,
+            self.tracking_ok,
         )
     }
 }
@@ -182,6 +195,69 @@ pub fn compute(
         broker_connected: broker.connected,
         breaker_state: breaker.state,
         outbox_depth: depth,
+        tracking_ok: true,
+    }
+}
+
+/// Adds the tracking checks to `report`; a problem there turns `pass` into
+/// `warn` and never causes `fail`.
+pub fn apply_tracking(report: &mut HealthReport, tracking: &TrackingHealth, warn_journal_age_seconds: f64) {
+    let time = Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let database = &tracking.database;
+    let journal_age = tracking.journal_oldest_age_seconds.unwrap_or(0.0);
+    let lagging = journal_age > warn_journal_age_seconds;
+    let database_ok = database.schema_ready && database.reachable && !lagging;
+    let mut check = json!({
+        "componentType": "datastore",
+        "status": check_status(if database_ok { HealthStatus::Pass } else { HealthStatus::Warn }),
+        "observedValue": tracking.journal_depth,
+        "observedUnit": "tasks",
+        "reachable": database.reachable,
+        "schemaReady": database.schema_ready,
+        "journalOldestAgeSeconds": journal_age,
+        "endpoint": tracking.endpoint,
+        "time": time,
+    });
+    let output = if !database.schema_ready || !database.reachable {
+        Some(format!(
+            "tracking database {}: {}; tasks are still accepted and recorded once it answers",
+            if database.reachable {
+                "not migrated"
+            } else {
+                "unreachable"
+            },
+            database.last_error.as_deref().unwrap_or("no answer yet")
+        ))
+    } else if lagging {
+        Some(format!(
+            "the oldest unrecorded task was accepted {journal_age:.0} s ago (warn after {warn_journal_age_seconds} s)"
+        ))
+    } else {
+        None
+    };
+    if let Some(output) = output {
+        check["output"] = json!(output);
+    }
+    report.checks.insert("tracking:database".into(), json!([check]));
+    let mut consumer_ok = true;
+    if let Some(consumer) = &tracking.consumer {
+        consumer_ok = consumer.connected;
+        let mut check = json!({
+            "componentType": "component",
+            "componentId": consumer.queue,
+            "status": check_status(if consumer.connected { HealthStatus::Pass } else { HealthStatus::Warn }),
+            "observedValue": consumer.waiting,
+            "observedUnit": "messages",
+            "time": consumer.changed_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        });
+        if let Some(error) = &consumer.last_error {
+            check["output"] = json!(error);
+        }
+        report.checks.insert("tracking:syncQueue".into(), json!([check]));
+    }
+    report.tracking_ok = database_ok && consumer_ok;
+    if !report.tracking_ok && report.status == HealthStatus::Pass {
+        report.status = HealthStatus::Warn;
     }
 }
 
@@ -196,9 +272,19 @@ impl HealthMonitor {
         mut broker: watch::Receiver<BrokerStatus>,
         mut breaker: watch::Receiver<BreakerSnapshot>,
         warn_backlog_age_seconds: f64,
+        tracking: Arc<Tracking>,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
-        let initial = compute(&broker.borrow(), &breaker.borrow(), &outbox, warn_backlog_age_seconds);
+        let with_tracking = move |mut report: HealthReport| {
+            apply_tracking(&mut report, &tracking.health(), tracking.warn_journal_age_seconds());
+            report
+        };
+        let initial = with_tracking(compute(
+            &broker.borrow(),
+            &breaker.borrow(),
+            &outbox,
+            warn_backlog_age_seconds,
+        ));
         let (report, _) = watch::channel(initial);
         let monitor = Arc::new(Self { report });
         let task_monitor = monitor.clone();
@@ -210,12 +296,12 @@ impl HealthMonitor {
                     _ = tokio::time::sleep(Duration::from_millis(250)) => {}
                     _ = shutdown.cancelled() => return,
                 }
-                let next = compute(
+                let next = with_tracking(compute(
                     &broker.borrow_and_update(),
                     &breaker.borrow_and_update(),
                     &outbox,
                     warn_backlog_age_seconds,
-                );
+                ));
                 task_monitor.publish(next);
             }
         });

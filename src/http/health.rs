@@ -38,11 +38,16 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
 }
 
 pub async fn health(State(state): State<AppState>) -> Response {
-    let report = health::compute(
+    let mut report = health::compute(
         &state.publisher.status().borrow(),
         &state.breaker.snapshot(),
         &state.outbox,
         state.settings.http.warn_backlog_age_seconds,
+    );
+    health::apply_tracking(
+        &mut report,
+        &state.tracking.health(),
+        state.tracking.warn_journal_age_seconds(),
     );
     let status = if report.status == HealthStatus::Fail {
         StatusCode::SERVICE_UNAVAILABLE

@@ -2,10 +2,15 @@
 //! problem+json fallbacks.
 //!
 //! Handlers never wait on the broker or a database: accepting a task waits
-//! only for the outbox's group commit.
+//! only for the outbox's group commit. Reads of tracked tasks
+//! (`GET /v1/tasks`, `GET /v1/tasks/{id}`) ask the tracking database with
+//! a bound, and not at all while it is known to be unreachable.
 
+pub mod admin;
 pub mod health;
+pub mod openapi;
 pub mod problem;
+pub mod status_page;
 pub mod tasks;
 
 use crate::broker::Publisher;
@@ -36,12 +41,14 @@ pub struct AppState {
     pub relay: Arc<Relay>,
     pub health: Arc<HealthMonitor>,
     pub metrics: PrometheusHandle,
+    /// Task tracking in SQL (rows, results, the tracking-queue consumer).
+    pub tracking: Arc<crate::tracking::Tracking>,
 }
 
 pub fn router(state: AppState) -> axum::Router {
     let max_body = state.settings.http.max_body_bytes;
     axum::Router::new()
-        .route("/v1/tasks", post(tasks::post_task))
+        .route("/v1/tasks", post(tasks::post_task).get(tasks::list_tasks))
         .route("/v1/tasks/batch", post(tasks::post_batch))
         .route("/v1/tasks/{id}", get(tasks::get_task))
         .route("/healthz", get(health::healthz))
@@ -49,6 +56,9 @@ pub fn router(state: AppState) -> axum::Router {
         .route("/v1/health", get(health::health))
         .route("/v1/health/stream", get(health::health_stream))
         .route("/metrics", get(health::metrics))
+        .route("/", get(status_page::status_page))
+        .merge(admin::routes(&state))
+        .route(openapi::PATH, get(openapi::openapi_json))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))

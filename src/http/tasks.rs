@@ -1,4 +1,5 @@
-//! Task routes: `POST /v1/tasks`, `POST /v1/tasks/batch`, `GET /v1/tasks/{id}`.
+//! Task routes: `POST /v1/tasks`, `POST /v1/tasks/batch`, `GET /v1/tasks/{id}`
+//! and `GET /v1/tasks` (the tracked tasks, paged).
 //!
 //! The body is read as bytes and decoded here (not by axum's `Json`), so
 //! that a syntax error is a 400, a type error a 422 naming the field, and
@@ -10,15 +11,16 @@ use super::AppState;
 use crate::outbox::{AcceptOutcome, Acceptance, OutboxError, TaskState};
 use crate::task::intake::{self, IntakeErrorKind};
 use crate::task::{TaskId, TaskRequest};
+use crate::tracking::store::{ListCursor, TaskFilter, MAX_PAGE};
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, State};
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
-use serde_json::json;
+use serde_json::{json, Value};
 
 const MAX_BATCH: usize = 1000;
 const IDEMPOTENCY_HEADER: &str = "idempotency-key";
@@ -217,12 +219,59 @@ pub async fn post_batch(
     }
 }
 
+/// `GET /v1/tasks/{id}`: the outbox's state, the tracking row and the
+/// Celery result, merged. `{id}` is a Celery task id or a tracking row's
+/// public id. A task known only from the tracking table (scheduled by a
+/// worker, or published long enough ago that the outbox forgot it) is
+/// answered from the row: it reached the broker, so it is `published`.
+/// The database is asked with a bound, and not at all while it is known
+/// to be unreachable; then the outbox's answer comes with `tracking_error`.
 pub async fn get_task(State(state): State<AppState>, Path(id): Path<String>) -> Response {
-    let Ok(id) = TaskId::parse(&id) else {
+    if id.is_empty() || id.len() > 255 {
         return Problem::not_found(format!("{id:?} is not a task id")).into_response();
+    }
+    let outbox_status = match TaskId::parse(&id) {
+        Ok(task_id) => match state.outbox.status(&task_id) {
+            Ok(status) => status,
+            Err(error) => return outbox_problem(error).into_response(),
+        },
+        Err(_) => None,
     };
-    match state.outbox.status(&id) {
-        Ok(Some(status)) => Json(json!({
+    let mut tracking_error: Option<String> = None;
+    let row = match state.tracking.find(&id).await {
+        Ok(row) => row,
+        Err(error) => {
+            tracking_error = Some(error.to_string());
+            None
+        }
+    };
+    // Asked by public id: the outbox knows the task by its Celery id.
+    let outbox_status = match (outbox_status, &row) {
+        (None, Some(row)) => match TaskId::parse(&row.task_id) {
+            Ok(task_id) => match state.outbox.status(&task_id) {
+                Ok(status) => status,
+                Err(error) => return outbox_problem(error).into_response(),
+            },
+            Err(_) => None,
+        },
+        (known, _) => known,
+    };
+    let task_id = outbox_status
+        .as_ref()
+        .map(|status| status.id.to_string())
+        .or_else(|| row.as_ref().map(|row| row.task_id.clone()));
+    let result = match (&task_id, &tracking_error) {
+        (Some(task_id), None) => match state.tracking.result(task_id).await {
+            Ok(result) => result,
+            Err(error) => {
+                tracking_error = Some(error.to_string());
+                None
+            }
+        },
+        _ => None,
+    };
+    let mut body = match (outbox_status, &row) {
+        (Some(status), _) => json!({
             "id": status.id.to_string(),
             "task": status.task,
             "state": match status.state {
@@ -236,10 +285,134 @@ pub async fn get_task(State(state): State<AppState>, Path(id): Path<String>) -> 
             "queues": status.queues,
             "accepted_at": status.accepted_at,
             "published_at": status.published_at,
-            "result": null,
+        }),
+        (None, Some(row)) => json!({
+            "id": row.task_id,
+            "task": row.task_type,
+            "state": "published",
+            "attempts": null,
+            "last_error": null,
+            "routing_key": row.options.get("routing_key").cloned().unwrap_or(Value::Null),
+            "queues": row.options.get("queues").cloned().unwrap_or(Value::Null),
+            "accepted_at": row.created_date,
+            "published_at": null,
+        }),
+        (None, None) => {
+            return match tracking_error {
+                Some(error) => Problem::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "tracking-unavailable",
+                    "Tracking database unavailable",
+                    format!(
+                        "the outbox does not know task {id}, and the tracking database could not be asked: {error}"
+                    ),
+                )
+                .retry_after(5)
+                .into_response(),
+                None => Problem::not_found(format!("no task with id {id} is known")).into_response(),
+            };
+        }
+    };
+    body["result"] = json!(result);
+    body["tracking"] = json!(row);
+    if let Some(error) = tracking_error {
+        body["tracking_error"] = json!(error);
+    }
+    Json(body).into_response()
+}
+
+/// Query of `GET /v1/tasks`. Empty values mean "not given", so a template
+/// like `?type=&creator_id=u1` filters by creator only.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    #[serde(rename = "type")]
+    task_type: Option<String>,
+    creator_id: Option<String>,
+    related_content_type: Option<String>,
+    related_object_id: Option<String>,
+    status: Option<String>,
+    parent_id: Option<String>,
+    root_id: Option<String>,
+    limit: Option<String>,
+    cursor: Option<String>,
+}
+
+const DEFAULT_PAGE: u32 = 50;
+
+fn given(value: Option<String>) -> Option<String> {
+    value.filter(|value| !value.is_empty())
+}
+
+/// `GET /v1/tasks`: tracked tasks, newest first, paged with an opaque
+/// `cursor` (`next_cursor` of the previous page), filtered by `type`,
+/// `creator_id`, `related_content_type`, `related_object_id`, `status`,
+/// `parent_id` and `root_id`.
+pub async fn list_tasks(State(state): State<AppState>, query: Result<Query<ListQuery>, QueryRejection>) -> Response {
+    let result = async {
+        let Query(query) = query.map_err(|rejection| {
+            Problem::new(
+                StatusCode::BAD_REQUEST,
+                "invalid-query",
+                "Invalid query",
+                rejection.body_text(),
+            )
+        })?;
+        let limit = match given(query.limit) {
+            None => DEFAULT_PAGE,
+            Some(text) => text
+                .parse::<u32>()
+                .ok()
+                .filter(|limit| (1..=MAX_PAGE).contains(limit))
+                .ok_or_else(|| {
+                    Problem::invalid_field(
+                        Some("limit".into()),
+                        format!("limit must be a whole number from 1 to {MAX_PAGE}, not {text:?}"),
+                    )
+                })?,
+        };
+        let cursor = match given(query.cursor) {
+            None => None,
+            Some(text) => Some(ListCursor::decode(&text).ok_or_else(|| {
+                Problem::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid-cursor",
+                    "Invalid cursor",
+                    "cursor must be the next_cursor of a previous page",
+                )
+                .with_field(Some("cursor".into()))
+            })?),
+        };
+        let filter = TaskFilter {
+            task_type: given(query.task_type),
+            creator_id: given(query.creator_id),
+            related_content_type: given(query.related_content_type),
+            related_object_id: given(query.related_object_id),
+            status: given(query.status),
+            parent_id: given(query.parent_id),
+            root_id: given(query.root_id),
+        };
+        let page = state
+            .tracking
+            .list(&filter, cursor.as_ref(), limit)
+            .await
+            .map_err(|error| {
+                Problem::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "tracking-unavailable",
+                    "Tracking database unavailable",
+                    error.to_string(),
+                )
+                .retry_after(5)
+            })?;
+        Ok::<_, Problem>(json!({
+            "tasks": page.tasks,
+            "next_cursor": page.next.as_ref().map(ListCursor::encode),
         }))
-        .into_response(),
-        Ok(None) => Problem::not_found(format!("no task with id {id} is known")).into_response(),
-        Err(error) => outbox_problem(error).into_response(),
+    }
+    .await;
+    match result {
+        Ok(body) => Json(body).into_response(),
+        Err(problem) => problem.into_response(),
     }
 }

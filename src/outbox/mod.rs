@@ -19,7 +19,8 @@
 //!    [`OutboxError::Full`]. Readers page through lanes (`head(limit)`), and
 //!    sled's page cache is capped, so memory does not grow with depth.
 //! 5. **All-or-nothing batches.** Every accept (one task or a batch, its
-//!    status records and its idempotency key) is one atomic storage batch.
+//!    status records, its tracking journal entries and its idempotency key)
+//!    is one atomic storage batch.
 //!
 //! # On-disk layout (one sled tree; big-endian integers so keys sort)
 //!
@@ -31,10 +32,13 @@
 //! | `i/{idempotency key}` | [`IdempotencyRecord`] (JSON), honoured for 24 h |
 //! | `p/{published at, ms:u64}{task id}` | empty: retention index of published statuses |
 //! | `m/sequence_reserved` | u64: sequences below it may be in use |
+//! | `j/{sequence:u64}` | accepted [`Task`] (JSON) not yet recorded in the tracking database ([`journal`]) |
 //!
 //! Lane names never contain `\0` (they are exchange or queue names).
 
 pub mod group_commit;
+pub mod journal;
+pub mod operations;
 pub mod storage;
 
 use crate::task::{QueueName, Task, TaskId, TaskName};
@@ -55,6 +59,7 @@ const DEAD: &[u8] = b"d/";
 const IDEMPOTENCY: &[u8] = b"i/";
 const PUBLISHED_INDEX: &[u8] = b"p/";
 const SEQUENCE_RESERVED: &[u8] = b"m/sequence_reserved";
+const JOURNAL: &[u8] = b"j/";
 /// Sequences are reserved in blocks so that a normal accept writes no
 /// metadata; a crash only leaves a gap.
 const SEQUENCE_BLOCK: u64 = 1 << 20;
@@ -277,6 +282,10 @@ pub struct Outbox {
     /// outbox drained below [`ROOM_AGAIN_FRACTION`] of its limit, so a load
     /// balancer does not flap on every confirmed task.
     refusing: AtomicBool,
+    /// Journal entries not yet recorded in the tracking database.
+    journal_depth: std::sync::atomic::AtomicU64,
+    /// Wakes the tracking writer after an accept.
+    new_journal: Notify,
 }
 
 /// Readiness returns once pending bytes fall below this share of the limit.
@@ -374,6 +383,8 @@ impl Outbox {
                 }
             }
         }
+        let (journal_depth, highest_journal_sequence) = journal::scan_depth(storage.as_ref())?;
+        highest_sequence = highest_sequence.max(highest_journal_sequence);
         let mut after: Option<Vec<u8>> = None;
         loop {
             let page = storage.scan(DEAD, after.as_deref(), 4096)?;
@@ -396,6 +407,8 @@ impl Outbox {
             settings,
             new_work: Notify::new(),
             refusing: AtomicBool::new(false),
+            journal_depth: std::sync::atomic::AtomicU64::new(journal_depth),
+            new_journal: Notify::new(),
         }))
     }
 
@@ -416,6 +429,7 @@ impl Outbox {
         self.committer.commit().await?;
         if matches!(outcome, AcceptOutcome::Accepted(_)) {
             self.new_work.notify_one();
+            self.new_journal.notify_one();
         }
         Ok(outcome)
     }
@@ -431,8 +445,11 @@ impl Outbox {
         let mut acceptances = Vec::with_capacity(tasks.len());
         let mut operations = Vec::with_capacity(tasks.len() * 2 + 2);
         let mut additions = Vec::with_capacity(tasks.len());
+        // One tracking journal entry per task, in this same atomic batch.
+        let mut journal_entries = Vec::with_capacity(tasks.len());
         for (task, lanes) in tasks {
             let encoded = serde_json::to_vec(task)?;
+            journal_entries.push(encoded.clone());
             let status = TaskStatus {
                 id: task.id,
                 task: task.task.clone(),
@@ -490,7 +507,8 @@ impl Outbox {
             }
         }
         let first = sequences.next;
-        let next = first + additions.len() as u64;
+        let first_journal = first + additions.len() as u64;
+        let next = first_journal + journal_entries.len() as u64;
         if next > sequences.reserved {
             let reserved = next + SEQUENCE_BLOCK;
             operations.push((SEQUENCE_RESERVED.to_vec(), Some(reserved.to_be_bytes().to_vec())));
@@ -499,8 +517,13 @@ impl Outbox {
         for (offset, (lane, _, encoded)) in additions.iter().enumerate() {
             operations.push((pending_key(lane, first + offset as u64), Some(encoded.clone())));
         }
+        let journaled = journal_entries.len() as u64;
+        for (offset, encoded) in journal_entries.into_iter().enumerate() {
+            operations.push((journal::journal_key(first_journal + offset as u64), Some(encoded)));
+        }
         self.storage.apply(operations)?;
         sequences.next = next;
+        self.journal_depth.fetch_add(journaled, Ordering::SeqCst);
         let mut counters = self.counters.lock().expect("counters poisoned");
         for (lane, task, encoded) in &additions {
             counters.add(lane, task, encoded.len() as u64);

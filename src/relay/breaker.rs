@@ -11,6 +11,10 @@
 //! transition into a `watch` channel that health, metrics and the status
 //! page read. Operators may force the breaker open or closed; a forced
 //! state overrides the state machine until released.
+//!
+//! The open interval failsafe draws is mirrored too (failsafe draws it just
+//! before it reports `on_open`), so the snapshot can say when the next
+//! probe is due.
 
 use crate::config::BreakerSettings;
 use backoff::backoff::Backoff;
@@ -19,13 +23,13 @@ use failsafe::failure_policy::{
     consecutive_failures, success_rate_over_time_window, ConsecutiveFailures, OrElse, SuccessRateOverTimeWindow,
 };
 use failsafe::{FailurePolicy, Instrument, StateMachine};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum BreakerState {
     Closed,
@@ -58,6 +62,9 @@ pub struct BreakerSnapshot {
     pub changed_at: DateTime<Utc>,
     /// How many times the breaker opened since start.
     pub opened_count: u64,
+    /// While automatically open: when the half-open probe becomes due (it
+    /// is sent with the next task, or at once on an operator's drain).
+    pub next_probe_at: Option<DateTime<Utc>>,
 }
 
 /// What the relay may do right now.
@@ -76,6 +83,8 @@ pub enum Permit {
 pub struct OpenInterval {
     backoff: backoff::ExponentialBackoff,
     max: Duration,
+    /// The interval drawn last, shared by every clone.
+    last_drawn: Arc<Mutex<Option<Duration>>>,
 }
 
 impl OpenInterval {
@@ -89,20 +98,27 @@ impl OpenInterval {
             max_elapsed_time: None,
             ..backoff::ExponentialBackoff::default()
         };
-        Self { backoff, max }
+        Self {
+            backoff,
+            max,
+            last_drawn: Arc::new(Mutex::new(None)),
+        }
     }
 }
 
 impl Iterator for OpenInterval {
     type Item = Duration;
     fn next(&mut self) -> Option<Duration> {
-        Some(self.backoff.next_backoff().unwrap_or(self.max).min(self.max))
+        let interval = self.backoff.next_backoff().unwrap_or(self.max).min(self.max);
+        *self.last_drawn.lock().expect("interval lock") = Some(interval);
+        Some(interval)
     }
 }
 
 #[derive(Clone)]
 struct Observer {
     sender: Arc<watch::Sender<BreakerSnapshot>>,
+    last_interval: Arc<Mutex<Option<Duration>>>,
 }
 
 impl Observer {
@@ -111,11 +127,17 @@ impl Observer {
             if snapshot.state == state {
                 return false;
             }
+            let now = Utc::now();
+            snapshot.next_probe_at = None;
             if state == BreakerState::Open {
                 snapshot.opened_count += 1;
+                let interval = *self.last_interval.lock().expect("interval lock");
+                snapshot.next_probe_at = interval
+                    .and_then(|interval| chrono::Duration::from_std(interval).ok())
+                    .map(|interval| now + interval);
             }
             snapshot.state = state;
-            snapshot.changed_at = Utc::now();
+            snapshot.changed_at = now;
             true
         });
         let value = match state {
@@ -166,6 +188,7 @@ impl Breaker {
             Duration::from_millis(settings.open_min_ms),
             Duration::from_millis(settings.open_max_ms),
         );
+        let last_drawn = interval.last_drawn.clone();
         let policy = consecutive_failures(settings.consecutive_failures, interval.clone()).or_else(
             success_rate_over_time_window(
                 settings.required_success_rate,
@@ -178,9 +201,11 @@ impl Breaker {
             state: BreakerState::Closed,
             changed_at: Utc::now(),
             opened_count: 0,
+            next_probe_at: None,
         });
         let observer = Observer {
             sender: Arc::new(sender),
+            last_interval: last_drawn,
         };
         let machine = StateMachine::new(policy, observer.clone());
         Self {
@@ -235,6 +260,11 @@ impl Breaker {
 
     pub fn on_failure(&self) {
         self.machine.on_error();
+        if self.snapshot().state == BreakerState::Open {
+            // A probe requested before the breaker opened (a reconnect while
+            // it was closed) is stale: it must not cut the open interval short.
+            self.probe_requested.store(false, Ordering::SeqCst);
+        }
     }
 
     pub fn force_open(&self) {
@@ -276,10 +306,17 @@ mod tests {
             breaker.on_failure();
         }
         assert_eq!(breaker.snapshot().state, BreakerState::Open);
+        let opened = breaker.snapshot();
+        let due = opened.next_probe_at.expect("an open breaker knows its next probe") - opened.changed_at;
+        assert!(
+            due >= chrono::Duration::milliseconds(35) && due <= chrono::Duration::milliseconds(200),
+            "{due:?}"
+        );
         assert_eq!(breaker.permit(), Permit::Denied);
         std::thread::sleep(Duration::from_millis(300));
         assert_eq!(breaker.permit(), Permit::Probe);
         assert_eq!(breaker.snapshot().state, BreakerState::HalfOpen);
+        assert_eq!(breaker.snapshot().next_probe_at, None);
         breaker.on_success(Permit::Probe);
         assert_eq!(breaker.snapshot().state, BreakerState::Closed);
         assert_eq!(breaker.permit(), Permit::Normal);
@@ -317,6 +354,21 @@ mod tests {
         let permit = breaker.permit();
         breaker.on_success(permit);
         assert_eq!(breaker.snapshot().state, BreakerState::Closed);
+    }
+
+    #[test]
+    fn a_probe_requested_while_closed_does_not_shorten_a_later_open_interval() {
+        let breaker = Breaker::new(&BreakerSettings {
+            open_min_ms: 60_000,
+            open_max_ms: 60_000,
+            ..fast()
+        });
+        breaker.request_probe();
+        assert_eq!(breaker.permit(), Permit::Normal);
+        for _ in 0..3 {
+            breaker.on_failure();
+        }
+        assert_eq!(breaker.permit(), Permit::Denied);
     }
 
     #[test]

@@ -11,13 +11,18 @@
 //! - While the breaker is open nothing is sent; tasks keep spooling.
 //! - Shutdown is observed only between rounds, so a round in flight
 //!   finishes (bounded by the publisher's own timeouts).
+//! - A round runs under the rounds lock; an operator action that removes
+//!   pending entries ([`Relay::hold_rounds`]) takes it first, so the relay
+//!   never completes an entry that was removed under it.
 
 pub mod breaker;
+pub mod meter;
 
 use crate::broker::{PublishError, Publisher};
 use crate::config::RelaySettings;
 use crate::outbox::{Outbox, PendingEntry};
 use breaker::{Breaker, Permit};
+use meter::{PublishMeter, PublishRate};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,6 +41,8 @@ pub struct Relay {
     settings: RelaySettings,
     paused: AtomicBool,
     wake: Notify,
+    rounds: tokio::sync::Mutex<()>,
+    published: PublishMeter,
 }
 
 enum RoundOutcome {
@@ -61,6 +68,8 @@ impl Relay {
             settings,
             paused: AtomicBool::new(false),
             wake: Notify::new(),
+            rounds: tokio::sync::Mutex::new(()),
+            published: PublishMeter::default(),
         })
     }
 
@@ -81,6 +90,17 @@ impl Relay {
         self.paused.load(Ordering::SeqCst)
     }
 
+    /// Confirmed publishes since start and the recent rate.
+    pub fn publish_rate(&self) -> PublishRate {
+        self.published.rate()
+    }
+
+    /// Waits for the round in flight (if any) and keeps the relay from
+    /// starting another until the guard is dropped.
+    pub async fn hold_rounds(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.rounds.lock().await
+    }
+
     /// Probes the broker now, even with the breaker open (operator drain).
     pub fn probe_now(&self) {
         self.breaker.request_probe();
@@ -95,7 +115,11 @@ impl Relay {
             if shutdown.is_cancelled() {
                 break;
             }
-            let wait = match self.round().await {
+            let outcome = {
+                let _round = self.rounds.lock().await;
+                self.round().await
+            };
+            let wait = match outcome {
                 RoundOutcome::Progress => continue,
                 RoundOutcome::Idle => IDLE_POLL,
                 RoundOutcome::Blocked => BLOCKED_POLL,
@@ -192,6 +216,7 @@ impl Relay {
             }
         }
         metrics::counter!("taskgate_published_total").increment(confirmed.len() as u64);
+        self.published.record(confirmed.len() as u64);
         self.outbox.complete(&confirmed)?;
         if let Some(error) = &first_error {
             self.outbox.record_failure(&failed, error)?;

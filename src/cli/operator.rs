@@ -1,0 +1,339 @@
+//! Operator commands: `send`, `health`, `outbox …`, `dead-letters …` and
+//! `breaker …`. They talk to the running server's API (address and admin
+//! token from the same configuration the server reads); `outbox` and
+//! `dead-letters` can also work `--offline` on a stopped server's data
+//! directory.
+//!
+//! Exit statuses: 0 success; 1 the operation failed (server unreachable,
+//! refused, bad input), with a message on stderr; `health` answers 0 pass,
+//! 1 warn, 2 fail (an unreachable server is a fail); `outbox drain` exits
+//! [`EXIT_DRAIN_TIMED_OUT`] when tasks were still waiting at `--timeout`.
+
+use super::admin_client::{AdminClient, ClientError, DEFAULT_REQUEST_TIMEOUT};
+use super::offline::OfflineError;
+use super::output::{self, print_json};
+use super::{dead_letters, outbox};
+use crate::config::Settings;
+use crate::http::admin::BreakerView;
+use crate::relay::breaker::BreakerState;
+use clap::{Args, Subcommand};
+use serde_json::{json, Map, Value};
+use std::process::ExitCode;
+use std::time::Duration;
+
+pub const EXIT_FAILED: u8 = 1;
+pub const EXIT_HEALTH_WARN: u8 = 1;
+pub const EXIT_HEALTH_FAIL: u8 = 2;
+pub const EXIT_DRAIN_TIMED_OUT: u8 = 3;
+
+/// How to reach the server; shared by every command that talks to it.
+#[derive(Debug, Clone, Args)]
+pub struct ServerArgs {
+    /// Base URL of the server [default: http://<http.listen> from the
+    /// configuration, loopback for 0.0.0.0].
+    #[arg(long, global = true, env = "TASKGATE_SERVER", value_name = "URL")]
+    pub server: Option<String>,
+
+    /// Seconds to wait for the server to answer (and for each read of a
+    /// streamed body).
+    #[arg(long, global = true, value_name = "SECONDS", default_value_t = DEFAULT_REQUEST_TIMEOUT.as_secs())]
+    pub request_timeout: u64,
+}
+
+impl ServerArgs {
+    pub fn client(&self, settings: &Settings) -> Result<AdminClient, ClientError> {
+        AdminClient::new(
+            settings,
+            self.server.as_deref(),
+            Duration::from_secs(self.request_timeout.max(1)),
+        )
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum OperatorCommand {
+    /// Enqueue one task through the running server (POST /v1/tasks).
+    Send(Box<SendArgs>),
+    /// The server's health; exits 0 for pass, 1 for warn, 2 for fail.
+    Health(HealthArgs),
+    /// Inspect and manage the outbox: stats, list, drain, export, import, purge.
+    Outbox(outbox::OutboxArgs),
+    /// Inspect, requeue and purge dead letters.
+    DeadLetters(dead_letters::DeadLetterArgs),
+    /// The circuit breaker: status, forced open or closed, release.
+    Breaker(BreakerArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SendArgs {
+    /// Celery task name, e.g. export.project.
+    pub task: String,
+    /// Positional arguments as a JSON array.
+    #[arg(long, value_name = "JSON", default_value = "[]")]
+    pub args: String,
+    /// Keyword arguments as a JSON object.
+    #[arg(long, value_name = "JSON", default_value = "{}")]
+    pub kwargs: String,
+    /// Task id (a UUID) instead of a generated one.
+    #[arg(long)]
+    pub id: Option<String>,
+    /// Routing key instead of the configured or default one.
+    #[arg(long)]
+    pub routing_key: Option<String>,
+    /// Seconds from now before a worker may run it.
+    #[arg(long)]
+    pub countdown: Option<f64>,
+    /// Message priority (the queue must support priorities to honour it).
+    #[arg(long)]
+    pub priority: Option<u8>,
+    /// Makes a retried `send` safe: the server answers a repeat with the first answer.
+    #[arg(long)]
+    pub idempotency_key: Option<String>,
+    /// Message property, repeatable: --property creator_id=u1.
+    #[arg(long = "property", value_name = "KEY=VALUE")]
+    pub properties: Vec<String>,
+    #[command(flatten)]
+    pub server: ServerArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct HealthArgs {
+    #[command(flatten)]
+    pub server: ServerArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct BreakerArgs {
+    #[command(subcommand)]
+    pub command: BreakerCommand,
+    #[command(flatten)]
+    pub server: ServerArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BreakerCommand {
+    /// State, since when, and when the next probe is due.
+    Status,
+    /// Force the breaker open: nothing is published, tasks spool (maintenance).
+    Open,
+    /// Force the breaker closed: failures no longer open it.
+    Close,
+    /// Back to automatic operation (starting closed).
+    Release,
+}
+
+/// Why an operator command failed; each maps to an exit status.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error(transparent)]
+    Offline(#[from] OfflineError),
+    #[error("{context}: {source}")]
+    Io { context: String, source: std::io::Error },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("aborted: nothing was {0}")]
+    Aborted(&'static str),
+    #[error("`{0}` needs the running server; --offline works for outbox stats, list, export and purge, and for dead-letters")]
+    NeedsServer(&'static str),
+    #[error("{message}")]
+    DrainTimedOut { message: String },
+}
+
+impl CommandError {
+    pub fn exit_code(&self) -> ExitCode {
+        match self {
+            Self::DrainTimedOut { .. } => ExitCode::from(EXIT_DRAIN_TIMED_OUT),
+            _ => ExitCode::from(EXIT_FAILED),
+        }
+    }
+
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        Self::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+/// Runs one operator command and reports its outcome as an exit status.
+pub fn run(settings: &Settings, json: bool, command: OperatorCommand) -> ExitCode {
+    let outcome = match command {
+        OperatorCommand::Send(args) => send(settings, json, &args),
+        OperatorCommand::Health(args) => return health(settings, json, &args),
+        OperatorCommand::Outbox(args) => outbox::run(settings, json, args),
+        OperatorCommand::DeadLetters(args) => dead_letters::run(settings, json, args),
+        OperatorCommand::Breaker(args) => breaker(settings, json, &args),
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("taskgate: {error}");
+            error.exit_code()
+        }
+    }
+}
+
+fn parse_json(flag: &str, text: &str) -> Result<Value, CommandError> {
+    serde_json::from_str(text).map_err(|error| CommandError::Invalid(format!("{flag} is not valid JSON: {error}")))
+}
+
+fn send(settings: &Settings, json: bool, args: &SendArgs) -> Result<(), CommandError> {
+    let positional = parse_json("--args", &args.args)?;
+    if !positional.is_array() {
+        return Err(CommandError::Invalid(format!(
+            "--args must be a JSON array, like '[\"org\", 1]', not {positional}"
+        )));
+    }
+    let keywords = parse_json("--kwargs", &args.kwargs)?;
+    if !keywords.is_object() {
+        return Err(CommandError::Invalid(format!(
+            "--kwargs must be a JSON object, like '{{\"output_type\": \"xls\"}}', not {keywords}"
+        )));
+    }
+    let mut properties = Map::new();
+    for property in &args.properties {
+        let (key, value) = property
+            .split_once('=')
+            .ok_or_else(|| CommandError::Invalid(format!("--property {property:?} is not KEY=VALUE")))?;
+        properties.insert(key.to_owned(), Value::String(value.to_owned()));
+    }
+    let mut body = json!({"task": args.task, "args": positional, "kwargs": keywords});
+    let optional = [
+        ("id", args.id.clone().map(Value::from)),
+        ("routing_key", args.routing_key.clone().map(Value::from)),
+        ("countdown", args.countdown.map(Value::from)),
+        ("priority", args.priority.map(Value::from)),
+    ];
+    for (key, value) in optional {
+        if let Some(value) = value {
+            body[key] = value;
+        }
+    }
+    if !properties.is_empty() {
+        body["properties"] = Value::Object(properties);
+    }
+    let client = args.server.client(settings)?;
+    let headers: Vec<(&str, &str)> = args
+        .idempotency_key
+        .as_deref()
+        .map(|key| vec![("idempotency-key", key)])
+        .unwrap_or_default();
+    let accepted: Value = client.post_json("/v1/tasks", &body, &headers)?;
+    if json {
+        print_json(&accepted);
+    } else {
+        let queues: Vec<&str> = accepted["queues"]
+            .as_array()
+            .map(|queues| queues.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        println!(
+            "accepted {} ({}, routing key {:?} -> {})",
+            accepted["id"].as_str().unwrap_or("?"),
+            accepted["task"].as_str().unwrap_or(&args.task),
+            accepted["routing_key"].as_str().unwrap_or(""),
+            queues.join(", ")
+        );
+    }
+    Ok(())
+}
+
+fn health(settings: &Settings, json: bool, args: &HealthArgs) -> ExitCode {
+    let answer = args
+        .server
+        .client(settings)
+        .and_then(|client| client.get_with_status("/v1/health"));
+    let report = match answer {
+        Ok((_, report)) => report,
+        Err(error) => {
+            // No answer is the worst health there is.
+            eprintln!("taskgate: {error}");
+            if json {
+                print_json(&json!({"status": "fail", "error": error.to_string()}));
+            }
+            return ExitCode::from(EXIT_HEALTH_FAIL);
+        }
+    };
+    let status = report["status"].as_str().unwrap_or("fail").to_owned();
+    if json {
+        print_json(&report);
+    } else {
+        println!(
+            "{status}: async work is {}",
+            if report["async_available"].as_bool() == Some(true) {
+                "available"
+            } else {
+                "unavailable (tasks spool in the outbox)"
+            }
+        );
+        let mut rows = Vec::new();
+        if let Some(checks) = report["checks"].as_object() {
+            for (name, list) in checks {
+                let check = &list[0];
+                let observed = match &check["observedValue"] {
+                    Value::String(text) => text.clone(),
+                    Value::Null => String::new(),
+                    other => other.to_string(),
+                };
+                let unit = check["observedUnit"].as_str().unwrap_or("");
+                rows.push(vec![
+                    name.clone(),
+                    check["status"].as_str().unwrap_or("?").to_owned(),
+                    format!("{observed} {unit}").trim().to_owned(),
+                    output::truncate(check["output"].as_str().unwrap_or(""), 60),
+                ]);
+            }
+        }
+        print!("{}", output::table(&["CHECK", "STATUS", "VALUE", "OUTPUT"], &rows));
+    }
+    match status.as_str() {
+        "pass" => ExitCode::SUCCESS,
+        "warn" => ExitCode::from(EXIT_HEALTH_WARN),
+        _ => ExitCode::from(EXIT_HEALTH_FAIL),
+    }
+}
+
+fn breaker(settings: &Settings, json: bool, args: &BreakerArgs) -> Result<(), CommandError> {
+    let client = args.server.client(settings)?;
+    let view: BreakerView = match args.command {
+        BreakerCommand::Status => client.get("/v1/breaker")?,
+        BreakerCommand::Open => client.post("/v1/breaker/open")?,
+        BreakerCommand::Close => client.post("/v1/breaker/close")?,
+        BreakerCommand::Release => client.post("/v1/breaker/release")?,
+    };
+    if json {
+        print_json(&view);
+        return Ok(());
+    }
+    println!("{}", describe_breaker(&view));
+    match view.state {
+        BreakerState::ForcedOpen => {
+            println!("nothing is published until `taskgate breaker release` (or `close`)")
+        }
+        BreakerState::ForcedClosed => println!("failures do not open it until `taskgate breaker release`"),
+        _ => {}
+    }
+    Ok(())
+}
+
+/// One line: state, since when, how often it opened, next probe.
+pub fn describe_breaker(view: &BreakerView) -> String {
+    let now = chrono::Utc::now();
+    let mut text = format!(
+        "breaker {} since {} (opened {} times since start)",
+        view.state.as_str(),
+        view.changed_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        view.opened_count
+    );
+    if view.state == BreakerState::Open {
+        match view.next_probe_at {
+            Some(at) if at > now => text.push_str(&format!(
+                "; next probe in {:.1} s",
+                (at - now).num_milliseconds() as f64 / 1000.0
+            )),
+            _ => text.push_str("; next probe with the next task (or `taskgate outbox drain`)"),
+        }
+    }
+    text
+}

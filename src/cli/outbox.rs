@@ -1,0 +1,638 @@
+//! `taskgate outbox stats|list|drain|export|import|purge|pause|resume`.
+//!
+//! Online, each goes through the admin API; `--offline` opens a stopped
+//! server's data directory for stats, list, export and purge. Exports are
+//! written to a temporary file renamed into place only when complete, so a
+//! failed export never leaves a file that looks whole. Imports are sent in
+//! chunks (bounded memory on both sides) and are idempotent by task id, so
+//! a failed import can simply be run again.
+
+use super::admin_client::{AdminClient, ClientError};
+use super::offline::OfflineOutbox;
+use super::operator::{describe_breaker, CommandError, ServerArgs};
+use super::output::{self, print_json};
+use crate::config::Settings;
+use crate::http::admin::{
+    import_body_limit, BreakerView, DrainStarted, Purged, RelayPause, TaskPage, DEPTH_HEADER, MAX_PAGE,
+};
+use crate::http::status_page::duration_text;
+use crate::outbox::operations::{ImportOutcome, OutboxRecord, OutboxReport, PendingCursor};
+use clap::{Args, Subcommand};
+use serde_json::json;
+use std::fs::File;
+use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Pending tasks read per offline page.
+const OFFLINE_PAGE: usize = 512;
+/// Import chunks: at most this many lines...
+const IMPORT_CHUNK_LINES: usize = 2000;
+/// ...and about this many bytes (a single larger line goes alone).
+const IMPORT_CHUNK_BYTES: usize = 4 << 20;
+/// How often `drain` looks at the outbox, and asks again for a probe while
+/// nothing moves.
+const DRAIN_POLL: Duration = Duration::from_millis(250);
+const DRAIN_REPROBE: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Args)]
+pub struct OutboxArgs {
+    #[command(subcommand)]
+    pub command: OutboxCommand,
+    /// Open the data directory directly instead of asking the server
+    /// (server stopped; stats, list, export and purge).
+    #[arg(long, global = true)]
+    pub offline: bool,
+    #[command(flatten)]
+    pub server: ServerArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum OutboxCommand {
+    /// Depth, bytes, oldest age, dead letters, per-queue figures.
+    Stats,
+    /// Pending tasks, lane by lane in publish order.
+    List {
+        /// Show at most this many tasks.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// Probe the broker now (even with the breaker open) and wait until the
+    /// outbox is empty; exits 3 if tasks still wait at --timeout.
+    Drain {
+        /// Seconds to wait for the outbox to empty.
+        #[arg(long, value_name = "SECONDS", default_value_t = 300)]
+        timeout: u64,
+    },
+    /// Write every pending task as NDJSON (one task per line).
+    Export {
+        /// Output file [default: standard output].
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
+    /// Accept the tasks of an export into the running server; tasks whose
+    /// id it already knows are skipped, so importing twice is harmless.
+    Import {
+        /// An NDJSON export (`-` for standard input).
+        file: PathBuf,
+    },
+    /// Delete every pending task. Asks first unless --yes.
+    Purge {
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Stop publishing; tasks keep being accepted and spool.
+    Pause,
+    /// Publish again after a pause.
+    Resume,
+}
+
+impl OutboxCommand {
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Stats => "outbox stats",
+            Self::List { .. } => "outbox list",
+            Self::Drain { .. } => "outbox drain",
+            Self::Export { .. } => "outbox export",
+            Self::Import { .. } => "outbox import",
+            Self::Purge { .. } => "outbox purge",
+            Self::Pause => "outbox pause",
+            Self::Resume => "outbox resume",
+        }
+    }
+}
+
+pub fn run(settings: &Settings, json: bool, args: OutboxArgs) -> Result<(), CommandError> {
+    if args.offline {
+        let offline = match &args.command {
+            OutboxCommand::Stats
+            | OutboxCommand::List { .. }
+            | OutboxCommand::Export { .. }
+            | OutboxCommand::Purge { .. } => OfflineOutbox::open(settings)?,
+            other => return Err(CommandError::NeedsServer(other.name())),
+        };
+        return match args.command {
+            OutboxCommand::Stats => {
+                let report = offline
+                    .outbox()
+                    .report(false)
+                    .map_err(super::offline::OfflineError::from)?;
+                print_stats(&report, json, true);
+                Ok(())
+            }
+            OutboxCommand::List { limit } => {
+                let records = collect_records(limit, |cursor, page| {
+                    let page = offline
+                        .outbox()
+                        .list_pending(cursor.as_ref(), page)
+                        .map_err(super::offline::OfflineError::from)?;
+                    Ok((page.records, page.next))
+                })?;
+                print_records(&records, limit, json);
+                Ok(())
+            }
+            OutboxCommand::Export { out } => export_offline(&offline, out.as_deref(), json),
+            OutboxCommand::Purge { yes } => {
+                let depth = offline.outbox().depth();
+                let question = format!(
+                    "Delete all {depth} pending tasks from the outbox at {}? They will never be published.",
+                    settings.outbox.path.display()
+                );
+                // Nothing to lose, nothing to ask.
+                if depth > 0 && !output::confirm(&question, yes) {
+                    return Err(CommandError::Aborted("purged"));
+                }
+                let purged = offline
+                    .outbox()
+                    .purge_pending()
+                    .map_err(super::offline::OfflineError::from)?;
+                offline.flush()?;
+                print_purged(purged, json);
+                Ok(())
+            }
+            _ => unreachable!("refused above"),
+        };
+    }
+    let client = args.server.client(settings)?;
+    match args.command {
+        OutboxCommand::Stats => {
+            let report: OutboxReport = client.get("/v1/outbox")?;
+            print_stats(&report, json, false);
+            Ok(())
+        }
+        OutboxCommand::List { limit } => {
+            let records = collect_records(limit, |cursor, page| {
+                let mut path = format!("/v1/outbox/tasks?limit={page}");
+                if let Some(cursor) = cursor {
+                    path.push_str(&format!("&cursor={}", cursor.encode()));
+                }
+                let page: TaskPage = client.get(&path)?;
+                let next = page
+                    .next_cursor
+                    .as_deref()
+                    .map(PendingCursor::decode)
+                    .transpose()
+                    .map_err(|error| CommandError::Invalid(error.to_string()))?;
+                Ok((page.tasks, next))
+            })?;
+            print_records(&records, limit, json);
+            Ok(())
+        }
+        OutboxCommand::Drain { timeout } => drain(&client, Duration::from_secs(timeout), json),
+        OutboxCommand::Export { out } => export_online(&client, out.as_deref(), json),
+        OutboxCommand::Import { file } => import(&client, settings, &file, json),
+        OutboxCommand::Purge { yes } => {
+            let report: OutboxReport = client.get("/v1/outbox")?;
+            let question = format!(
+                "Delete all {} pending tasks from the outbox of {}? They will never be published.",
+                report.depth,
+                client.base_url()
+            );
+            if report.depth > 0 && !output::confirm(&question, yes) {
+                return Err(CommandError::Aborted("purged"));
+            }
+            let purged: Purged = client.delete("/v1/outbox/tasks")?;
+            print_purged(purged.purged, json);
+            Ok(())
+        }
+        OutboxCommand::Pause => pause_or_resume(&client, "/v1/outbox/pause", json),
+        OutboxCommand::Resume => pause_or_resume(&client, "/v1/outbox/resume", json),
+    }
+}
+
+fn print_stats(report: &OutboxReport, json: bool, offline: bool) {
+    if json {
+        print_json(report);
+        return;
+    }
+    let oldest = report.oldest_age_seconds.map_or_else(|| "-".to_owned(), duration_text);
+    println!(
+        "outbox: {} tasks, {} of {} bytes, oldest {oldest}",
+        report.depth, report.bytes, report.max_bytes
+    );
+    if offline {
+        println!("relay: not running (offline)");
+    } else {
+        println!("relay: {}", if report.paused { "paused" } else { "running" });
+    }
+    println!("dead letters: {}", report.dead_letters);
+    if !report.queues.is_empty() {
+        let rows: Vec<Vec<String>> = report
+            .queues
+            .iter()
+            .map(|(name, queue)| {
+                vec![
+                    name.clone(),
+                    queue.depth.to_string(),
+                    queue.oldest_age_seconds.map_or_else(|| "-".to_owned(), duration_text),
+                ]
+            })
+            .collect();
+        print!("{}", output::table(&["QUEUE", "WAITING", "OLDEST"], &rows));
+    }
+}
+
+/// Pages through records until `limit` or the end.
+fn collect_records(
+    limit: usize,
+    mut fetch: impl FnMut(Option<PendingCursor>, usize) -> Result<(Vec<OutboxRecord>, Option<PendingCursor>), CommandError>,
+) -> Result<Vec<OutboxRecord>, CommandError> {
+    let mut records = Vec::new();
+    let mut cursor = None;
+    while records.len() < limit {
+        let page = (limit - records.len()).min(MAX_PAGE);
+        let (mut batch, next) = fetch(cursor, page)?;
+        batch.truncate(limit - records.len());
+        records.append(&mut batch);
+        match next {
+            Some(next) => cursor = Some(next),
+            None => break,
+        }
+    }
+    Ok(records)
+}
+
+fn print_records(records: &[OutboxRecord], limit: usize, json: bool) {
+    if json {
+        print_json(&records);
+        return;
+    }
+    if records.is_empty() {
+        println!("the outbox is empty");
+        return;
+    }
+    let now = chrono::Utc::now();
+    let rows: Vec<Vec<String>> = records
+        .iter()
+        .map(|record| {
+            let task = &record.task;
+            vec![
+                task.id.to_string(),
+                task.task.to_string(),
+                task.queues.iter().map(|q| q.as_str()).collect::<Vec<_>>().join(","),
+                duration_text((now - task.accepted_at).num_milliseconds() as f64 / 1000.0),
+                record.attempts.to_string(),
+                output::truncate(record.last_error.as_deref().unwrap_or(""), 60),
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        output::table(&["ID", "TASK", "QUEUES", "AGE", "ATTEMPTS", "LAST ERROR"], &rows)
+    );
+    if records.len() == limit {
+        println!("(the first {limit} shown; `--limit N` shows more, `outbox stats` counts them all)");
+    }
+}
+
+fn print_purged(purged: u64, json: bool) {
+    if json {
+        print_json(&json!({"purged": purged}));
+    } else {
+        println!("purged {purged} pending tasks");
+    }
+}
+
+fn pause_or_resume(client: &AdminClient, path: &str, json: bool) -> Result<(), CommandError> {
+    let state: RelayPause = client.post(path)?;
+    if json {
+        print_json(&state);
+    } else if state.paused {
+        println!("relay paused: tasks are accepted and spool until `taskgate outbox resume`");
+    } else {
+        println!("relay running");
+    }
+    Ok(())
+}
+
+fn drain(client: &AdminClient, timeout: Duration, json: bool) -> Result<(), CommandError> {
+    let started = Instant::now();
+    let first: DrainStarted = client.post("/v1/outbox/drain")?;
+    let bar = output::progress_bar(first.depth, "tasks", json);
+    bar.set_message(format!("breaker {}", first.breaker.as_str()));
+    let mut highest = first.depth;
+    let mut last_depth = first.depth;
+    let mut last_progress = Instant::now();
+    let mut drained = 0u64;
+    let report = loop {
+        let report: OutboxReport = client.get("/v1/outbox")?;
+        if report.depth < last_depth {
+            drained += last_depth - report.depth;
+            last_progress = Instant::now();
+        }
+        last_depth = report.depth;
+        // New tasks may arrive while draining: the goal moves with them.
+        highest = highest.max(drained + report.depth);
+        bar.set_length(highest);
+        bar.set_position(drained);
+        if report.depth == 0 {
+            break report;
+        }
+        if started.elapsed() >= timeout {
+            bar.abandon();
+            let breaker: Result<BreakerView, ClientError> = client.get("/v1/breaker");
+            let why = breaker.map_or_else(|_| "breaker state unknown".to_owned(), |view| describe_breaker(&view));
+            if json {
+                print_json(&json!({
+                    "drained": false, "depth": report.depth, "published": drained,
+                    "elapsed_seconds": started.elapsed().as_secs_f64(),
+                }));
+            }
+            return Err(CommandError::DrainTimedOut {
+                message: format!(
+                    "drain timed out after {} s with {} tasks still waiting ({why})",
+                    timeout.as_secs(),
+                    report.depth
+                ),
+            });
+        }
+        if last_progress.elapsed() >= DRAIN_REPROBE {
+            // Nothing moved: the probe failed and the breaker reopened.
+            // Ask again rather than wait out the open interval.
+            let again: DrainStarted = client.post("/v1/outbox/drain")?;
+            bar.set_message(format!("breaker {}, probing again", again.breaker.as_str()));
+            last_progress = Instant::now();
+        }
+        std::thread::sleep(DRAIN_POLL);
+    };
+    bar.finish_and_clear();
+    let elapsed = started.elapsed().as_secs_f64();
+    if json {
+        print_json(&json!({
+            "drained": true, "depth": report.depth, "published": drained, "elapsed_seconds": elapsed,
+        }));
+    } else {
+        println!("outbox drained: {drained} tasks published in {elapsed:.1} s");
+    }
+    Ok(())
+}
+
+/// Where an export goes: a file (written aside, renamed when complete) or
+/// standard output.
+enum ExportSink {
+    File {
+        partial: PathBuf,
+        target: PathBuf,
+        writer: BufWriter<File>,
+    },
+    Stdout(std::io::StdoutLock<'static>),
+}
+
+impl ExportSink {
+    fn open(out: Option<&Path>) -> Result<Self, CommandError> {
+        let Some(target) = out else {
+            return Ok(Self::Stdout(std::io::stdout().lock()));
+        };
+        let mut name = target.file_name().unwrap_or_default().to_os_string();
+        name.push(".partial");
+        let partial = target.with_file_name(name);
+        let file = File::create(&partial)
+            .map_err(|error| CommandError::io(format!("cannot create {}", partial.display()), error))?;
+        Ok(Self::File {
+            partial,
+            target: target.to_owned(),
+            writer: BufWriter::new(file),
+        })
+    }
+
+    fn writer(&mut self) -> &mut dyn Write {
+        match self {
+            Self::File { writer, .. } => writer,
+            Self::Stdout(stdout) => stdout,
+        }
+    }
+
+    fn write_line(&mut self, line: &[u8]) -> Result<(), CommandError> {
+        let writer = self.writer();
+        writer
+            .write_all(line)
+            .and_then(|_| {
+                if line.ends_with(b"\n") {
+                    Ok(())
+                } else {
+                    writer.write_all(b"\n")
+                }
+            })
+            .map_err(|error| CommandError::io("cannot write the export", error))
+    }
+
+    /// Makes the export durable and visible under its name.
+    fn finish(self) -> Result<Option<PathBuf>, CommandError> {
+        match self {
+            Self::File {
+                partial,
+                target,
+                writer,
+            } => {
+                let file = writer
+                    .into_inner()
+                    .map_err(|error| CommandError::io("cannot write the export", error.into_error()))?;
+                file.sync_all()
+                    .map_err(|error| CommandError::io("cannot sync the export", error))?;
+                std::fs::rename(&partial, &target)
+                    .map_err(|error| CommandError::io(format!("cannot rename to {}", target.display()), error))?;
+                Ok(Some(target))
+            }
+            Self::Stdout(mut stdout) => {
+                stdout
+                    .flush()
+                    .map_err(|error| CommandError::io("cannot write the export", error))?;
+                Ok(None)
+            }
+        }
+    }
+
+    fn abandon(self) {
+        if let Self::File { partial, .. } = self {
+            let _ = std::fs::remove_file(partial);
+        }
+    }
+}
+
+fn report_export(count: u64, path: Option<PathBuf>, json: bool) {
+    match (&path, json) {
+        (_, true) => print_json(&json!({"exported": count, "path": path})),
+        (Some(path), false) => println!("exported {count} tasks to {}", path.display()),
+        // The NDJSON went to stdout: keep the summary out of it.
+        (None, false) => eprintln!("exported {count} tasks"),
+    }
+}
+
+fn export_online(client: &AdminClient, out: Option<&Path>, json: bool) -> Result<(), CommandError> {
+    const PATH: &str = "/v1/outbox/export";
+    let response = client.get_stream(PATH)?;
+    let total = response
+        .headers()
+        .get(DEPTH_HEADER)
+        .and_then(|value| value.to_str().ok()?.parse().ok())
+        .unwrap_or(0);
+    let mut sink = ExportSink::open(out)?;
+    let bar = output::progress_bar(total, "tasks", json || out.is_none());
+    let mut reader = BufReader::new(response);
+    let mut line = Vec::new();
+    let mut count = 0u64;
+    loop {
+        line.clear();
+        match reader.read_until(b'\n', &mut line) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(error) => {
+                bar.abandon();
+                sink.abandon();
+                return Err(client.stream_error(PATH, error).into());
+            }
+        }
+        if !line.ends_with(b"\n") {
+            // Every line the server sends ends with a newline: this one was cut.
+            sink.abandon();
+            return Err(CommandError::Client(ClientError::Decode {
+                url: format!("{}{PATH}", client.base_url()),
+                reason: "the export ended in the middle of a line".into(),
+            }));
+        }
+        if let Err(error) = sink.write_line(&line) {
+            sink.abandon();
+            return Err(error);
+        }
+        count += 1;
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let path = sink.finish()?;
+    report_export(count, path, json);
+    Ok(())
+}
+
+fn export_offline(offline: &OfflineOutbox, out: Option<&Path>, json: bool) -> Result<(), CommandError> {
+    let outbox = offline.outbox();
+    let mut sink = ExportSink::open(out)?;
+    let bar = output::progress_bar(outbox.depth(), "tasks", json || out.is_none());
+    let mut cursor = None;
+    let mut count = 0u64;
+    let result = (|| loop {
+        let page = outbox
+            .export_page(cursor.as_ref(), OFFLINE_PAGE)
+            .map_err(super::offline::OfflineError::from)?;
+        for record in &page.records {
+            let line = serde_json::to_vec(record).expect("records serialize");
+            sink.write_line(&line)?;
+            count += 1;
+            bar.inc(1);
+        }
+        match page.next {
+            Some(next) => cursor = Some(next),
+            None => return Ok::<_, CommandError>(()),
+        }
+    })();
+    if let Err(error) = result {
+        bar.abandon();
+        sink.abandon();
+        return Err(error);
+    }
+    bar.finish_and_clear();
+    let path = sink.finish()?;
+    report_export(count, path, json);
+    Ok(())
+}
+
+fn import(client: &AdminClient, settings: &Settings, file: &Path, json: bool) -> Result<(), CommandError> {
+    let (reader, size): (Box<dyn BufRead>, u64) = if file == Path::new("-") {
+        (Box::new(BufReader::new(std::io::stdin())), 0)
+    } else {
+        let opened =
+            File::open(file).map_err(|error| CommandError::io(format!("cannot read {}", file.display()), error))?;
+        let size = opened.metadata().map(|meta| meta.len()).unwrap_or(0);
+        (Box::new(BufReader::new(opened)), size)
+    };
+    // Chunks stay well inside what the server takes in one request.
+    let chunk_bytes = IMPORT_CHUNK_BYTES.min(import_body_limit(settings.http.max_body_bytes) / 2);
+    let bar = output::byte_progress_bar(size, json);
+    let mut total = ImportOutcome::default();
+    let mut chunk = Vec::new();
+    let mut chunk_lines = 0usize;
+    let mut chunk_first_line = 1usize;
+    let mut line_number = 0usize;
+    let send = |chunk: &mut Vec<u8>, first_line: usize, total: &mut ImportOutcome| -> Result<(), CommandError> {
+        let outcome: ImportOutcome = client
+            .post_ndjson("/v1/outbox/import", std::mem::take(chunk))
+            .map_err(|error| locate_import_error(error, file, first_line))?;
+        total.imported += outcome.imported;
+        total.skipped += outcome.skipped;
+        Ok(())
+    };
+    for line in reader.split(b'\n') {
+        let mut line = line.map_err(|error| CommandError::io(format!("cannot read {}", file.display()), error))?;
+        line_number += 1;
+        bar.inc(line.len() as u64 + 1);
+        if line.iter().all(u8::is_ascii_whitespace) {
+            // Blank lines still count, so line numbers match the file.
+            chunk.push(b'\n');
+            chunk_lines += 1;
+            continue;
+        }
+        if chunk_lines > 0 && (chunk_lines >= IMPORT_CHUNK_LINES || chunk.len() + line.len() >= chunk_bytes) {
+            if let Err(error) = send(&mut chunk, chunk_first_line, &mut total) {
+                bar.abandon();
+                return Err(with_progress(error, &total));
+            }
+            chunk_lines = 0;
+            chunk_first_line = line_number;
+        }
+        line.push(b'\n');
+        chunk.extend_from_slice(&line);
+        chunk_lines += 1;
+    }
+    if chunk.iter().any(|byte| !byte.is_ascii_whitespace()) {
+        if let Err(error) = send(&mut chunk, chunk_first_line, &mut total) {
+            bar.abandon();
+            return Err(with_progress(error, &total));
+        }
+    }
+    bar.finish_and_clear();
+    if json {
+        print_json(&total);
+    } else {
+        println!(
+            "imported {} tasks into {} ({} skipped: already known there)",
+            total.imported,
+            client.base_url(),
+            total.skipped
+        );
+    }
+    Ok(())
+}
+
+/// The server numbers lines within one chunk; say where in the file.
+fn locate_import_error(error: ClientError, file: &Path, first_line: usize) -> CommandError {
+    let ClientError::Problem(answer) = error else {
+        return CommandError::Client(error);
+    };
+    let Some(in_chunk) = answer
+        .field
+        .as_deref()
+        .and_then(|field| field.strip_prefix("line "))
+        .and_then(|number| number.parse::<usize>().ok())
+    else {
+        return CommandError::Client(ClientError::Problem(answer));
+    };
+    let line = first_line + in_chunk.max(1) - 1;
+    let prefix = format!("line {in_chunk}: ");
+    let detail = answer.detail.strip_prefix(&prefix).unwrap_or(&answer.detail);
+    CommandError::Invalid(format!(
+        "{}:{line}: {detail} (HTTP {}; nothing from this chunk was imported)",
+        file.display(),
+        answer.status
+    ))
+}
+
+fn with_progress(error: CommandError, total: &ImportOutcome) -> CommandError {
+    if total.imported + total.skipped == 0 {
+        return error;
+    }
+    CommandError::Invalid(format!(
+        "{error}\n{} tasks were imported before this ({} skipped); import is idempotent by task id, \
+         so run it again once the problem is fixed",
+        total.imported, total.skipped
+    ))
+}

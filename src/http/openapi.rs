@@ -1,0 +1,1024 @@
+//! The OpenAPI 3.1 description of the HTTP API, served at `GET /openapi.json`.
+//!
+//! Built from code with utoipa: request bodies are schemas derived from the
+//! types the handlers decode ([`TaskRequest`]); response bodies, which the
+//! handlers build with `json!`, are described by the mirror types below; the
+//! operations are assembled with utoipa's builders here, so that the route
+//! files carry no documentation macros.
+//!
+//! Invariants, enforced by `tests/openapi.rs`: every `.route("…")`
+//! registered under `src/http/` is documented here with the same methods and
+//! nothing else is; each mirror type has exactly the fields of the live
+//! response it describes.
+
+use crate::task::TaskRequest;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use std::collections::BTreeMap;
+use std::sync::OnceLock;
+use utoipa::openapi::path::{HttpMethod, OperationBuilder, ParameterBuilder, ParameterIn, PathItem};
+use utoipa::openapi::request_body::RequestBodyBuilder;
+use utoipa::openapi::schema::{ObjectBuilder, Ref, Schema, SchemaFormat, SchemaType, Type};
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme};
+use utoipa::openapi::tag::TagBuilder;
+use utoipa::openapi::RefOr;
+use utoipa::openapi::{
+    ComponentsBuilder, ContentBuilder, HeaderBuilder, InfoBuilder, OpenApi, OpenApiBuilder, PathsBuilder, Required,
+    ResponseBuilder,
+};
+use utoipa::{PartialSchema, ToSchema};
+
+pub const PATH: &str = "/openapi.json";
+const JSON: &str = "application/json";
+const PROBLEM_JSON: &str = "application/problem+json";
+const HEALTH_JSON: &str = "application/health+json";
+
+// The mirror types below are never constructed: they exist for their
+// derived schemas, and serde's attributes give the wire names.
+
+/// `POST /v1/tasks/batch`: all tasks are accepted together or none is.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct BatchRequest {
+    #[schema(min_items = 1, max_items = 1000)]
+    tasks: Vec<TaskRequest>,
+}
+
+/// A task made durable in the outbox; it will be published to `queues`.
+#[derive(serde::Serialize, ToSchema)]
+#[allow(dead_code)]
+pub struct AcceptedTask {
+    #[schema(format = "uuid")]
+    id: String,
+    task: String,
+    #[schema(inline)]
+    status: AcceptedStatus,
+    /// The routing key the task is published with.
+    routing_key: String,
+    /// Every queue whose binding matches the routing key.
+    queues: Vec<String>,
+}
+
+#[derive(serde::Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+#[allow(dead_code)]
+pub enum AcceptedStatus {
+    Accepted,
+}
+
+/// `POST /v1/tasks/batch` response, in request order.
+#[derive(serde::Serialize, ToSchema)]
+#[allow(dead_code)]
+pub struct AcceptedBatch {
+    tasks: Vec<AcceptedTask>,
+}
+
+/// What taskgate knows about one task.
+#[derive(serde::Serialize, ToSchema)]
+#[allow(dead_code)]
+pub struct TaskStatus {
+    #[schema(format = "uuid")]
+    id: String,
+    task: String,
+    #[schema(inline)]
+    state: TaskState,
+    /// Publish attempts so far; null for a task known only from tracking
+    /// (one a worker scheduled, or one published long ago).
+    attempts: Option<u32>,
+    /// Why the last attempt failed, or why the task was dead-lettered.
+    last_error: Option<String>,
+    routing_key: Option<String>,
+    queues: Option<Vec<String>>,
+    accepted_at: chrono::DateTime<chrono::Utc>,
+    published_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// Celery's result (`status`, `result`, `date_done`, `traceback`), once a
+    /// worker stored one in `celery_taskmeta`.
+    result: Option<serde_json::Value>,
+    /// The task's `background_tasks` row (see `GET /v1/tasks`), once recorded.
+    tracking: Option<serde_json::Value>,
+    /// Why the tracking database could not be asked; the rest of the answer
+    /// comes from the outbox alone.
+    #[schema(required = false)]
+    tracking_error: Option<String>,
+}
+
+/// `queued`: in the outbox; `published`: confirmed by the broker;
+/// `dead_letter`: failed permanently, see `last_error`.
+#[derive(serde::Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+#[allow(dead_code)]
+pub enum TaskState {
+    Queued,
+    Published,
+    DeadLetter,
+}
+
+/// RFC 9457 problem details: every 4xx and 5xx body.
+#[derive(serde::Serialize, ToSchema)]
+#[allow(dead_code)]
+pub struct Problem {
+    /// A stable URN, `urn:taskgate:problem:<slug>`.
+    #[serde(rename = "type")]
+    kind: String,
+    title: String,
+    status: u16,
+    /// What went wrong, in words a person can act on.
+    detail: String,
+    /// The request field concerned, as a path (`kwargs.output_type`, `tasks[2].args`).
+    #[schema(required = false)]
+    field: Option<String>,
+    #[schema(required = false, inline)]
+    errors: Vec<FieldError>,
+}
+
+#[derive(serde::Serialize, ToSchema)]
+#[allow(dead_code)]
+pub struct FieldError {
+    field: String,
+    message: String,
+}
+
+/// `application/health+json` (draft-inadarei-api-health-check).
+#[derive(serde::Serialize, ToSchema)]
+#[allow(dead_code)]
+pub struct Health {
+    /// `pass`: broker connected, breaker closed; `warn`: spooling, still
+    /// accepting; `fail` (HTTP 503): cannot accept.
+    #[schema(inline)]
+    status: HealthStatus,
+    /// Whether work that needs a live broker is available now: what a UI
+    /// reads to grey out asynchronous features.
+    async_available: bool,
+    version: String,
+    #[serde(rename = "releaseId")]
+    release_id: String,
+    description: String,
+    /// `broker:connection`, `breaker:state`, `outbox:depth`,
+    /// `outbox:oldestAge`, ...: arrays of check results.
+    checks: BTreeMap<String, Vec<serde_json::Value>>,
+}
+
+#[derive(serde::Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+#[allow(dead_code)]
+pub enum HealthStatus {
+    Pass,
+    Warn,
+    Fail,
+}
+
+/// `GET /healthz` and `GET /readyz` bodies.
+#[derive(serde::Serialize, ToSchema)]
+#[allow(dead_code)]
+pub struct Probe {
+    /// `pass` (liveness), `ready` or `not ready` (readiness).
+    status: String,
+    /// Why the gateway is not ready.
+    #[schema(required = false)]
+    reason: Option<String>,
+}
+
+fn schema_ref(name: &str) -> Ref {
+    Ref::from_schema_name(name)
+}
+
+fn content(schema: &str) -> utoipa::openapi::Content {
+    ContentBuilder::new().schema(Some(schema_ref(schema))).build()
+}
+
+fn text_content() -> utoipa::openapi::Content {
+    ContentBuilder::new()
+        .schema(Some(Schema::Object(
+            ObjectBuilder::new().schema_type(Type::String).build(),
+        )))
+        .build()
+}
+
+fn json_response(description: &str, schema: &str) -> utoipa::openapi::Response {
+    ResponseBuilder::new()
+        .description(description)
+        .content(JSON, content(schema))
+        .build()
+}
+
+fn problem(description: &str) -> utoipa::openapi::Response {
+    ResponseBuilder::new()
+        .description(description)
+        .content(PROBLEM_JSON, content("Problem"))
+        .build()
+}
+
+fn retry_after_problem(description: &str) -> utoipa::openapi::Response {
+    ResponseBuilder::new()
+        .description(description)
+        .content(PROBLEM_JSON, content("Problem"))
+        .header(
+            header::RETRY_AFTER.as_str(),
+            HeaderBuilder::new()
+                .schema(Some(Schema::Object(
+                    ObjectBuilder::new().schema_type(Type::Integer).build(),
+                )))
+                .description(Some("Seconds to wait before retrying"))
+                .build(),
+        )
+        .build()
+}
+
+fn string_schema(format: Option<SchemaFormat>) -> Schema {
+    Schema::Object(ObjectBuilder::new().schema_type(Type::String).format(format).build())
+}
+
+fn idempotency_key() -> utoipa::openapi::path::Parameter {
+    ParameterBuilder::new()
+        .name("Idempotency-Key")
+        .parameter_in(ParameterIn::Header)
+        .required(Required::False)
+        .description(Some(
+            "1 to 255 visible ASCII characters. A retry with the same key within 24 hours gets the \
+             first answer again instead of a second task.",
+        ))
+        .schema(Some(string_schema(None)))
+        .build()
+}
+
+/// The errors every task-accepting route can answer with.
+fn accept_errors(operation: OperationBuilder) -> OperationBuilder {
+    operation
+        .response("400", problem("Malformed JSON, or an invalid Idempotency-Key"))
+        .response("409", problem("The client-chosen task id was already accepted"))
+        .response("413", problem("The body exceeds http.max_body_bytes"))
+        .response(
+            "422",
+            problem("Wrong types, unknown task, arguments that do not bind, or unroutable; `field` names the field"),
+        )
+        .response(
+            "503",
+            retry_after_problem("The outbox is full (or cannot be written); retry after Retry-After"),
+        )
+}
+
+/// An object schema from `(name, type, description)` rows, for bodies whose
+/// types live in files that carry no documentation derives. A type ending
+/// in `?` may be null and is not required; `array` and `object` are untyped
+/// inside.
+fn object(description: &str, fields: &[(&str, &str, &str)]) -> Schema {
+    let mut builder = ObjectBuilder::new()
+        .schema_type(Type::Object)
+        .description(Some(description));
+    for (name, kind, text) in fields {
+        let (kind, nullable) = match kind.strip_suffix('?') {
+            Some(kind) => (kind, true),
+            None => (*kind, false),
+        };
+        let kind = match kind {
+            "integer" => Type::Integer,
+            "number" => Type::Number,
+            "boolean" => Type::Boolean,
+            "array" => Type::Array,
+            "object" => Type::Object,
+            _ => Type::String,
+        };
+        let schema_type: SchemaType = if nullable {
+            [kind, Type::Null].into_iter().collect()
+        } else {
+            SchemaType::Type(kind)
+        };
+        let property = ObjectBuilder::new().schema_type(schema_type).description(Some(*text));
+        builder = builder.property(*name, property);
+        if !nullable {
+            builder = builder.required(*name);
+        }
+    }
+    Schema::Object(builder.build())
+}
+
+fn inline_json(description: &str, schema: Schema) -> utoipa::openapi::Response {
+    ResponseBuilder::new()
+        .description(description)
+        .content(JSON, ContentBuilder::new().schema(Some(schema)).build())
+        .build()
+}
+
+fn query(name: &str, kind: Type, description: &str) -> utoipa::openapi::path::Parameter {
+    ParameterBuilder::new()
+        .name(name)
+        .parameter_in(ParameterIn::Query)
+        .required(Required::False)
+        .description(Some(description))
+        .schema(Some(Schema::Object(ObjectBuilder::new().schema_type(kind).build())))
+        .build()
+}
+
+fn path_parameter(name: &str, kind: Type, description: &str) -> utoipa::openapi::path::Parameter {
+    ParameterBuilder::new()
+        .name(name)
+        .parameter_in(ParameterIn::Path)
+        .required(Required::True)
+        .description(Some(description))
+        .schema(Some(Schema::Object(ObjectBuilder::new().schema_type(kind).build())))
+        .build()
+}
+
+const ADMIN_SECURITY: &str = "admin_token";
+
+/// An admin operation: Bearer token, and the refusals of the admin guard.
+fn admin(id: &str, summary: &str) -> OperationBuilder {
+    operation(id, "admin", summary)
+        .security(SecurityRequirement::new(ADMIN_SECURITY, Vec::<String>::new()))
+        .response(
+            "401",
+            problem("No `Authorization: Bearer` header (with http.admin_token set)"),
+        )
+        .response(
+            "403",
+            problem("Wrong token, or no token configured and the caller is not on loopback"),
+        )
+}
+
+fn breaker_view() -> Schema {
+    object(
+        "The circuit breaker",
+        &[
+            (
+                "state",
+                "string",
+                "`closed`, `open`, `half_open`, `forced_open` or `forced_closed`",
+            ),
+            (
+                "forced",
+                "boolean",
+                "An operator's forced state overrides the automatic one",
+            ),
+            ("changed_at", "string", "RFC 3339"),
+            ("opened_count", "integer", "Times the breaker opened since start"),
+            (
+                "next_probe_at",
+                "string?",
+                "When an open breaker lets the next probe through",
+            ),
+        ],
+    )
+}
+
+fn admin_paths(paths: PathsBuilder) -> PathsBuilder {
+    let page = [
+        query("limit", Type::Integer, "Entries per page, 1 to 1000 (default 100)"),
+        query("cursor", Type::String, "`next_cursor` of the previous page"),
+    ];
+    let paused = || {
+        inline_json(
+            "The relay's state",
+            object("Relay pause", &[("paused", "boolean", "Whether publishing is paused")]),
+        )
+    };
+    let purged = |what: &str| inline_json(what, object("Purge", &[("purged", "integer", "Entries removed")]));
+    let requeued = || {
+        inline_json(
+            "Requeued at the tail of their lanes",
+            object(
+                "Requeue",
+                &[
+                    ("requeued", "integer", "Dead letters put back in the outbox"),
+                    ("undecodable", "integer", "Dead letters that can only be deleted"),
+                ],
+            ),
+        )
+    };
+    paths
+        .path(
+            "/v1/outbox",
+            PathItem::new(
+                HttpMethod::Get,
+                admin("outbox_report", "Outbox figures, per queue").response(
+                    "200",
+                    inline_json(
+                        "Depth, bytes and age",
+                        object(
+                            "Outbox report",
+                            &[
+                                ("depth", "integer", "Tasks waiting to be published"),
+                                ("bytes", "integer", "Their size, counted against max_bytes"),
+                                ("max_bytes", "integer", "outbox.max_bytes"),
+                                ("oldest_age_seconds", "number?", "Age of the oldest waiting task"),
+                                ("dead_letters", "integer", "Tasks in the dead-letter store"),
+                                ("paused", "boolean", "Whether an operator paused the relay"),
+                                ("queues", "object", "Per lane: depth, bytes, oldest age"),
+                            ],
+                        ),
+                    ),
+                ),
+            ),
+        )
+        .path(
+            "/v1/outbox/tasks",
+            PathItem::new(
+                HttpMethod::Get,
+                admin("list_outbox_tasks", "Waiting tasks, in publish order, paged")
+                    .parameters(Some(page.clone()))
+                    .response("400", problem("Invalid query or cursor"))
+                    .response(
+                        "200",
+                        inline_json(
+                            "One page",
+                            object(
+                                "Outbox page",
+                                &[
+                                    (
+                                        "tasks",
+                                        "array",
+                                        "Accepted tasks with lane, sequence, attempts, last_error",
+                                    ),
+                                    ("next_cursor", "string?", "Pass as cursor for the next page"),
+                                ],
+                            ),
+                        ),
+                    ),
+            )
+            .and(
+                HttpMethod::Delete,
+                admin("purge_outbox_tasks", "Remove every waiting task (they are lost)")
+                    .response("200", purged("Removed")),
+            ),
+        )
+        .path(
+            "/v1/outbox/drain",
+            PathItem::new(
+                HttpMethod::Post,
+                admin("drain", "Probe the broker now, even with the breaker open")
+                    .response(
+                        "202",
+                        inline_json(
+                            "The probe is on its way",
+                            object(
+                                "Drain started",
+                                &[
+                                    ("depth", "integer", "Tasks waiting"),
+                                    ("breaker", "string", "The breaker's state"),
+                                    ("probe_requested", "boolean", "Always true"),
+                                ],
+                            ),
+                        ),
+                    )
+                    .response("409", problem("The relay is paused, or the breaker forced open")),
+            ),
+        )
+        .path(
+            "/v1/outbox/pause",
+            PathItem::new(
+                HttpMethod::Post,
+                admin("pause", "Pause publishing; tasks are still accepted").response("200", paused()),
+            ),
+        )
+        .path(
+            "/v1/outbox/resume",
+            PathItem::new(
+                HttpMethod::Post,
+                admin("resume", "Resume publishing").response("200", paused()),
+            ),
+        )
+        .path(
+            "/v1/outbox/export",
+            PathItem::new(
+                HttpMethod::Get,
+                admin("export", "Every waiting task as NDJSON, streamed").response(
+                    "200",
+                    ResponseBuilder::new()
+                        .description("One JSON task record per line; `x-taskgate-outbox-depth` gives the count")
+                        .content("application/x-ndjson", text_content())
+                        .build(),
+                ),
+            ),
+        )
+        .path(
+            "/v1/outbox/import",
+            PathItem::new(
+                HttpMethod::Post,
+                admin(
+                    "import",
+                    "Accept the NDJSON of an export, routed with this gateway's settings",
+                )
+                .request_body(Some(
+                    RequestBodyBuilder::new()
+                        .required(Some(Required::True))
+                        .content("application/x-ndjson", text_content())
+                        .build(),
+                ))
+                .response(
+                    "200",
+                    inline_json(
+                        "Imported",
+                        object(
+                            "Import",
+                            &[
+                                ("imported", "integer", "Tasks accepted"),
+                                ("skipped", "integer", "Tasks whose id this outbox already knows"),
+                            ],
+                        ),
+                    ),
+                )
+                .response("400", problem("A line is not a task record; nothing was imported"))
+                .response("422", problem("A task does not pass intake here; nothing was imported")),
+            ),
+        )
+        .path(
+            "/v1/dead-letters",
+            PathItem::new(
+                HttpMethod::Get,
+                admin("list_dead_letters", "Dead letters with their reasons, paged")
+                    .parameters(Some([
+                        query("limit", Type::Integer, "Entries per page, 1 to 1000 (default 100)"),
+                        query("after", Type::Integer, "`next_after` of the previous page"),
+                    ]))
+                    .response(
+                        "200",
+                        inline_json(
+                            "One page",
+                            object(
+                                "Dead-letter page",
+                                &[
+                                    (
+                                        "dead_letters",
+                                        "array",
+                                        "id, task_id, task_name, lane, reason, attempts, dead_at, task or raw",
+                                    ),
+                                    ("next_after", "integer?", "Pass as after for the next page"),
+                                ],
+                            ),
+                        ),
+                    )
+                    .response("400", problem("Invalid query")),
+            )
+            .and(
+                HttpMethod::Delete,
+                admin("purge_dead_letters", "Delete every dead letter").response("200", purged("Deleted")),
+            ),
+        )
+        .path(
+            "/v1/dead-letters/requeue",
+            PathItem::new(
+                HttpMethod::Post,
+                admin(
+                    "requeue_all_dead_letters",
+                    "Requeue every dead letter that can be decoded",
+                )
+                .response("200", requeued()),
+            ),
+        )
+        .path(
+            "/v1/dead-letters/{id}",
+            PathItem::new(
+                HttpMethod::Delete,
+                admin("delete_dead_letter", "Delete one dead letter")
+                    .parameter(path_parameter("id", Type::Integer, "The dead letter's id"))
+                    .response("200", purged("Deleted"))
+                    .response("404", problem("No such dead letter")),
+            ),
+        )
+        .path(
+            "/v1/dead-letters/{id}/requeue",
+            PathItem::new(
+                HttpMethod::Post,
+                admin(
+                    "requeue_dead_letter",
+                    "Put one dead letter back at the tail of its lane",
+                )
+                .parameter(path_parameter("id", Type::Integer, "The dead letter's id"))
+                .response("200", requeued())
+                .response("404", problem("No such dead letter"))
+                .response("409", problem("Its record cannot be decoded: it can only be deleted")),
+            ),
+        )
+        .path(
+            "/v1/breaker",
+            PathItem::new(
+                HttpMethod::Get,
+                admin("breaker_status", "The circuit breaker's state")
+                    .response("200", inline_json("The breaker", breaker_view())),
+            ),
+        )
+        .path(
+            "/v1/breaker/open",
+            PathItem::new(
+                HttpMethod::Post,
+                admin(
+                    "force_breaker_open",
+                    "Force the breaker open (maintenance): tasks spool",
+                )
+                .response("200", inline_json("The breaker", breaker_view())),
+            ),
+        )
+        .path(
+            "/v1/breaker/close",
+            PathItem::new(
+                HttpMethod::Post,
+                admin(
+                    "force_breaker_closed",
+                    "Force the breaker closed: publish whatever happens",
+                )
+                .response("200", inline_json("The breaker", breaker_view())),
+            ),
+        )
+        .path(
+            "/v1/breaker/release",
+            PathItem::new(
+                HttpMethod::Post,
+                admin("release_breaker", "End a forced state; the breaker decides again")
+                    .response("200", inline_json("The breaker", breaker_view())),
+            ),
+        )
+}
+
+/// A second method on a path: `PathItem::new(GET, …).and(DELETE, …)`.
+trait AddOperation {
+    fn and(self, method: HttpMethod, operation: OperationBuilder) -> PathItem;
+}
+
+impl AddOperation for PathItem {
+    fn and(mut self, method: HttpMethod, operation: OperationBuilder) -> PathItem {
+        self.merge_operations(PathItem::new(method, operation));
+        self
+    }
+}
+
+fn operation(id: &str, tag: &str, summary: &str) -> OperationBuilder {
+    OperationBuilder::new()
+        .operation_id(Some(id))
+        .tag(tag)
+        .summary(Some(summary))
+}
+
+fn paths() -> PathsBuilder {
+    let accepted_headers = |response: ResponseBuilder| {
+        response.header(
+            header::LOCATION.as_str(),
+            HeaderBuilder::new()
+                .schema(Some(string_schema(None)))
+                .description(Some("/v1/tasks/{id} of the accepted task"))
+                .build(),
+        )
+    };
+    PathsBuilder::new()
+        .path(
+            "/v1/tasks",
+            PathItem::new(
+                HttpMethod::Post,
+                accept_errors(
+                    operation("post_task", "tasks", "Enqueue one task")
+                        .description(Some(
+                            "Validates the task against the registry, routes it, and answers 202 once it is \
+                             durable in the outbox. Never waits on the broker.",
+                        ))
+                        .parameter(idempotency_key())
+                        .request_body(Some(
+                            RequestBodyBuilder::new()
+                                .required(Some(Required::True))
+                                .content(JSON, content("TaskRequest"))
+                                .build(),
+                        ))
+                        .response(
+                            "202",
+                            accepted_headers(
+                                ResponseBuilder::new()
+                                    .description("Accepted: durable in the outbox")
+                                    .content(JSON, content("AcceptedTask")),
+                            )
+                            .build(),
+                        ),
+                ),
+            )
+            .and(
+                HttpMethod::Get,
+                operation("list_tasks", "tasks", "Tracked tasks, newest first, filtered and paged")
+                    .description(Some(
+                        "Rows of `background_tasks`: every task taskgate accepted and, with \
+                         tracking.sync_queue, every task workers scheduled. Empty filter values mean \
+                         \"not given\".",
+                    ))
+                    .parameters(Some([
+                        query("type", Type::String, "Task name"),
+                        query("creator_id", Type::String, "properties.creator_id of the request"),
+                        query("related_content_type", Type::String, "properties.related_content_type"),
+                        query("related_object_id", Type::String, "properties.related_object_id"),
+                        query(
+                            "status",
+                            Type::String,
+                            "Tracking status, e.g. PENDING, SUCCESS, FAILURE",
+                        ),
+                        query("parent_id", Type::String, "Celery parent task id"),
+                        query("root_id", Type::String, "Celery root task id"),
+                        query("limit", Type::Integer, "Rows per page, 1 to the maximum (default 50)"),
+                        query("cursor", Type::String, "`next_cursor` of the previous page"),
+                    ]))
+                    .response(
+                        "200",
+                        inline_json(
+                            "One page",
+                            object(
+                                "Tracked tasks",
+                                &[
+                                    (
+                                        "tasks",
+                                        "array",
+                                        "Rows: public_id, task_id, type, input, options, creator_id, \
+                                         related_content_type, related_object_id, parent_id, root_id, status, \
+                                         created_date, last_updated",
+                                    ),
+                                    ("next_cursor", "string?", "Pass as cursor for the next page"),
+                                ],
+                            ),
+                        ),
+                    )
+                    .response("400", problem("Invalid query or cursor"))
+                    .response("422", problem("Invalid limit"))
+                    .response("503", retry_after_problem("The tracking database cannot be asked")),
+            ),
+        )
+        .path(
+            "/v1/tasks/batch",
+            PathItem::new(
+                HttpMethod::Post,
+                accept_errors(
+                    operation("post_batch", "tasks", "Enqueue up to 1000 tasks, all or nothing")
+                        .description(Some(
+                            "Every task passes intake or none is written; all share one outbox flush.",
+                        ))
+                        .parameter(idempotency_key())
+                        .request_body(Some(
+                            RequestBodyBuilder::new()
+                                .required(Some(Required::True))
+                                .content(JSON, content("BatchRequest"))
+                                .build(),
+                        ))
+                        .response("202", json_response("All tasks accepted", "AcceptedBatch")),
+                ),
+            ),
+        )
+        .path(
+            "/v1/tasks/{id}",
+            PathItem::new(
+                HttpMethod::Get,
+                operation("get_task", "tasks", "State of one task")
+                    .parameter(
+                        ParameterBuilder::new()
+                            .name("id")
+                            .parameter_in(ParameterIn::Path)
+                            .required(Required::True)
+                            .schema(Some(string_schema(Some(SchemaFormat::Custom("uuid".into())))))
+                            .build(),
+                    )
+                    .response("200", json_response("The task's state", "TaskStatus"))
+                    .response("404", problem("No task with this id is known"))
+                    .response(
+                        "503",
+                        retry_after_problem(
+                            "The outbox does not know the task and the tracking database cannot be asked",
+                        ),
+                    ),
+            ),
+        )
+        .path(
+            "/healthz",
+            PathItem::new(
+                HttpMethod::Get,
+                operation("healthz", "health", "Liveness: 200 while the process serves")
+                    .response("200", json_response("Alive", "Probe")),
+            ),
+        )
+        .path(
+            "/readyz",
+            PathItem::new(
+                HttpMethod::Get,
+                operation("readyz", "health", "Readiness for a load balancer")
+                    .description(Some(
+                        "200 while tasks can be accepted (outbox writable and under its limit), else 503. \
+                         Independent of the broker: a gateway that spools is still ready.",
+                    ))
+                    .response("200", json_response("Accepting tasks", "Probe"))
+                    .response(
+                        "503",
+                        ResponseBuilder::new()
+                            .description("Not accepting tasks (outbox full); Retry-After is set")
+                            .content(JSON, content("Probe"))
+                            .build(),
+                    ),
+            ),
+        )
+        .path(
+            "/v1/health",
+            PathItem::new(
+                HttpMethod::Get,
+                operation("health", "health", "Health of the async pipeline")
+                    .response(
+                        "200",
+                        ResponseBuilder::new()
+                            .description("`pass` or `warn`")
+                            .content(HEALTH_JSON, content("Health"))
+                            .build(),
+                    )
+                    .response(
+                        "503",
+                        ResponseBuilder::new()
+                            .description("`fail`: tasks cannot be accepted")
+                            .content(HEALTH_JSON, content("Health"))
+                            .build(),
+                    ),
+            ),
+        )
+        .path(
+            "/v1/health/stream",
+            PathItem::new(
+                HttpMethod::Get,
+                operation("health_stream", "health", "Health changes as server-sent events")
+                    .description(Some(
+                        "One `health` event at once, then one per change of status, availability, broker \
+                         connection or breaker state; each event's data is a Health document.",
+                    ))
+                    .response(
+                        "200",
+                        ResponseBuilder::new()
+                            .description("An endless text/event-stream")
+                            .content("text/event-stream", text_content())
+                            .build(),
+                    ),
+            ),
+        )
+        .path(
+            "/metrics",
+            PathItem::new(
+                HttpMethod::Get,
+                operation("metrics", "health", "Prometheus metrics").response(
+                    "200",
+                    ResponseBuilder::new()
+                        .description("Prometheus text exposition format 0.0.4")
+                        .content("text/plain", text_content())
+                        .build(),
+                ),
+            ),
+        )
+        .path(
+            "/",
+            PathItem::new(
+                HttpMethod::Get,
+                operation("status_page", "health", "Operator status page").response(
+                    "200",
+                    ResponseBuilder::new()
+                        .description("HTML: health, outbox, breaker and recent tasks at a glance")
+                        .content("text/html", text_content())
+                        .build(),
+                ),
+            ),
+        )
+        .path(
+            PATH,
+            PathItem::new(
+                HttpMethod::Get,
+                operation("openapi", "meta", "This document").response(
+                    "200",
+                    ResponseBuilder::new()
+                        .description("OpenAPI 3.1")
+                        .content(
+                            JSON,
+                            ContentBuilder::new()
+                                .schema(Some(Schema::Object(
+                                    ObjectBuilder::new().schema_type(Type::Object).build(),
+                                )))
+                                .build(),
+                        )
+                        .build(),
+                ),
+            ),
+        )
+}
+
+/// Descriptions of [`TaskRequest`]'s fields, kept here so that the task
+/// domain stays free of documentation attributes. A field missing from this
+/// table fails `tests/openapi.rs`.
+pub const TASK_REQUEST_FIELDS: &[(&str, &str)] = &[
+    ("task", "Celery task name, e.g. `export.project`."),
+    ("args", "Positional arguments, as the worker receives them."),
+    ("kwargs", "Keyword arguments, as the worker receives them."),
+    (
+        "id",
+        "Client-chosen task id (a UUID); a new v4 UUID when absent. Reusing an accepted id is a 409.",
+    ),
+    (
+        "routing_key",
+        "Overrides the routing key (default: the registry's, else the task name up to the first `.`).",
+    ),
+    ("eta", "RFC 3339 time before which the worker does not run the task."),
+    ("expires", "RFC 3339 time after which the worker discards the task."),
+    (
+        "countdown",
+        "Seconds from now; turned into `eta`. Cannot be combined with `eta`.",
+    ),
+    ("priority", "Message priority, 0 to 255 (AMQP)."),
+    ("parent_id", "Celery parent task id."),
+    ("root_id", "Celery root task id (defaults to the task's own id)."),
+    ("group", "Celery group id."),
+    ("time_limit", "Hard time limit in seconds."),
+    ("soft_time_limit", "Soft time limit in seconds."),
+    (
+        "properties",
+        "Extra message properties (e.g. `creator_id`), copied into the message as Celery's \
+         `send_task(**options)` does; `message_group_id` selects the SQS FIFO group.",
+    ),
+];
+
+fn describe(schema: &mut RefOr<Schema>, text: &str) {
+    let description = Some(text.to_owned());
+    match schema {
+        RefOr::T(Schema::Object(object)) => object.description = description,
+        RefOr::T(Schema::Array(array)) => array.description = description,
+        RefOr::T(Schema::OneOf(one_of)) => one_of.description = description,
+        RefOr::T(Schema::AnyOf(any_of)) => any_of.description = description,
+        RefOr::T(Schema::AllOf(all_of)) => all_of.description = description,
+        RefOr::Ref(reference) => reference.description = text.to_owned(),
+        _ => {}
+    }
+}
+
+fn task_request_schema() -> RefOr<Schema> {
+    let mut schema = TaskRequest::schema();
+    if let RefOr::T(Schema::Object(object)) = &mut schema {
+        for (field, text) in TASK_REQUEST_FIELDS {
+            if let Some(property) = object.properties.get_mut(*field) {
+                describe(property, text);
+            }
+        }
+        object.example = Some(serde_json::json!({
+            "task": "export.project",
+            "args": ["org-slug", "proj-slug"],
+            "kwargs": {"output_type": "xls"},
+            "properties": {"creator_id": "u1", "related_object_id": "p1"}
+        }));
+    }
+    schema
+}
+
+/// Builds the document.
+pub fn document() -> OpenApi {
+    let components = ComponentsBuilder::new()
+        .schema_from::<BatchRequest>()
+        .schema_from::<AcceptedTask>()
+        .schema_from::<AcceptedBatch>()
+        .schema_from::<TaskStatus>()
+        .schema_from::<Problem>()
+        .schema_from::<Health>()
+        .schema_from::<Probe>()
+        // After the derived ones: BatchRequest brought TaskRequest along
+        // without the descriptions.
+        .schema("TaskRequest", task_request_schema())
+        .security_scheme(
+            ADMIN_SECURITY,
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(
+                        "http.admin_token. Without one, development admits loopback callers only and \
+                         production refuses every admin call.",
+                    ))
+                    .build(),
+            ),
+        )
+        .build();
+    OpenApiBuilder::new()
+        .info(
+            InfoBuilder::new()
+                .title("taskgate")
+                .version(env!("CARGO_PKG_VERSION"))
+                .description(Some(
+                    "A resilient broker gateway: tasks posted here are made durable in a local outbox and \
+                     published to RabbitMQ or SQS as Celery protocol-v2 messages. Errors are RFC 9457 \
+                     application/problem+json.",
+                ))
+                .build(),
+        )
+        .paths(admin_paths(paths()))
+        .components(Some(components))
+        .tags(Some([
+            TagBuilder::new()
+                .name("tasks")
+                .description(Some("Enqueue and inspect tasks"))
+                .build(),
+            TagBuilder::new()
+                .name("health")
+                .description(Some("Probes, health and metrics; none waits on the broker"))
+                .build(),
+            TagBuilder::new()
+                .name("meta")
+                .description(Some("This description"))
+                .build(),
+        ]))
+        .build()
+}
+
+/// `GET /openapi.json`. The document is rendered once and reused.
+pub async fn openapi_json() -> Response {
+    static RENDERED: OnceLock<String> = OnceLock::new();
+    let body = RENDERED.get_or_init(|| document().to_json().expect("the OpenAPI document serialises"));
+    let mut response = (StatusCode::OK, body.clone()).into_response();
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(JSON));
+    response
+}

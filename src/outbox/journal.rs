@@ -1,0 +1,265 @@
+//! The tracking journal: the outbox's record of accepted tasks that the
+//! tracking database has not stored yet (key prefix `j/`).
+//!
+//! Why here: recording a task in SQL must never delay or fail a `POST`. The
+//! journal entry is written by [`Outbox::accept`] in the *same atomic batch*
+//! as the task itself, so it is durable exactly when the task is (the same
+//! group-commit flush covers both, no extra flush) and a crash can never
+//! leave a task accepted but unrecorded. The tracking writer
+//! ([`crate::tracking`]) reads the journal from its head in pages, upserts
+//! a page in one SQL transaction, and only then removes those keys.
+//!
+//! Invariants:
+//! 1. **One entry per accepted task**, keyed `j/{sequence:u64}` with a
+//!    sequence from the outbox's allocator (taken under the insert lock), so
+//!    key order is acceptance order. A replayed idempotent request writes
+//!    nothing, so it journals nothing.
+//! 2. **Removed only after the database has the rows.** A crash between the
+//!    commit and the removal replays the entries; the writer's upserts are
+//!    idempotent by task id, so that only repeats a write.
+//! 3. **Bounded memory.** Readers page from the head; the depth is a counter
+//!    rebuilt by a key scan at open.
+//! 4. **Never blocks the relay**: journal entries are not pending work, do
+//!    not count against `outbox.max_bytes`, and leave with no regard to
+//!    whether the task was published.
+
+use super::storage::OutboxStorage;
+use super::{prefixed, Outbox, OutboxError, JOURNAL};
+use crate::task::Task;
+use chrono::{DateTime, Utc};
+use std::sync::atomic::Ordering;
+
+/// One journal entry as read from the head.
+#[derive(Debug, Clone)]
+pub struct JournalEntry {
+    pub sequence: u64,
+    /// The accepted task; `Err` with the reason when the stored JSON does
+    /// not decode (the writer logs and drops such an entry: it could never
+    /// be recorded, and must not block the journal).
+    pub task: Result<Task, String>,
+}
+
+pub(super) fn journal_key(sequence: u64) -> Vec<u8> {
+    prefixed(JOURNAL, &sequence.to_be_bytes())
+}
+
+fn parse_journal_key(key: &[u8]) -> Option<u64> {
+    let bytes: [u8; 8] = key.strip_prefix(JOURNAL)?.try_into().ok()?;
+    Some(u64::from_be_bytes(bytes))
+}
+
+/// Counts the journal at open: (entries, highest sequence in use).
+pub(super) fn scan_depth(storage: &dyn OutboxStorage) -> Result<(u64, u64), OutboxError> {
+    let mut depth = 0u64;
+    let mut highest = 0u64;
+    let mut after: Option<Vec<u8>> = None;
+    loop {
+        let page = storage.scan(JOURNAL, after.as_deref(), 4096)?;
+        let Some((last, _)) = page.last() else { break };
+        after = Some(last.clone());
+        depth += page.len() as u64;
+        if let Some(sequence) = parse_journal_key(last) {
+            highest = highest.max(sequence);
+        }
+    }
+    Ok((depth, highest))
+}
+
+impl Outbox {
+    /// The oldest `limit` journal entries, in acceptance order.
+    pub fn journal_head(&self, limit: usize) -> Result<Vec<JournalEntry>, OutboxError> {
+        let page = self.storage.scan(JOURNAL, None, limit)?;
+        Ok(page
+            .into_iter()
+            .filter_map(|(key, value)| {
+                let sequence = parse_journal_key(&key)?;
+                let task = serde_json::from_slice::<Task>(&value).map_err(|error| error.to_string());
+                Some(JournalEntry { sequence, task })
+            })
+            .collect())
+    }
+
+    /// Removes entries the tracking database has stored. Not flushed: a
+    /// crash before sled's periodic flush only replays idempotent upserts.
+    pub fn remove_journal_entries(&self, sequences: &[u64]) -> Result<(), OutboxError> {
+        if sequences.is_empty() {
+            return Ok(());
+        }
+        let operations = sequences
+            .iter()
+            .map(|sequence| (journal_key(*sequence), None))
+            .collect();
+        self.storage.apply(operations)?;
+        let removed = sequences.len() as u64;
+        let _ = self
+            .journal_depth
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |depth| {
+                Some(depth.saturating_sub(removed))
+            });
+        Ok(())
+    }
+
+    /// Entries waiting to be recorded.
+    pub fn journal_depth(&self) -> u64 {
+        self.journal_depth.load(Ordering::SeqCst)
+    }
+
+    /// When the oldest unrecorded task was accepted (one key read).
+    pub fn journal_oldest_accepted_at(&self) -> Result<Option<DateTime<Utc>>, OutboxError> {
+        Ok(self
+            .journal_head(1)?
+            .into_iter()
+            .next()
+            .and_then(|entry| entry.task.ok())
+            .map(|task| task.accepted_at))
+    }
+
+    /// Resolves when an accept may have added journal entries (a permit is
+    /// kept if nobody was waiting, so a wake-up is never lost).
+    pub async fn wait_for_journal(&self) {
+        self.new_journal.notified().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::storage::{FaultyStorage, SledStorage};
+    use super::super::{AcceptOutcome, Lane, OutboxSettings};
+    use super::*;
+    use crate::task::{QueueName, TaskId, TaskName};
+    use serde_json::json;
+    use std::sync::Arc;
+
+    fn task(n: i64) -> Task {
+        Task {
+            id: TaskId::new_random(),
+            task: TaskName::parse("export.project").unwrap(),
+            args: vec![json!(n)],
+            kwargs: Default::default(),
+            routing_key: "export".into(),
+            queues: vec![QueueName::parse("export").unwrap()],
+            eta: None,
+            expires: None,
+            priority: None,
+            parent_id: None,
+            root_id: None,
+            group: None,
+            time_limit: None,
+            soft_time_limit: None,
+            properties: Default::default(),
+            accepted_at: Utc::now(),
+        }
+    }
+
+    fn settings(dir: &std::path::Path) -> OutboxSettings {
+        OutboxSettings {
+            path: dir.join("outbox"),
+            ..OutboxSettings::default()
+        }
+    }
+
+    fn ids(entries: &[JournalEntry]) -> Vec<TaskId> {
+        entries.iter().map(|entry| entry.task.as_ref().unwrap().id).collect()
+    }
+
+    #[tokio::test]
+    async fn every_accepted_task_is_journaled_once_in_order_and_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let tasks: Vec<Task> = (0..5).map(task).collect();
+        {
+            let outbox = Outbox::open(&settings(dir.path())).unwrap();
+            // Two lanes for one task: still one journal entry.
+            outbox
+                .accept(vec![(tasks[0].clone(), vec![Lane::new("a"), Lane::new("b")])], None)
+                .await
+                .unwrap();
+            let batch = tasks[1..].iter().map(|t| (t.clone(), vec![Lane::new("a")])).collect();
+            outbox.accept(batch, Some("key-1")).await.unwrap();
+            // A replay writes nothing, so journals nothing.
+            let replay = vec![(task(99), vec![Lane::new("a")])];
+            assert!(matches!(
+                outbox.accept(replay, Some("key-1")).await.unwrap(),
+                AcceptOutcome::Replayed(_)
+            ));
+            assert_eq!(outbox.journal_depth(), 5);
+            assert_eq!(
+                ids(&outbox.journal_head(100).unwrap()),
+                tasks.iter().map(|t| t.id).collect::<Vec<_>>()
+            );
+        }
+        let outbox = loop {
+            match Outbox::open(&settings(dir.path())) {
+                Ok(outbox) => break outbox,
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+            }
+        };
+        assert_eq!(outbox.journal_depth(), 5, "depth is rebuilt at open");
+        let head = outbox.journal_head(2).unwrap();
+        assert_eq!(ids(&head), vec![tasks[0].id, tasks[1].id]);
+        assert_eq!(outbox.journal_oldest_accepted_at().unwrap(), Some(tasks[0].accepted_at));
+        outbox
+            .remove_journal_entries(&head.iter().map(|e| e.sequence).collect::<Vec<_>>())
+            .unwrap();
+        assert_eq!(outbox.journal_depth(), 3);
+        assert_eq!(
+            ids(&outbox.journal_head(100).unwrap()),
+            vec![tasks[2].id, tasks[3].id, tasks[4].id]
+        );
+        // New sequences come after the journal's, never before them.
+        let later = task(7);
+        outbox
+            .accept(vec![(later.clone(), vec![Lane::new("a")])], None)
+            .await
+            .unwrap();
+        assert_eq!(
+            outbox
+                .journal_head(100)
+                .unwrap()
+                .last()
+                .unwrap()
+                .task
+                .as_ref()
+                .unwrap()
+                .id,
+            later.id
+        );
+        // Removing the journal never touches pending work.
+        assert_eq!(outbox.depth(), 7);
+    }
+
+    #[tokio::test]
+    async fn a_refused_accept_journals_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let sled = Arc::new(SledStorage::open(&dir.path().join("outbox"), 1 << 20).unwrap());
+        let faulty = Arc::new(FaultyStorage::new(sled));
+        let outbox = Outbox::with_storage(faulty.clone(), settings(dir.path())).unwrap();
+        faulty.fail_writes(true);
+        assert!(outbox
+            .accept(vec![(task(1), vec![Lane::new("a")])], None)
+            .await
+            .is_err());
+        faulty.fail_writes(false);
+        assert_eq!(outbox.journal_depth(), 0);
+        assert!(outbox.journal_head(10).unwrap().is_empty());
+        // Undecodable entries are reported, not fatal.
+        faulty
+            .apply(vec![(journal_key(u64::MAX - 1), Some(b"{not json".to_vec()))])
+            .unwrap();
+        let head = outbox.journal_head(10).unwrap();
+        assert_eq!(head.len(), 1);
+        assert!(head[0].task.is_err());
+    }
+
+    #[tokio::test]
+    async fn wait_for_journal_wakes_after_an_accept() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Outbox::open(&settings(dir.path())).unwrap();
+        outbox
+            .accept(vec![(task(1), vec![Lane::new("a")])], None)
+            .await
+            .unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(1), outbox.wait_for_journal())
+            .await
+            .expect("the permit of the accept wakes the writer");
+    }
+}
