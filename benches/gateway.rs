@@ -376,6 +376,11 @@ async fn main() {
         machine()
     );
     let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/benchmarks.md");
-    std::fs::write(&out, report).unwrap();
+    // Keep the hand-written analysis that follows the measured table.
+    let analysis = std::fs::read_to_string(&out)
+        .ok()
+        .and_then(|text| text.find("\n## ").map(|at| text[at..].to_owned()))
+        .unwrap_or_default();
+    std::fs::write(&out, format!("{report}{analysis}")).unwrap();
     eprintln!("wrote {}", out.display());
 }

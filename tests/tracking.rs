@@ -11,6 +11,11 @@
 //!   the rows catch up once it is back, and no tracking-queue message is
 //!   acknowledged before its row is written.
 //! - The list endpoint pages and filters, on SQLite and on PostgreSQL.
+//! - Start-up never waits for the database; with `migrate_on_start` off the
+//!   gateway waits for `taskgate migrate`; a row the database refuses is
+//!   skipped alone; the consumer reconnects after the broker dropped it.
+//! - The grants of docs/operations.md, run as written, let a real worker
+//!   store results and nothing else.
 
 mod support;
 
@@ -1057,4 +1062,100 @@ async fn without_migrate_on_start_the_gateway_waits_for_taskgate_migrate() {
     wait_for_schema(&app).await;
     wait_for_task(&app, &id, Duration::from_secs(10), |body| body["tracking"].is_object()).await;
     app.stop().await.unwrap();
+}
+
+/// A row PostgreSQL refuses (here: a creator id too large for its index)
+/// is skipped and counted; the tasks around it are recorded and the
+/// journal drains instead of retrying forever.
+#[tokio::test]
+async fn a_row_the_database_refuses_does_not_hold_back_the_others() {
+    let database = TestDatabase::create().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = test_settings(dir.path(), &refused_broker_url(), &[("export", "export")]);
+    track_into(&mut settings, &database.url());
+    let app = spawn_app(settings).await;
+    wait_for_schema(&app).await;
+    // Random hex does not compress below btree's 2,704-byte row limit.
+    let huge: String = (0..700).map(|_| uuid::Uuid::new_v4().simple().to_string()).collect();
+    let response = app
+        .client
+        .post(app.url("/v1/tasks/batch"))
+        .json(&json!({"tasks": [
+            {"task": "export.project", "args": ["a", "1"], "properties": {"creator_id": "fine"}},
+            {"task": "export.project", "args": ["b", "2"], "properties": {"creator_id": huge}},
+            {"task": "export.project", "args": ["c", "3"], "properties": {"creator_id": "fine"}},
+        ]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let accepted: Value = response.json().await.unwrap();
+    let ids: Vec<String> = accepted["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|task| task["id"].as_str().unwrap().to_owned())
+        .collect();
+    let pool = database.pool().await;
+    wait_for("the two writable rows", Duration::from_secs(20), || async {
+        (rows_present(&pool, &[ids[0].clone(), ids[2].clone()]).await == 2).then_some(())
+    })
+    .await;
+    assert_eq!(rows_present(&pool, std::slice::from_ref(&ids[1])).await, 0);
+    let health = app
+        .wait_for_health(Duration::from_secs(10), |health| {
+            tracking_check(health)["observedValue"] == 0 && tracking_check(health)["status"] == "pass"
+        })
+        .await;
+    assert_eq!(tracking_check(&health)["reachable"], true);
+    app.stop().await.unwrap();
+}
+
+/// The consumer rides out a broker outage: it reports the lost connection,
+/// reconnects with backoff, and records what arrived meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_amqp_tracking_consumer_reconnects_after_the_broker_drops_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = FaultProxy::start("127.0.0.1:5672".parse().unwrap()).unwrap();
+    let platform = unique("platform");
+    let broker_url = format!("amqp://guest:guest@{}/%2f", proxy.addr());
+    let mut settings = test_settings(dir.path(), &broker_url, &[(&platform, "#")]);
+    let sqlite_url = format!("sqlite://{}", dir.path().join("tracking.db").display());
+    track_into(&mut settings, &sqlite_url);
+    settings.tracking.sync_queue = Some(platform.clone());
+    let exchange = settings.routing.exchange.clone();
+    let app = spawn_app(settings).await;
+    let sync_queue_is =
+        |status: &'static str| move |health: &Value| health["checks"]["tracking:syncQueue"][0]["status"] == status;
+    app.wait_for_health(Duration::from_secs(30), sync_queue_is("pass"))
+        .await;
+
+    proxy.set_mode(FaultMode::Drop);
+    app.wait_for_health(Duration::from_secs(15), sync_queue_is("warn"))
+        .await;
+    // Sent straight to RabbitMQ while taskgate cannot reach it.
+    let producer = CeleryWorkerOptions::new(RABBITMQ_URL)
+        .exchange(&exchange)
+        .queue(&platform, "#");
+    let during = send_with_celery_async(
+        &producer,
+        "rawa.echo",
+        json!(["while away"]),
+        json!({"exchange": exchange, "routing_key": "rawa"}),
+    )
+    .await;
+    proxy.set_mode(FaultMode::Pass);
+    app.wait_for_health(Duration::from_secs(30), sync_queue_is("pass"))
+        .await;
+    let recorded = wait_for_task(&app, &during, Duration::from_secs(30), |body| {
+        body["tracking"].is_object()
+    })
+    .await;
+    assert_eq!(recorded["tracking"]["input"]["args"], json!(["while away"]));
+    wait_for("the tracking queue to drain", Duration::from_secs(15), || async {
+        (amqp_ready_messages(&platform).await == 0).then_some(())
+    })
+    .await;
+    app.stop().await.unwrap();
+    delete_amqp_entities(RABBITMQ_URL, &[&platform], &[&exchange]);
 }

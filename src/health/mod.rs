@@ -326,3 +326,87 @@ impl HealthMonitor {
         self.report.subscribe()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tracking::{ConsumerStatus, DatabaseStatus};
+
+    fn report(status: HealthStatus) -> HealthReport {
+        HealthReport {
+            status,
+            async_available: true,
+            version: "test",
+            release_id: "test",
+            description: "test",
+            checks: serde_json::Map::new(),
+            broker_connected: true,
+            breaker_state: BreakerState::Closed,
+            outbox_depth: 0,
+            tracking_ok: true,
+        }
+    }
+
+    fn tracking(reachable: bool, journal_age: Option<f64>) -> TrackingHealth {
+        TrackingHealth {
+            endpoint: "postgres://db/platform".into(),
+            database: DatabaseStatus {
+                schema_ready: true,
+                reachable,
+                first_attempt_done: true,
+                last_error: (!reachable).then(|| "connection refused".into()),
+                changed_at: Utc::now(),
+            },
+            journal_depth: 12,
+            journal_oldest_age_seconds: journal_age,
+            consumer: None,
+        }
+    }
+
+    #[test]
+    fn tracking_problems_warn_and_never_fail() {
+        let mut healthy = report(HealthStatus::Pass);
+        apply_tracking(&mut healthy, &tracking(true, Some(1.0)), 60.0);
+        assert_eq!(healthy.status, HealthStatus::Pass);
+        assert_eq!(healthy.checks["tracking:database"][0]["status"], "pass");
+        assert_eq!(healthy.checks["tracking:database"][0]["observedValue"], 12);
+
+        let mut down = report(HealthStatus::Pass);
+        apply_tracking(&mut down, &tracking(false, Some(1.0)), 60.0);
+        assert_eq!(down.status, HealthStatus::Warn);
+        assert!(!down.tracking_ok);
+        let output = down.checks["tracking:database"][0]["output"].as_str().unwrap();
+        assert!(
+            output.contains("unreachable") && output.contains("connection refused"),
+            "{output}"
+        );
+
+        let mut lagging = report(HealthStatus::Pass);
+        apply_tracking(&mut lagging, &tracking(true, Some(120.0)), 60.0);
+        assert_eq!(lagging.status, HealthStatus::Warn);
+
+        // A failing gateway stays failing; tracking never makes it worse.
+        let mut failing = report(HealthStatus::Fail);
+        apply_tracking(&mut failing, &tracking(false, None), 60.0);
+        assert_eq!(failing.status, HealthStatus::Fail);
+    }
+
+    #[test]
+    fn a_disconnected_tracking_consumer_warns() {
+        let mut with_consumer = tracking(true, None);
+        with_consumer.consumer = Some(ConsumerStatus {
+            queue: "platform.fifo".into(),
+            connected: false,
+            last_error: Some("NOT_FOUND - no queue 'platform.fifo'".into()),
+            waiting: None,
+            changed_at: Utc::now(),
+        });
+        let mut health = report(HealthStatus::Pass);
+        apply_tracking(&mut health, &with_consumer, 60.0);
+        assert_eq!(health.status, HealthStatus::Warn);
+        let check = &health.checks["tracking:syncQueue"][0];
+        assert_eq!(check["componentId"], "platform.fifo");
+        assert_eq!(check["status"], "warn");
+        assert!(check["output"].as_str().unwrap().contains("NOT_FOUND"));
+    }
+}

@@ -10,9 +10,11 @@
 //!   timeout around the whole call, transaction included); a timed-out call
 //!   is [`StoreError::Unavailable`].
 //! - **Upserts are idempotent by `task_id`** and a batch is one
-//!   transaction: all rows or none. The public `id` is drawn once, at the
-//!   first insert, and never changes. Rows are written in `task_id` order,
-//!   so concurrent batches lock rows in the same order (no deadlocks).
+//!   transaction (multi-row statements of up to 200 rows): all rows or
+//!   none. The public `id` is drawn once, at the first insert, and never
+//!   changes. Rows are written in `task_id` order, so concurrent batches
+//!   lock rows in the same order (no deadlocks), and a task id appearing
+//!   twice in one batch is folded into one row first.
 //! - **One bad row never blocks the rest**: when PostgreSQL or SQLite
 //!   refuses a batch for its *data*, the rows are retried one transaction
 //!   each and only the refused ones are skipped (logged and counted).
@@ -72,9 +74,10 @@ impl StoreError {
 
 /// Whether the database refused the statement for the data it carried
 /// (so retrying the same row cannot help): PostgreSQL classes 22 (data
-/// exception) and 23 (integrity), SQLite's constraint, too-big and
-/// mismatch errors. Everything else (I/O, pool timeouts, a missing table
-/// during a migration, lock timeouts) may pass on retry.
+/// exception), 23 (integrity) and 54 (program limit exceeded: a value too
+/// large for an index row), SQLite's constraint, too-big and mismatch
+/// errors. Everything else (I/O, pool timeouts, a missing table during a
+/// migration, lock timeouts) may pass on retry.
 fn is_data_error(error: &sqlx::Error) -> bool {
     let sqlx::Error::Database(database) = error else {
         return false;
@@ -83,7 +86,7 @@ fn is_data_error(error: &sqlx::Error) -> bool {
         return false;
     };
     if database.try_downcast_ref::<sqlx::postgres::PgDatabaseError>().is_some() {
-        return code.starts_with("22") || code.starts_with("23");
+        return code.starts_with("22") || code.starts_with("23") || code.starts_with("54");
     }
     // SQLite primary result codes (extended codes keep them in the low byte).
     code.parse::<i64>()
@@ -191,11 +194,80 @@ const COLUMNS: &str = "id, task_id, type, input, options, creator_id, related_co
 /// Insert, or update what a later record may change. The status comes from
 /// Celery's result row when the worker finished before we recorded the
 /// task; afterwards a trigger keeps it current.
-const UPSERT_PREFIX: &str = "INSERT INTO background_tasks (id, task_id, type, input, options, creator_id, \
-     related_content_type, related_object_id, parent_id, root_id, status, created_date, last_updated) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, \
-     COALESCE((SELECT m.status FROM celery_taskmeta m WHERE m.task_id = $2), 'PENDING'), $11, $12) \
-     ON CONFLICT (task_id) DO UPDATE SET ";
+const UPSERT_INSERT: &str = "INSERT INTO background_tasks (id, task_id, type, input, options, creator_id, \
+     related_content_type, related_object_id, parent_id, root_id, status, created_date, last_updated) VALUES ";
+const UPSERT_CONFLICT: &str = " ON CONFLICT (task_id) DO UPDATE SET ";
+/// Parameters per row of a multi-row upsert.
+const UPSERT_PARAMETERS: usize = 12;
+/// Rows per statement: 2,400 parameters, far below PostgreSQL's 65,535 and
+/// SQLite's 32,766, and few round trips per batch.
+const UPSERT_ROWS_PER_STATEMENT: usize = 200;
+
+/// `($1, ..., $12), ($13, ...)` for `rows` rows.
+fn upsert_values(rows: usize) -> String {
+    (0..rows)
+        .map(|row| {
+            let p = |n: usize| format!("${}", row * UPSERT_PARAMETERS + n);
+            format!(
+                "({}, {}, {}, {}, {}, {}, {}, {}, {}, {}, \
+                 COALESCE((SELECT m.status FROM celery_taskmeta m WHERE m.task_id = {}), 'PENDING'), {}, {})",
+                p(1),
+                p(2),
+                p(3),
+                p(4),
+                p(5),
+                p(6),
+                p(7),
+                p(8),
+                p(9),
+                p(10),
+                p(2),
+                p(11),
+                p(12)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// One record per task id, in `task_id` order: a statement may not touch a
+/// row twice (PostgreSQL refuses), so duplicates within a batch are folded
+/// the way consecutive upserts from `source` would have merged them.
+fn fold_duplicates(records: &[TaskRecord], source: RecordSource) -> Vec<TaskRecord> {
+    let mut folded: std::collections::BTreeMap<&str, TaskRecord> = std::collections::BTreeMap::new();
+    for record in records {
+        match folded.get_mut(record.task_id.as_str()) {
+            None => {
+                folded.insert(&record.task_id, record.clone());
+            }
+            Some(known) => {
+                let newer = record.clone();
+                let merged = match source {
+                    RecordSource::Gateway => TaskRecord {
+                        creator_id: newer.creator_id.or(known.creator_id.take()),
+                        related_content_type: newer.related_content_type.or(known.related_content_type.take()),
+                        related_object_id: newer.related_object_id.or(known.related_object_id.take()),
+                        parent_id: newer.parent_id.or(known.parent_id.take()),
+                        root_id: newer.root_id.or(known.root_id.take()),
+                        created_date: newer.created_date.min(known.created_date),
+                        ..newer
+                    },
+                    RecordSource::TrackingQueue => TaskRecord {
+                        creator_id: known.creator_id.take().or(newer.creator_id),
+                        related_content_type: known.related_content_type.take().or(newer.related_content_type),
+                        related_object_id: known.related_object_id.take().or(newer.related_object_id),
+                        parent_id: known.parent_id.take().or(newer.parent_id),
+                        root_id: known.root_id.take().or(newer.root_id),
+                        created_date: newer.created_date.min(known.created_date),
+                        ..known.clone()
+                    },
+                };
+                *known = merged;
+            }
+        }
+    }
+    folded.into_values().collect()
+}
 
 /// The gateway's record is authoritative for what it accepted.
 const UPSERT_GATEWAY: &str = "type = excluded.type, input = excluded.input, options = excluded.options, \
@@ -398,8 +470,8 @@ impl TrackingStore {
         if records.is_empty() {
             return Ok(UpsertOutcome::default());
         }
-        let mut ordered: Vec<&TaskRecord> = records.iter().collect();
-        ordered.sort_by(|a, b| a.task_id.cmp(&b.task_id));
+        let folded = fold_duplicates(records, source);
+        let ordered: Vec<&TaskRecord> = folded.iter().collect();
         match self.bounded(self.upsert_transaction(&ordered, source)).await {
             Ok(()) => Ok(UpsertOutcome {
                 written: ordered.len(),
@@ -430,28 +502,29 @@ impl TrackingStore {
             RecordSource::Gateway => UPSERT_GATEWAY,
             RecordSource::TrackingQueue => UPSERT_TRACKING_QUEUE,
         };
-        let sql = format!("{UPSERT_PREFIX}{update}");
         // Microseconds: what both databases keep.
         let now = Utc::now().trunc_subsecs(6);
         on_pool!(&self.backend, pool => {
             let mut transaction = pool.begin().await.map_err(StoreError::from_sqlx)?;
-            for record in records {
-                sqlx::query(&sql)
-                    .bind(new_public_id())
-                    .bind(&record.task_id)
-                    .bind(&record.task_type)
-                    .bind(Json(&record.input))
-                    .bind(Json(&record.options))
-                    .bind(&record.creator_id)
-                    .bind(&record.related_content_type)
-                    .bind(&record.related_object_id)
-                    .bind(&record.parent_id)
-                    .bind(&record.root_id)
-                    .bind(record.created_date)
-                    .bind(now)
-                    .execute(&mut *transaction)
-                    .await
-                    .map_err(StoreError::from_sqlx)?;
+            for chunk in records.chunks(UPSERT_ROWS_PER_STATEMENT) {
+                let sql = format!("{UPSERT_INSERT}{}{UPSERT_CONFLICT}{update}", upsert_values(chunk.len()));
+                let mut query = sqlx::query(&sql);
+                for record in chunk {
+                    query = query
+                        .bind(new_public_id())
+                        .bind(&record.task_id)
+                        .bind(&record.task_type)
+                        .bind(Json(&record.input))
+                        .bind(Json(&record.options))
+                        .bind(&record.creator_id)
+                        .bind(&record.related_content_type)
+                        .bind(&record.related_object_id)
+                        .bind(&record.parent_id)
+                        .bind(&record.root_id)
+                        .bind(record.created_date)
+                        .bind(now);
+                }
+                query.execute(&mut *transaction).await.map_err(StoreError::from_sqlx)?;
             }
             transaction.commit().await.map_err(StoreError::from_sqlx)
         })
@@ -650,6 +723,26 @@ mod tests {
         // Found by public id too.
         assert_eq!(store.find(&row.public_id).await.unwrap().unwrap().task_id, "t1");
         assert_eq!(store.find("nope").await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn large_batches_with_repeated_task_ids_are_one_transaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = sqlite_store(dir.path()).await;
+        let mut records: Vec<TaskRecord> = (0..450).map(|n| record(&format!("big{n:03}"), None, n)).collect();
+        // A retried task seen twice in one batch: folded, newest data kept.
+        records.push(record("big007", Some("later"), 10_000));
+        let outcome = store.upsert(&records, RecordSource::TrackingQueue).await.unwrap();
+        assert_eq!(outcome.written, 450);
+        let page = store.list(&TaskFilter::default(), None, MAX_PAGE).await.unwrap();
+        assert_eq!(page.tasks.len(), 450);
+        let repeated = store.find("big007").await.unwrap().unwrap();
+        assert_eq!(
+            repeated.creator_id.as_deref(),
+            Some("later"),
+            "gap filled by the later copy"
+        );
+        assert_eq!(repeated.created_date.timestamp_micros(), 7, "earliest sighting kept");
     }
 
     #[tokio::test]
