@@ -895,29 +895,21 @@ fn endpoint_description(settings: &BrokerSettings) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::task::{QueueName, TaskName};
+
     use base64::Engine;
     use serde_json::{json, Value};
 
     fn task(queues: &[&str], properties: Value) -> Task {
-        Task {
-            id: TaskId::parse("4ba38ac2-870f-47c4-b7aa-d6c87c715358").unwrap(),
-            task: TaskName::parse("rawq.echo").unwrap(),
-            args: vec![],
-            kwargs: json!({"text": "héllo ✓"}).as_object().unwrap().clone(),
-            routing_key: "rawq".into(),
-            queues: queues.iter().map(|q| QueueName::parse(q).unwrap()).collect(),
-            eta: None,
-            expires: None,
-            priority: None,
-            parent_id: None,
-            root_id: None,
-            group: None,
-            time_limit: None,
-            soft_time_limit: None,
-            properties: properties.as_object().cloned().unwrap_or_default(),
-            accepted_at: chrono::Utc::now(),
-        }
+        let mut task = Task::for_test(
+            TaskId::parse("4ba38ac2-870f-47c4-b7aa-d6c87c715358").unwrap(),
+            "rawq.echo",
+            vec![],
+            json!({"text": "héllo ✓"}).as_object().unwrap().clone(),
+            "rawq",
+            queues,
+        );
+        task.properties = properties.as_object().cloned().unwrap_or_default();
+        task
     }
 
     #[test]

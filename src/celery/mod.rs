@@ -254,8 +254,8 @@ pub(crate) mod test_support {
     //! Loading the captured Celery 5.7 traffic and turning a captured message
     //! back into the [`Task`] that would have produced it.
 
-    use crate::task::{QueueName, Task, TaskId, TaskName};
-    use chrono::Utc;
+    use crate::task::{Task, TaskId};
+
     use serde_json::{Map, Value};
     use std::path::PathBuf;
 
@@ -288,24 +288,14 @@ pub(crate) mod test_support {
                 .as_str()
                 .unwrap_or_else(|| panic!("captured header {name} is not a string"))
         };
-        Task {
-            id: TaskId::parse(header("id")).expect("captured id is a UUID"),
-            task: TaskName::parse(header("task")).expect("captured task name is valid"),
-            args: args.to_vec(),
-            kwargs: kwargs.clone(),
-            routing_key: routing_key.to_owned(),
-            queues: vec![QueueName::parse(routing_key).expect("captured queue name is valid")],
-            eta: None,
-            expires: None,
-            priority: None,
-            parent_id: None,
-            root_id: None,
-            group: None,
-            time_limit: None,
-            soft_time_limit: None,
-            properties: Map::new(),
-            accepted_at: Utc::now(),
-        }
+        Task::for_test(
+            TaskId::parse(header("id")).expect("captured id is a UUID"),
+            header("task"),
+            args.to_vec(),
+            kwargs.clone(),
+            routing_key,
+            &[routing_key],
+        )
     }
 
     /// A fresh task with the given arguments, for unit tests.

@@ -126,29 +126,19 @@ mod tests {
     use super::super::storage::{FaultyStorage, SledStorage};
     use super::super::{AcceptOutcome, Lane, OutboxSettings};
     use super::*;
-    use crate::task::{QueueName, TaskId, TaskName};
+    use crate::task::TaskId;
     use serde_json::json;
     use std::sync::Arc;
 
     fn task(n: i64) -> Task {
-        Task {
-            id: TaskId::new_random(),
-            task: TaskName::parse("export.project").unwrap(),
-            args: vec![json!(n)],
-            kwargs: Default::default(),
-            routing_key: "export".into(),
-            queues: vec![QueueName::parse("export").unwrap()],
-            eta: None,
-            expires: None,
-            priority: None,
-            parent_id: None,
-            root_id: None,
-            group: None,
-            time_limit: None,
-            soft_time_limit: None,
-            properties: Default::default(),
-            accepted_at: Utc::now(),
-        }
+        Task::for_test(
+            TaskId::new_random(),
+            "export.project",
+            vec![json!(n)],
+            Default::default(),
+            "export",
+            &["export"],
+        )
     }
 
     fn settings(dir: &std::path::Path) -> OutboxSettings {

@@ -1,26 +1,16 @@
 use super::*;
-use crate::task::{QueueName, Task, TaskId, TaskName};
+use crate::task::{Task, TaskId};
 use serde_json::json;
 
 fn task(name: &str, n: i64) -> Task {
-    Task {
-        id: TaskId::new_random(),
-        task: TaskName::parse(name).unwrap(),
-        args: vec![json!(n)],
-        kwargs: Default::default(),
-        routing_key: "export".into(),
-        queues: vec![QueueName::parse("export").unwrap()],
-        eta: None,
-        expires: None,
-        priority: None,
-        parent_id: None,
-        root_id: None,
-        group: None,
-        time_limit: None,
-        soft_time_limit: None,
-        properties: Default::default(),
-        accepted_at: Utc::now(),
-    }
+    Task::for_test(
+        TaskId::new_random(),
+        name,
+        vec![json!(n)],
+        Default::default(),
+        "export",
+        &["export"],
+    )
 }
 
 fn settings(dir: &std::path::Path) -> OutboxSettings {

@@ -197,3 +197,39 @@ pub struct Task {
     pub properties: Map<String, Value>,
     pub accepted_at: DateTime<Utc>,
 }
+
+#[cfg(test)]
+impl Task {
+    /// A task with only its identity, call and routing set (every Celery
+    /// option left unset), for unit tests across the crate.
+    pub(crate) fn for_test(
+        id: TaskId,
+        name: &str,
+        args: Vec<Value>,
+        kwargs: Map<String, Value>,
+        routing_key: &str,
+        queues: &[&str],
+    ) -> Task {
+        Task {
+            id,
+            task: TaskName::parse(name).expect("test task name is valid"),
+            args,
+            kwargs,
+            routing_key: routing_key.to_owned(),
+            queues: queues
+                .iter()
+                .map(|q| QueueName::parse(q).expect("test queue name is valid"))
+                .collect(),
+            eta: None,
+            expires: None,
+            priority: None,
+            parent_id: None,
+            root_id: None,
+            group: None,
+            time_limit: None,
+            soft_time_limit: None,
+            properties: Map::new(),
+            accepted_at: Utc::now(),
+        }
+    }
+}
