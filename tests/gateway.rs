@@ -35,6 +35,19 @@ fn strict_registry(settings: &mut taskgate::config::Settings) {
     }];
 }
 
+/// A gateway whose broker connection runs through a fault proxy, with one
+/// queue bound `#`, started and healthy.
+async fn spawn_behind_proxy(dir: &std::path::Path, queue: &str) -> (FaultProxy, TestApp) {
+    let proxy = FaultProxy::start(rabbitmq_address()).unwrap();
+    let settings = test_settings(dir, &proxied_url(&proxy), &[(queue, "#")]);
+    let app = spawn_app(settings).await;
+    app.wait_for_health(Duration::from_secs(10), |h| {
+        h["status"] == "pass" && h["async_available"] == true
+    })
+    .await;
+    (proxy, app)
+}
+
 async fn post(app: &TestApp, body: &Value) -> (u16, Value) {
     let response = app.post_task(body).await;
     let status = response.status().as_u16();
@@ -339,13 +352,7 @@ async fn full_outbox_answers_503_then_accepts_again_once_drained() {
 async fn refused_broker_spools_and_delivers_in_order_on_return() {
     let dir = tempfile::tempdir().unwrap();
     let queue = unique("refuse");
-    let proxy = FaultProxy::start(rabbitmq_address()).unwrap();
-    let settings = test_settings(dir.path(), &proxied_url(&proxy), &[(&queue, "#")]);
-    let app = spawn_app(settings).await;
-    app.wait_for_health(Duration::from_secs(10), |h| {
-        h["status"] == "pass" && h["async_available"] == true
-    })
-    .await;
+    let (proxy, app) = spawn_behind_proxy(dir.path(), &queue).await;
 
     proxy.set_mode(FaultMode::Refuse);
     let mut ids = Vec::new();
@@ -385,11 +392,7 @@ async fn refused_broker_spools_and_delivers_in_order_on_return() {
 async fn blackholed_broker_never_slows_accepts_and_recovers() {
     let dir = tempfile::tempdir().unwrap();
     let queue = unique("blackhole");
-    let proxy = FaultProxy::start(rabbitmq_address()).unwrap();
-    let settings = test_settings(dir.path(), &proxied_url(&proxy), &[(&queue, "#")]);
-    let app = spawn_app(settings).await;
-    app.wait_for_health(Duration::from_secs(10), |h| h["status"] == "pass")
-        .await;
+    let (proxy, app) = spawn_behind_proxy(dir.path(), &queue).await;
 
     proxy.set_mode(FaultMode::Blackhole);
     let blackholed_at = Instant::now();
@@ -431,11 +434,7 @@ async fn blackholed_broker_never_slows_accepts_and_recovers() {
 async fn health_stream_announces_changes() {
     let dir = tempfile::tempdir().unwrap();
     let queue = unique("stream");
-    let proxy = FaultProxy::start(rabbitmq_address()).unwrap();
-    let settings = test_settings(dir.path(), &proxied_url(&proxy), &[(&queue, "#")]);
-    let app = spawn_app(settings).await;
-    app.wait_for_health(Duration::from_secs(10), |h| h["status"] == "pass")
-        .await;
+    let (proxy, app) = spawn_behind_proxy(dir.path(), &queue).await;
 
     let mut stream = app.client.get(app.url("/v1/health/stream")).send().await.unwrap();
     assert_eq!(stream.headers()["content-type"], "text/event-stream");

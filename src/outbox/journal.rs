@@ -124,28 +124,15 @@ impl Outbox {
 #[cfg(test)]
 mod tests {
     use super::super::storage::{FaultyStorage, SledStorage};
-    use super::super::{AcceptOutcome, Lane, OutboxSettings};
+    use super::super::{AcceptOutcome, Lane};
     use super::*;
     use crate::task::TaskId;
-    use serde_json::json;
     use std::sync::Arc;
 
-    fn task(n: i64) -> Task {
-        Task::for_test(
-            TaskId::new_random(),
-            "export.project",
-            vec![json!(n)],
-            Default::default(),
-            "export",
-            &["export"],
-        )
-    }
+    use super::super::tests::settings;
 
-    fn settings(dir: &std::path::Path) -> OutboxSettings {
-        OutboxSettings {
-            path: dir.join("outbox"),
-            ..OutboxSettings::default()
-        }
+    fn task(n: i64) -> Task {
+        super::super::tests::task("export.project", n)
     }
 
     fn ids(entries: &[JournalEntry]) -> Vec<TaskId> {

@@ -2,7 +2,7 @@ use super::*;
 use crate::task::{Task, TaskId};
 use serde_json::json;
 
-fn task(name: &str, n: i64) -> Task {
+pub(super) fn task(name: &str, n: i64) -> Task {
     Task::for_test(
         TaskId::new_random(),
         name,
@@ -13,7 +13,7 @@ fn task(name: &str, n: i64) -> Task {
     )
 }
 
-fn settings(dir: &std::path::Path) -> OutboxSettings {
+pub(super) fn settings(dir: &std::path::Path) -> OutboxSettings {
     OutboxSettings {
         path: dir.join("outbox"),
         ..OutboxSettings::default()
