@@ -543,12 +543,7 @@ impl SqsPublisher {
         let url = output
             .queue_url
             .ok_or_else(|| SqsFailure::new(SqsErrorClass::Unavailable, "GetQueueUrl answered without a QueueUrl"))?;
-        self.queue_urls
-            .lock()
-            .expect("queue url lock")
-            .insert(sqs_name.to_owned(), url.clone());
-        self.set_queue_missing(sqs_name, false);
-        Ok(url)
+        Ok(self.remember_queue_url(sqs_name, url))
     }
 
     async fn create_queue(&self, client: &Client, sqs_name: &str) -> Result<String, SqsFailure> {
@@ -568,12 +563,17 @@ impl SqsPublisher {
             .queue_url
             .ok_or_else(|| SqsFailure::new(SqsErrorClass::Unavailable, "CreateQueue answered without a QueueUrl"))?;
         tracing::info!(queue = sqs_name, "created SQS queue");
+        Ok(self.remember_queue_url(sqs_name, url))
+    }
+
+    /// Caches a resolved URL and clears the queue's "missing" mark.
+    fn remember_queue_url(&self, sqs_name: &str, url: String) -> String {
         self.queue_urls
             .lock()
             .expect("queue url lock")
             .insert(sqs_name.to_owned(), url.clone());
         self.set_queue_missing(sqs_name, false);
-        Ok(url)
+        url
     }
 
     /// The queue's URL: cached, else GetQueueUrl, else (when allowed)
