@@ -28,7 +28,7 @@ pub enum OfflineError {
     Operation(#[from] OutboxError),
 }
 
-/// An outbox opened without a server. Its group committer runs on a
+/// An outbox opened without a server. Its flushes are awaited on a
 /// private single-threaded runtime, driven by [`OfflineOutbox::flush`].
 pub struct OfflineOutbox {
     runtime: tokio::runtime::Runtime,

@@ -5,7 +5,8 @@
 //!
 //! 1. **Accepted means durable.** [`Outbox::accept`] returns `Ok` only after a
 //!    flush that started after the task's batch was applied has completed
-//!    ([`group_commit`]). Many concurrent accepts share one flush.
+//!    ([`group_commit`]). Concurrent accepts are written by one committer
+//!    thread as one batch per group, covered by one flush.
 //! 2. **FIFO per lane.** A lane is one delivery destination (the AMQP
 //!    exchange, or one SQS queue). Sequence numbers are assigned under the
 //!    insert lock, in the same critical section that applies the batch, so
@@ -36,6 +37,7 @@
 //!
 //! Lane names never contain `\0` (they are exchange or queue names).
 
+mod accept;
 pub mod group_commit;
 pub mod journal;
 pub mod operations;
@@ -47,7 +49,7 @@ use group_commit::GroupCommitter;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 pub use storage::{FaultyStorage, OutboxStorage, SledStorage, StorageError};
@@ -272,18 +274,18 @@ pub struct Outbox {
     storage: Arc<dyn OutboxStorage>,
     committer: GroupCommitter,
     /// Held while sequences are assigned and the batch applied (invariant 2).
-    insert_lock: Mutex<SequenceState>,
+    insert_lock: Arc<Mutex<SequenceState>>,
     /// Serialises read-modify-write of status records.
     status_lock: Mutex<()>,
-    counters: Mutex<Counters>,
+    counters: Arc<Mutex<Counters>>,
     settings: OutboxSettings,
     new_work: Notify,
     /// Set when an accept was refused for lack of room; cleared once the
     /// outbox drained below [`ROOM_AGAIN_FRACTION`] of its limit, so a load
     /// balancer does not flap on every confirmed task.
-    refusing: AtomicBool,
+    refusing: Arc<AtomicBool>,
     /// Journal entries not yet recorded in the tracking database.
-    journal_depth: std::sync::atomic::AtomicU64,
+    journal_depth: Arc<AtomicU64>,
     /// Wakes the tracking writer after an accept.
     new_journal: Notify,
 }
@@ -397,17 +399,29 @@ impl Outbox {
             .and_then(|bytes| bytes.try_into().ok().map(u64::from_be_bytes))
             .unwrap_or(0);
         let next = reserved.max(highest_sequence + 1);
-        let committer = GroupCommitter::start(storage.clone());
+        let insert_lock = Arc::new(Mutex::new(SequenceState { next, reserved: next }));
+        let counters = Arc::new(Mutex::new(counters));
+        let refusing = Arc::new(AtomicBool::new(false));
+        let journal_depth = Arc::new(AtomicU64::new(journal_depth));
+        let writer = accept::AcceptWriter {
+            storage: storage.clone(),
+            insert_lock: insert_lock.clone(),
+            counters: counters.clone(),
+            refusing: refusing.clone(),
+            journal_depth: journal_depth.clone(),
+            max_bytes: settings.max_bytes,
+        };
+        let committer = GroupCommitter::start(storage.clone(), writer)?;
         Ok(Arc::new(Self {
             storage,
             committer,
-            insert_lock: Mutex::new(SequenceState { next, reserved: next }),
+            insert_lock,
             status_lock: Mutex::new(()),
-            counters: Mutex::new(counters),
+            counters,
             settings,
             new_work: Notify::new(),
-            refusing: AtomicBool::new(false),
-            journal_depth: std::sync::atomic::AtomicU64::new(journal_depth),
+            refusing,
+            journal_depth,
             new_journal: Notify::new(),
         }))
     }
@@ -417,118 +431,21 @@ impl Outbox {
     }
 
     /// Makes `tasks` durable, each in the given lanes, atomically, and
-    /// returns once they are on disk (shared flush).
+    /// returns once they are on disk. The request is encoded here and
+    /// written by the committer with every other accept of its group (one
+    /// batch, one flush).
     pub async fn accept(
         &self,
         tasks: Vec<(Task, Vec<Lane>)>,
         idempotency: Option<&str>,
     ) -> Result<AcceptOutcome, OutboxError> {
-        let outcome = self.apply_accept(&tasks, idempotency)?;
-        // A replay also waits: the first request's write may still be
-        // waiting for its flush, and we must not answer before it is durable.
-        self.committer.commit().await?;
+        let prepared = accept::PreparedAccept::prepare(tasks, idempotency)?;
+        let outcome = self.committer.accept(prepared).await?;
         if matches!(outcome, AcceptOutcome::Accepted(_)) {
             self.new_work.notify_one();
             self.new_journal.notify_one();
         }
         Ok(outcome)
-    }
-
-    /// The synchronous part of [`Outbox::accept`]: checks, sequence
-    /// assignment and one atomic batch, all under the insert lock.
-    fn apply_accept(
-        &self,
-        tasks: &[(Task, Vec<Lane>)],
-        idempotency: Option<&str>,
-    ) -> Result<AcceptOutcome, OutboxError> {
-        let now = Utc::now();
-        let mut acceptances = Vec::with_capacity(tasks.len());
-        let mut operations = Vec::with_capacity(tasks.len() * 2 + 2);
-        let mut additions = Vec::with_capacity(tasks.len());
-        // One tracking journal entry per task, in this same atomic batch.
-        let mut journal_entries = Vec::with_capacity(tasks.len());
-        for (task, lanes) in tasks {
-            let encoded = serde_json::to_vec(task)?;
-            journal_entries.push(encoded.clone());
-            let status = TaskStatus {
-                id: task.id,
-                task: task.task.clone(),
-                routing_key: task.routing_key.clone(),
-                queues: task.queues.clone(),
-                state: TaskState::Queued,
-                attempts: 0,
-                last_error: None,
-                accepted_at: task.accepted_at,
-                published_at: None,
-                remaining_deliveries: lanes.len() as u32,
-            };
-            operations.push((status_key(&task.id), Some(serde_json::to_vec(&status)?)));
-            for lane in lanes {
-                additions.push((lane.clone(), task, encoded.clone()));
-            }
-            acceptances.push(Acceptance {
-                id: task.id,
-                task: task.task.clone(),
-                routing_key: task.routing_key.clone(),
-                queues: task.queues.clone(),
-            });
-        }
-        let added_bytes: u64 = additions.iter().map(|(_, _, e)| e.len() as u64).sum();
-        let mut sequences = self.insert_lock.lock().expect("insert lock poisoned");
-        if let Some(key) = idempotency {
-            if let Some(bytes) = self.storage.get(&idempotency_key(key))? {
-                if let Ok(record) = serde_json::from_slice::<IdempotencyRecord>(&bytes) {
-                    let window = chrono::Duration::from_std(IDEMPOTENCY_WINDOW).unwrap_or_default();
-                    if now - record.created_at < window {
-                        return Ok(AcceptOutcome::Replayed(record.acceptances));
-                    }
-                }
-            }
-            let record = IdempotencyRecord {
-                acceptances: acceptances.clone(),
-                created_at: now,
-            };
-            operations.push((idempotency_key(key), Some(serde_json::to_vec(&record)?)));
-        }
-        {
-            let counters = self.counters.lock().expect("counters poisoned");
-            if counters.bytes + added_bytes > self.settings.max_bytes {
-                self.refusing.store(true, Ordering::SeqCst);
-                return Err(OutboxError::Full {
-                    used: counters.bytes,
-                    limit: self.settings.max_bytes,
-                });
-            }
-        }
-        let mut seen = std::collections::HashSet::with_capacity(tasks.len());
-        for (task, _) in tasks {
-            if !seen.insert(task.id) || self.storage.get(&status_key(&task.id))?.is_some() {
-                return Err(OutboxError::DuplicateTaskId(task.id));
-            }
-        }
-        let first = sequences.next;
-        let first_journal = first + additions.len() as u64;
-        let next = first_journal + journal_entries.len() as u64;
-        if next > sequences.reserved {
-            let reserved = next + SEQUENCE_BLOCK;
-            operations.push((SEQUENCE_RESERVED.to_vec(), Some(reserved.to_be_bytes().to_vec())));
-            sequences.reserved = reserved;
-        }
-        for (offset, (lane, _, encoded)) in additions.iter().enumerate() {
-            operations.push((pending_key(lane, first + offset as u64), Some(encoded.clone())));
-        }
-        let journaled = journal_entries.len() as u64;
-        for (offset, encoded) in journal_entries.into_iter().enumerate() {
-            operations.push((journal::journal_key(first_journal + offset as u64), Some(encoded)));
-        }
-        self.storage.apply(operations)?;
-        sequences.next = next;
-        self.journal_depth.fetch_add(journaled, Ordering::SeqCst);
-        let mut counters = self.counters.lock().expect("counters poisoned");
-        for (lane, task, encoded) in &additions {
-            counters.add(lane, task, encoded.len() as u64);
-        }
-        Ok(AcceptOutcome::Accepted(acceptances))
     }
 
     /// Resolves when new work may be waiting (a permit is kept if nobody
@@ -841,7 +758,7 @@ impl Outbox {
 
     /// Makes every write so far durable (used at shutdown).
     pub async fn flush(&self) -> Result<(), OutboxError> {
-        Ok(self.committer.commit().await?)
+        self.committer.commit().await
     }
 }
 

@@ -555,7 +555,7 @@ mod tests {
 
     fn task(n: i64, queues: &[&str]) -> Task {
         Task {
-            id: TaskId::new_random(),
+            id: TaskId::generate(),
             task: TaskName::parse("export.project").unwrap(),
             args: vec![json!(n)],
             kwargs: Default::default(),

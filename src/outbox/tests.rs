@@ -4,7 +4,7 @@ use serde_json::json;
 
 pub(super) fn task(name: &str, n: i64) -> Task {
     Task::for_test(
-        TaskId::new_random(),
+        TaskId::generate(),
         name,
         vec![json!(n)],
         Default::default(),
@@ -218,6 +218,82 @@ async fn concurrent_accepts_share_flushes_and_keep_sequence_order() {
             .collect();
         assert!(mine.windows(2).all(|pair| pair[0] < pair[1]));
     }
+}
+
+/// Many clients retrying one request at the same moment land in one
+/// group: the key and the id must still hold across requests of a group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_repeats_of_a_key_or_an_id_write_one_task() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = Outbox::open(&settings(dir.path())).unwrap();
+    let one = task("a.b", 1);
+    let mut keyed = Vec::new();
+    let mut same_id = Vec::new();
+    for n in 0..16 {
+        let outbox_for_key = outbox.clone();
+        keyed.push(tokio::spawn(async move {
+            outbox_for_key
+                .accept(vec![(task("a.b", 100 + n), vec![lane()])], Some("retry-me"))
+                .await
+                .unwrap()
+        }));
+        let (outbox, one) = (outbox.clone(), one.clone());
+        same_id.push(tokio::spawn(async move {
+            outbox.accept(vec![(one, vec![lane()])], None).await
+        }));
+    }
+    let mut accepted_ids = std::collections::HashSet::new();
+    let mut first_answers = 0;
+    for handle in keyed {
+        match handle.await.unwrap() {
+            AcceptOutcome::Accepted(acceptances) => {
+                first_answers += 1;
+                accepted_ids.insert(acceptances[0].id);
+            }
+            AcceptOutcome::Replayed(acceptances) => {
+                accepted_ids.insert(acceptances[0].id);
+            }
+        }
+    }
+    assert_eq!(first_answers, 1, "exactly one request with the key writes");
+    assert_eq!(accepted_ids.len(), 1, "every repeat answers the same id");
+    let mut written = 0;
+    for handle in same_id {
+        match handle.await.unwrap() {
+            Ok(_) => written += 1,
+            Err(OutboxError::DuplicateTaskId(id)) => assert_eq!(id, one.id),
+            Err(other) => panic!("unexpected {other}"),
+        }
+    }
+    assert_eq!(written, 1, "a task id is accepted once");
+    assert_eq!(outbox.depth(), 2);
+    assert_eq!(outbox.head(&lane(), 10).unwrap().len(), 2);
+}
+
+/// A failed group write leaves nothing behind: no entry, no count, and the
+/// next group (with the same ids) is accepted normally.
+#[tokio::test]
+async fn a_failed_group_write_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let sled = Arc::new(SledStorage::open(&dir.path().join("o"), 1 << 20).unwrap());
+    let faulty = Arc::new(FaultyStorage::new(sled));
+    let outbox = Outbox::with_storage(faulty.clone(), settings(dir.path())).unwrap();
+    let one = task("a.b", 1);
+    faulty.fail_writes(true);
+    let error = outbox
+        .accept(vec![(one.clone(), vec![lane()])], Some("k"))
+        .await
+        .unwrap_err();
+    assert!(matches!(error, OutboxError::Storage(_)), "{error}");
+    assert_eq!((outbox.depth(), outbox.bytes(), outbox.journal_depth()), (0, 0, 0));
+    assert!(outbox.status(&one.id).unwrap().is_none());
+    faulty.fail_writes(false);
+    let outcome = outbox
+        .accept(vec![(one.clone(), vec![lane()])], Some("k"))
+        .await
+        .unwrap();
+    assert!(matches!(outcome, AcceptOutcome::Accepted(_)), "{outcome:?}");
+    assert_eq!(outbox.depth(), 1);
 }
 
 #[tokio::test]

@@ -68,7 +68,7 @@ pub fn accept(
     let name = TaskName::parse(&request.task).map_err(|message| IntakeError::field("task", message))?;
     let id = match &request.id {
         Some(text) => TaskId::parse(text).map_err(|_| IntakeError::field("id", format!("{text:?} is not a UUID")))?,
-        None => TaskId::new_random(),
+        None => TaskId::generate(),
     };
     let binding = registry.bind(&name, &request.args, &request.kwargs)?;
     let routing_key = match (&request.routing_key, binding.routing_key) {

@@ -16,14 +16,16 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::fmt;
 
-/// A Celery task id. Clients may choose one (any UUID); otherwise a v4 UUID.
+/// A Celery task id. Clients may choose one (any UUID); otherwise taskgate
+/// generates a v7 UUID: time-ordered, so the outbox's status index (keyed
+/// by id) grows at its end instead of rewriting leaves all over the tree.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct TaskId(uuid::Uuid);
 
 impl TaskId {
-    pub fn new_random() -> Self {
-        Self(uuid::Uuid::new_v4())
+    pub fn generate() -> Self {
+        Self(uuid::Uuid::now_v7())
     }
 
     pub fn parse(text: &str) -> Result<Self, uuid::Error> {

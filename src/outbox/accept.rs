@@ -1,0 +1,256 @@
+//! Staging accepts: turns a group of accept requests into one atomic
+//! storage batch, on the committer thread ([`super::group_commit`]).
+//!
+//! Why accepts are written by the committer rather than by each request:
+//! sled 0.34 seals and writes its I/O buffer (a `pwrite` plus
+//! `sync_file_range` on its thread pool, waking every pool thread) on every
+//! `apply_batch`, so one batch per request cost one disk write per request
+//! whatever the group commit saved on flushes. One batch per group turns
+//! that into one write per group.
+//!
+//! Invariants:
+//! - Requests are staged in arrival order, under the outbox's insert lock,
+//!   so sequence order within a lane is acceptance order, and a group's
+//!   keys become visible together, after every smaller sequence.
+//! - A request's checks (idempotency key, reused task id, room) see the
+//!   store *and* the requests staged before it in the same group.
+//! - The group's batch is all or nothing: if it fails, no request in it was
+//!   written, and the counters are untouched.
+//! - The expensive, request-local work (JSON encoding) is done by the
+//!   caller in [`PreparedAccept::prepare`], off the committer thread.
+
+use super::storage::{OutboxStorage, StorageError, WriteOperation};
+use super::{
+    idempotency_key, journal, pending_key, status_key, AcceptOutcome, Acceptance, Counters, IdempotencyRecord, Lane,
+    OutboxError, SequenceState, TaskState, TaskStatus, IDEMPOTENCY_WINDOW, SEQUENCE_BLOCK, SEQUENCE_RESERVED,
+};
+use crate::task::{Task, TaskId};
+use chrono::{DateTime, Utc};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// One task of an accept, encoded by the caller.
+pub(super) struct PreparedTask {
+    task: Task,
+    lanes: Vec<Lane>,
+    /// The task as stored in its lanes and in the tracking journal.
+    encoded: Vec<u8>,
+    /// Its initial [`TaskStatus`] record.
+    status: Vec<u8>,
+}
+
+/// One accept request (a single task or a whole batch), ready to stage.
+pub(super) struct PreparedAccept {
+    tasks: Vec<PreparedTask>,
+    idempotency: Option<String>,
+    acceptances: Vec<Acceptance>,
+}
+
+impl PreparedAccept {
+    pub(super) fn prepare(tasks: Vec<(Task, Vec<Lane>)>, idempotency: Option<&str>) -> Result<Self, OutboxError> {
+        let mut prepared = Vec::with_capacity(tasks.len());
+        let mut acceptances = Vec::with_capacity(tasks.len());
+        for (task, lanes) in tasks {
+            let status = TaskStatus {
+                id: task.id,
+                task: task.task.clone(),
+                routing_key: task.routing_key.clone(),
+                queues: task.queues.clone(),
+                state: TaskState::Queued,
+                attempts: 0,
+                last_error: None,
+                accepted_at: task.accepted_at,
+                published_at: None,
+                remaining_deliveries: lanes.len() as u32,
+            };
+            acceptances.push(Acceptance {
+                id: task.id,
+                task: task.task.clone(),
+                routing_key: task.routing_key.clone(),
+                queues: task.queues.clone(),
+            });
+            prepared.push(PreparedTask {
+                encoded: serde_json::to_vec(&task)?,
+                status: serde_json::to_vec(&status)?,
+                task,
+                lanes,
+            });
+        }
+        Ok(Self {
+            tasks: prepared,
+            idempotency: idempotency.map(str::to_owned),
+            acceptances,
+        })
+    }
+
+    fn pending_bytes(&self) -> u64 {
+        self.tasks
+            .iter()
+            .map(|task| task.encoded.len() as u64 * task.lanes.len() as u64)
+            .sum()
+    }
+}
+
+/// The parts of the outbox the committer thread writes accepts with.
+pub(super) struct AcceptWriter {
+    pub(super) storage: Arc<dyn OutboxStorage>,
+    pub(super) insert_lock: Arc<Mutex<SequenceState>>,
+    pub(super) counters: Arc<Mutex<Counters>>,
+    pub(super) refusing: Arc<AtomicBool>,
+    pub(super) journal_depth: Arc<AtomicU64>,
+    pub(super) max_bytes: u64,
+}
+
+/// What staging decided for one request, before the group is written.
+enum Staged {
+    Accepted(Vec<Acceptance>),
+    Replayed(Vec<Acceptance>),
+    Refused(OutboxError),
+}
+
+/// The group's pending writes and what they add to the counters.
+#[derive(Default)]
+struct GroupBatch<'a> {
+    operations: Vec<WriteOperation>,
+    additions: Vec<(&'a Lane, &'a Task, u64)>,
+    added_bytes: u64,
+    journaled: u64,
+    ids: HashSet<TaskId>,
+    idempotency: HashMap<&'a str, &'a [Acceptance]>,
+}
+
+impl AcceptWriter {
+    /// Stages `requests` in order and writes them as one atomic batch.
+    /// Returns each request's outcome; a storage failure fails every
+    /// request that would have written something.
+    pub(super) fn write_group(&self, requests: &[&PreparedAccept]) -> Vec<Result<AcceptOutcome, OutboxError>> {
+        let now = Utc::now();
+        let mut sequences = self.insert_lock.lock().expect("insert lock poisoned");
+        let mut group = GroupBatch::default();
+        let mut staged = Vec::with_capacity(requests.len());
+        for request in requests {
+            staged.push(match self.stage(request, now, &mut sequences, &mut group) {
+                Ok(outcome) => outcome,
+                Err(error) => Staged::Refused(error),
+            });
+        }
+        let written = if group.operations.is_empty() {
+            Ok(())
+        } else {
+            self.storage.apply(std::mem::take(&mut group.operations))
+        };
+        match written {
+            Ok(()) => {
+                let mut counters = self.counters.lock().expect("counters poisoned");
+                for (lane, task, bytes) in &group.additions {
+                    counters.add(lane, task, *bytes);
+                }
+                self.journal_depth.fetch_add(group.journaled, Ordering::SeqCst);
+            }
+            // Sequences handed out stay used: a gap in a lane is harmless.
+            Err(ref error) => tracing::error!(%error, requests = requests.len(), "outbox batch failed"),
+        }
+        drop(sequences);
+        staged
+            .into_iter()
+            .map(|outcome| match (outcome, &written) {
+                (Staged::Refused(error), _) => Err(error),
+                (Staged::Replayed(acceptances), _) => Ok(AcceptOutcome::Replayed(acceptances)),
+                (Staged::Accepted(acceptances), Ok(())) => Ok(AcceptOutcome::Accepted(acceptances)),
+                (Staged::Accepted(_), Err(error)) => Err(OutboxError::Storage(error.clone())),
+            })
+            .collect()
+    }
+
+    fn stage<'a>(
+        &self,
+        request: &'a PreparedAccept,
+        now: DateTime<Utc>,
+        sequences: &mut SequenceState,
+        group: &mut GroupBatch<'a>,
+    ) -> Result<Staged, OutboxError> {
+        if let Some(key) = request.idempotency.as_deref() {
+            if let Some(acceptances) = group.idempotency.get(key) {
+                return Ok(Staged::Replayed(acceptances.to_vec()));
+            }
+            if let Some(acceptances) = self.stored_idempotency(key, now)? {
+                return Ok(Staged::Replayed(acceptances));
+            }
+        }
+        let added_bytes = request.pending_bytes();
+        let used = self.counters.lock().expect("counters poisoned").bytes + group.added_bytes;
+        if used + added_bytes > self.max_bytes {
+            self.refusing.store(true, Ordering::SeqCst);
+            return Err(OutboxError::Full {
+                used,
+                limit: self.max_bytes,
+            });
+        }
+        let mut seen = HashSet::with_capacity(request.tasks.len());
+        for prepared in &request.tasks {
+            let id = prepared.task.id;
+            if !seen.insert(id) || group.ids.contains(&id) || self.storage.get(&status_key(&id))?.is_some() {
+                return Err(OutboxError::DuplicateTaskId(id));
+            }
+        }
+        let lane_entries: u64 = request.tasks.iter().map(|task| task.lanes.len() as u64).sum();
+        let first = sequences.next;
+        let first_journal = first + lane_entries;
+        let next = first_journal + request.tasks.len() as u64;
+        if next > sequences.reserved {
+            let reserved = next + SEQUENCE_BLOCK;
+            group
+                .operations
+                .push((SEQUENCE_RESERVED.to_vec(), Some(reserved.to_be_bytes().to_vec())));
+            sequences.reserved = reserved;
+        }
+        sequences.next = next;
+        let mut sequence = first;
+        for (offset, prepared) in request.tasks.iter().enumerate() {
+            group
+                .operations
+                .push((status_key(&prepared.task.id), Some(prepared.status.clone())));
+            for lane in &prepared.lanes {
+                group
+                    .operations
+                    .push((pending_key(lane, sequence), Some(prepared.encoded.clone())));
+                group
+                    .additions
+                    .push((lane, &prepared.task, prepared.encoded.len() as u64));
+                sequence += 1;
+            }
+            // One tracking journal entry per task, in this same batch.
+            group.operations.push((
+                journal::journal_key(first_journal + offset as u64),
+                Some(prepared.encoded.clone()),
+            ));
+            group.ids.insert(prepared.task.id);
+        }
+        if let Some(key) = request.idempotency.as_deref() {
+            let record = IdempotencyRecord {
+                acceptances: request.acceptances.clone(),
+                created_at: now,
+            };
+            group
+                .operations
+                .push((idempotency_key(key), Some(serde_json::to_vec(&record)?)));
+            group.idempotency.insert(key, &request.acceptances);
+        }
+        group.added_bytes += added_bytes;
+        group.journaled += request.tasks.len() as u64;
+        Ok(Staged::Accepted(request.acceptances.clone()))
+    }
+
+    /// The answer stored for `key`, if it is still within its window.
+    fn stored_idempotency(&self, key: &str, now: DateTime<Utc>) -> Result<Option<Vec<Acceptance>>, StorageError> {
+        let Some(bytes) = self.storage.get(&idempotency_key(key))? else {
+            return Ok(None);
+        };
+        let window = chrono::Duration::from_std(IDEMPOTENCY_WINDOW).unwrap_or_default();
+        Ok(serde_json::from_slice::<IdempotencyRecord>(&bytes)
+            .ok()
+            .filter(|record| now - record.created_at < window)
+            .map(|record| record.acceptances))
+    }
+}
