@@ -74,7 +74,9 @@ pub struct OutboxSettings {
     pub path: PathBuf,
     /// Pending bytes at which new tasks are refused with 503.
     pub max_bytes: u64,
-    /// sled page cache; bounds memory whatever the depth.
+    /// sled page cache; bounds memory whatever the depth. sled's resident
+    /// memory runs well above this figure, so the default is small; the
+    /// measured RSS is in docs/benchmarks.md.
     pub cache_bytes: u64,
     /// How long the status of a published task stays answerable by
     /// `GET /v1/tasks/{id}` from the outbox alone.
@@ -86,7 +88,7 @@ impl Default for OutboxSettings {
         Self {
             path: PathBuf::from("data/outbox"),
             max_bytes: 1 << 30,
-            cache_bytes: 16 << 20,
+            cache_bytes: 8 << 20,
             published_retention_seconds: 3600,
         }
     }
