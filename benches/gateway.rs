@@ -218,27 +218,47 @@ struct LoadResult {
     started: Instant,
 }
 
-/// Posts `total` tasks over `CONNECTIONS` concurrent clients.
+/// Posts `total` tasks over `CONNECTIONS` concurrent keep-alive
+/// connections. A bare hyper HTTP/1.1 connection per client, not a pooled
+/// high-level client: the generator shares the two cores with taskgate and
+/// RabbitMQ, and every cycle it spends is one taskgate does not get.
 async fn http_load(base_url: &str, total: usize) -> LoadResult {
+    let address = base_url.trim_start_matches("http://").to_owned();
     let next = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
     let mut workers = Vec::new();
     for _ in 0..CONNECTIONS {
         let next = next.clone();
-        let url = format!("{base_url}/v1/tasks");
+        let address = address.clone();
         workers.push(tokio::spawn(async move {
-            let client = reqwest::Client::builder().pool_max_idle_per_host(1).build().unwrap();
+            let stream = tokio::net::TcpStream::connect(&address)
+                .await
+                .expect("connect to taskgate");
+            stream.set_nodelay(true).unwrap();
+            let (mut sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .expect("HTTP handshake");
+            tokio::spawn(connection);
             let mut latencies = Vec::new();
             loop {
                 let n = next.fetch_add(1, Ordering::Relaxed);
                 if n >= total {
                     return latencies;
                 }
-                let body = sample_task(n);
+                let body = serde_json::to_vec(&sample_task(n)).unwrap();
+                let request = hyper::Request::post("/v1/tasks")
+                    .header("host", address.as_str())
+                    .header("content-type", "application/json")
+                    .body(http_body_util::Full::new(hyper::body::Bytes::from(body)))
+                    .unwrap();
                 let sent = Instant::now();
-                let response = client.post(&url).json(&body).send().await.expect("POST");
-                assert_eq!(response.status(), 202, "{}", response.text().await.unwrap_or_default());
-                let _ = response.bytes().await;
+                let response = sender.send_request(request).await.expect("POST");
+                let status = response.status();
+                let body = http_body_util::BodyExt::collect(response.into_body())
+                    .await
+                    .expect("response body")
+                    .to_bytes();
+                assert_eq!(status, 202, "{}", String::from_utf8_lossy(&body));
                 latencies.push(sent.elapsed());
             }
         }));

@@ -38,8 +38,18 @@ fn strict_registry(settings: &mut taskgate::config::Settings) {
 /// A gateway whose broker connection runs through a fault proxy, with one
 /// queue bound `#`, started and healthy.
 async fn spawn_behind_proxy(dir: &std::path::Path, queue: &str) -> (FaultProxy, TestApp) {
+    spawn_behind_proxy_with(dir, queue, |_| {}).await
+}
+
+/// [`spawn_behind_proxy`] with settings adjusted by `adjust` first.
+async fn spawn_behind_proxy_with(
+    dir: &std::path::Path,
+    queue: &str,
+    adjust: impl FnOnce(&mut taskgate::config::Settings),
+) -> (FaultProxy, TestApp) {
     let proxy = FaultProxy::start(rabbitmq_address()).unwrap();
-    let settings = test_settings(dir, &proxied_url(&proxy), &[(queue, "#")]);
+    let mut settings = test_settings(dir, &proxied_url(&proxy), &[(queue, "#")]);
+    adjust(&mut settings);
     let app = spawn_app(settings).await;
     app.wait_for_health(Duration::from_secs(10), |h| {
         h["status"] == "pass" && h["async_available"] == true
@@ -352,7 +362,12 @@ async fn full_outbox_answers_503_then_accepts_again_once_drained() {
 async fn refused_broker_spools_and_delivers_in_order_on_return() {
     let dir = tempfile::tempdir().unwrap();
     let queue = unique("refuse");
-    let (proxy, app) = spawn_behind_proxy(dir.path(), &queue).await;
+    // A small window, so the backlog drains as several pipelined windows
+    // (one published while the one before it is settled) and rounds.
+    let (proxy, app) = spawn_behind_proxy_with(dir.path(), &queue, |settings| {
+        settings.relay.publish_window = 7;
+    })
+    .await;
 
     proxy.set_mode(FaultMode::Refuse);
     let mut ids = Vec::new();

@@ -144,7 +144,7 @@ impl AcceptWriter {
             Ok(()) => {
                 let mut counters = self.counters.lock().expect("counters poisoned");
                 for (lane, task, bytes) in &group.additions {
-                    counters.add(lane, task, *bytes);
+                    counters.add(lane, &task.queues, *bytes);
                 }
                 self.journal_depth.fetch_add(group.journaled, Ordering::SeqCst);
             }

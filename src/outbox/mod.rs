@@ -235,18 +235,18 @@ struct Counters {
 }
 
 impl Counters {
-    fn add(&mut self, lane: &Lane, task: &Task, bytes: u64) {
+    fn add(&mut self, lane: &Lane, queues: &[QueueName], bytes: u64) {
         let counter = self.lanes.entry(lane.clone()).or_default();
         counter.depth += 1;
         counter.bytes += bytes;
         self.depth += 1;
         self.bytes += bytes;
-        for queue in &task.queues {
+        for queue in queues {
             *self.queue_depths.entry(queue.clone()).or_default() += 1;
         }
     }
 
-    fn remove(&mut self, lane: &Lane, task: &Task, bytes: u64) {
+    fn remove(&mut self, lane: &Lane, queues: &[QueueName], bytes: u64) {
         if let Some(counter) = self.lanes.get_mut(lane) {
             counter.depth = counter.depth.saturating_sub(1);
             counter.bytes = counter.bytes.saturating_sub(bytes);
@@ -256,7 +256,11 @@ impl Counters {
         }
         self.depth = self.depth.saturating_sub(1);
         self.bytes = self.bytes.saturating_sub(bytes);
-        for queue in &task.queues {
+        self.remove_queues(queues);
+    }
+
+    fn remove_queues(&mut self, queues: &[QueueName]) {
+        for queue in queues {
             if let Some(depth) = self.queue_depths.get_mut(queue) {
                 *depth = depth.saturating_sub(1);
                 if *depth == 0 {
@@ -265,6 +269,14 @@ impl Counters {
             }
         }
     }
+}
+
+/// The one field of a stored [`Task`] the counters need. Decoding only this
+/// at open (serde skips the rest without building it) is what keeps a
+/// restart over a deep outbox quick.
+#[derive(Deserialize)]
+struct StoredQueues {
+    queues: Vec<QueueName>,
 }
 
 struct SequenceState {
@@ -374,8 +386,8 @@ impl Outbox {
                     continue;
                 };
                 highest_sequence = highest_sequence.max(sequence);
-                match serde_json::from_slice::<Task>(value) {
-                    Ok(task) => counters.add(&lane, &task, value.len() as u64),
+                match serde_json::from_slice::<StoredQueues>(value) {
+                    Ok(stored) => counters.add(&lane, &stored.queues, value.len() as u64),
                     Err(_) => {
                         // Counted by lane only; the relay dead-letters it.
                         let counter = counters.lanes.entry(lane).or_default();
@@ -473,9 +485,20 @@ impl Outbox {
     /// decoded is moved to the dead letters on the spot (it could never be
     /// published, and must not block the lane).
     pub fn head(&self, lane: &Lane, limit: usize) -> Result<Vec<PendingEntry>, OutboxError> {
+        self.entries_after(lane, None, limit)
+    }
+
+    /// Like [`Outbox::head`], but starting after `sequence` (the entries
+    /// up to it are already being published).
+    pub fn entries_after(
+        &self,
+        lane: &Lane,
+        sequence: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<PendingEntry>, OutboxError> {
         let prefix = pending_prefix(lane);
         let mut entries = Vec::with_capacity(limit.min(1024));
-        let mut after: Option<Vec<u8>> = None;
+        let mut after: Option<Vec<u8>> = sequence.map(|sequence| pending_key(lane, sequence));
         while entries.len() < limit {
             let page = self.storage.scan(&prefix, after.as_deref(), limit - entries.len())?;
             let Some((last, _)) = page.last() else { break };
@@ -530,6 +553,10 @@ impl Outbox {
         }
         counters.depth = counters.depth.saturating_sub(1);
         counters.bytes = counters.bytes.saturating_sub(value.len() as u64);
+        // Counted by queue at open if at least its queues decoded.
+        if let Ok(stored) = serde_json::from_slice::<StoredQueues>(value) {
+            counters.remove_queues(&stored.queues);
+        }
         counters.dead_letters += 1;
         metrics::counter!("taskgate_dead_letters_total").increment(1);
         Ok(())
@@ -571,7 +598,7 @@ impl Outbox {
         self.storage.apply(operations)?;
         let mut counters = self.counters.lock().expect("counters poisoned");
         for entry in entries {
-            counters.remove(&entry.lane, &entry.task, entry.encoded_len as u64);
+            counters.remove(&entry.lane, &entry.task.queues, entry.encoded_len as u64);
         }
         Ok(())
     }
@@ -615,7 +642,7 @@ impl Outbox {
         operations.push((dead_key(entry.sequence), Some(serde_json::to_vec(&letter)?)));
         self.storage.apply(operations)?;
         let mut counters = self.counters.lock().expect("counters poisoned");
-        counters.remove(&entry.lane, &entry.task, entry.encoded_len as u64);
+        counters.remove(&entry.lane, &entry.task.queues, entry.encoded_len as u64);
         counters.dead_letters += 1;
         metrics::counter!("taskgate_dead_letters_total").increment(1);
         tracing::warn!(task_id = %entry.task.id, lane = %entry.lane, reason, "task dead-lettered");

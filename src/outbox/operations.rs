@@ -368,7 +368,7 @@ impl Outbox {
         let mut counters = self.counters.lock().expect("counters poisoned");
         for (_, task, bytes) in &decoded {
             match task {
-                Some(task) => counters.remove(lane, task, *bytes),
+                Some(task) => counters.remove(lane, &task.queues, *bytes),
                 None => {
                     // Undecodable records were counted by lane only.
                     if let Some(counter) = counters.lanes.get_mut(lane) {
@@ -457,7 +457,7 @@ impl Outbox {
         sequences.next = sequence + 1;
         {
             let mut counters = self.counters.lock().expect("counters poisoned");
-            counters.add(&letter.lane, &task, encoded.len() as u64);
+            counters.add(&letter.lane, &task.queues, encoded.len() as u64);
             counters.dead_letters = counters.dead_letters.saturating_sub(1);
         }
         drop(sequences);

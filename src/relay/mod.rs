@@ -6,8 +6,15 @@
 //!   across retries and restarts; an entry leaves the outbox only when the
 //!   publisher confirmed it, or as a dead letter when the failure is
 //!   permanent (so one poison message never blocks its lane).
-//! - One round publishes at most `publish_window` entries of one lane; a
-//!   round with any transient failure counts once against the breaker.
+//! - A window is at most `publish_window` entries of one lane; a window
+//!   with any transient failure counts once against the breaker and ends
+//!   the round.
+//! - Windows are pipelined, at most [`WINDOWS_PER_ROUND`] per lane and
+//!   round: once every entry of a window is confirmed (or permanently
+//!   refused), the next window, read after the last sequence in flight, is
+//!   published while the first one's results are written to the outbox.
+//!   The broker thus never waits for sled, and order holds: a window
+//!   starts only after the one before it was accepted in full.
 //! - While the breaker is open nothing is sent; tasks keep spooling.
 //! - Shutdown is observed only between rounds, so a round in flight
 //!   finishes (bounded by the publisher's own timeouts).
@@ -20,7 +27,7 @@ pub mod meter;
 
 use crate::broker::{PublishError, Publisher};
 use crate::config::RelaySettings;
-use crate::outbox::{Outbox, PendingEntry};
+use crate::outbox::{Lane, Outbox, PendingEntry};
 use breaker::{Breaker, Permit};
 use meter::{PublishMeter, PublishRate};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -33,6 +40,9 @@ use tokio_util::sync::CancellationToken;
 const BLOCKED_POLL: Duration = Duration::from_millis(100);
 /// A safety net: even without a wake-up, look at the outbox this often.
 const IDLE_POLL: Duration = Duration::from_secs(1);
+/// Bounds a round (and so how long shutdown or an operator's hold waits for
+/// it) while a deep lane drains.
+const WINDOWS_PER_ROUND: usize = 4;
 
 pub struct Relay {
     outbox: Arc<Outbox>,
@@ -151,43 +161,110 @@ impl Relay {
         }
         let mut progressed = false;
         for lane in lanes {
-            let permit = self.breaker.permit();
-            let limit = match permit {
-                Permit::Denied => return RoundOutcome::Blocked,
-                Permit::Probe => 1,
-                Permit::Normal => self.settings.publish_window,
-            };
-            let entries = match self.outbox.head(&lane, limit) {
-                Ok(entries) => entries,
-                Err(error) => {
-                    tracing::error!(%lane, %error, "cannot read the outbox");
-                    return RoundOutcome::Blocked;
-                }
-            };
-            if entries.is_empty() {
-                continue;
-            }
-            let results = self.publisher.publish(&lane, &entries).await;
-            match self.settle(&entries, results) {
-                Ok(None) => {
-                    self.breaker.on_success(permit);
-                    progressed = true;
-                }
-                Ok(Some(error)) => {
-                    self.breaker.on_failure();
-                    tracing::debug!(%lane, %error, "publish round failed");
-                    return RoundOutcome::Blocked;
-                }
-                Err(error) => {
-                    tracing::error!(%lane, %error, "cannot update the outbox after publishing");
-                    return RoundOutcome::Blocked;
-                }
+            match self.publish_lane(&lane).await {
+                RoundOutcome::Idle => {}
+                RoundOutcome::Progress => progressed = true,
+                RoundOutcome::Blocked => return RoundOutcome::Blocked,
             }
         }
         if progressed {
             RoundOutcome::Progress
         } else {
             RoundOutcome::Idle
+        }
+    }
+
+    /// Publishes up to [`WINDOWS_PER_ROUND`] windows of `lane`, each next
+    /// window on its way to the broker while the last one is settled.
+    async fn publish_lane(&self, lane: &Lane) -> RoundOutcome {
+        let permit = self.breaker.permit();
+        let limit = match permit {
+            Permit::Denied => return RoundOutcome::Blocked,
+            Permit::Probe => 1,
+            Permit::Normal => self.settings.publish_window,
+        };
+        let mut entries = match self.outbox.head(lane, limit) {
+            Ok(entries) => entries,
+            Err(error) => {
+                tracing::error!(%lane, %error, "cannot read the outbox");
+                return RoundOutcome::Blocked;
+            }
+        };
+        if entries.is_empty() {
+            return RoundOutcome::Idle;
+        }
+        let mut results = self.publisher.publish(lane, &entries).await;
+        let mut windows = 1;
+        loop {
+            let accepted_in_full = results
+                .iter()
+                .all(|result| !matches!(result, Err(PublishError::Transient(_))));
+            let look_ahead = accepted_in_full
+                && matches!(permit, Permit::Normal)
+                && windows < WINDOWS_PER_ROUND
+                && !self.is_paused()
+                && matches!(self.breaker.permit(), Permit::Normal);
+            let next = if look_ahead {
+                let last = entries.last().map(|entry| entry.sequence);
+                self.outbox.entries_after(lane, last, limit).unwrap_or_else(|error| {
+                    tracing::error!(%lane, %error, "cannot read the outbox");
+                    Vec::new()
+                })
+            } else {
+                Vec::new()
+            };
+            if next.is_empty() {
+                return self.finish_window(lane, permit, &entries, results);
+            }
+            let publisher = self.publisher.clone();
+            let next_lane = lane.clone();
+            let publishing = tokio::spawn(async move {
+                let results = publisher.publish(&next_lane, &next).await;
+                (next, results)
+            });
+            let settled = self.finish_window(lane, permit, &entries, results);
+            let (next, next_results) = match publishing.await {
+                Ok(published) => published,
+                Err(join) => {
+                    // The window stays in the outbox and is published again.
+                    tracing::error!(%lane, %join, "publishing task failed");
+                    return RoundOutcome::Blocked;
+                }
+            };
+            if matches!(settled, RoundOutcome::Blocked) {
+                // Record what the broker said about the window in flight
+                // too, if the outbox lets us; then wait.
+                self.finish_window(lane, permit, &next, next_results);
+                return RoundOutcome::Blocked;
+            }
+            entries = next;
+            results = next_results;
+            windows += 1;
+        }
+    }
+
+    /// Settles one window and tells the breaker how it went.
+    fn finish_window(
+        &self,
+        lane: &Lane,
+        permit: Permit,
+        entries: &[PendingEntry],
+        results: Vec<Result<(), PublishError>>,
+    ) -> RoundOutcome {
+        match self.settle(entries, results) {
+            Ok(None) => {
+                self.breaker.on_success(permit);
+                RoundOutcome::Progress
+            }
+            Ok(Some(error)) => {
+                self.breaker.on_failure();
+                tracing::debug!(%lane, %error, "publish round failed");
+                RoundOutcome::Blocked
+            }
+            Err(error) => {
+                tracing::error!(%lane, %error, "cannot update the outbox after publishing");
+                RoundOutcome::Blocked
+            }
         }
     }
 
