@@ -199,9 +199,8 @@ const UPSERT_INSERT: &str = "INSERT INTO background_tasks (id, task_id, type, in
 const UPSERT_CONFLICT: &str = " ON CONFLICT (task_id) DO UPDATE SET ";
 /// Parameters per row of a multi-row upsert.
 const UPSERT_PARAMETERS: usize = 12;
-/// Rows per statement: 2,400 parameters, far below PostgreSQL's 65,535 and
-/// SQLite's 32,766, and few round trips per batch.
-/// Rows per multi-row `INSERT` on PostgreSQL: fewer round trips per batch.
+/// Rows per multi-row `INSERT` on PostgreSQL: 2,400 parameters, far below
+/// its 65,535, and few round trips per batch.
 const UPSERT_ROWS_PER_STATEMENT_POSTGRES: usize = 200;
 /// Rows per multi-row `INSERT` on SQLite. Kept small because binding is
 /// quadratic in the statement's parameter count there (sqlx looks each
