@@ -105,7 +105,11 @@ pub(super) struct AcceptWriter {
 /// What staging decided for one request, before the group is written.
 enum Staged {
     Accepted(Vec<Acceptance>),
+    /// The key's answer was already stored.
     Replayed(Vec<Acceptance>),
+    /// The key's first request is in this same group: the answer holds
+    /// only if the group's batch is written.
+    ReplayedInGroup(Vec<Acceptance>),
     Refused(OutboxError),
 }
 
@@ -157,8 +161,11 @@ impl AcceptWriter {
             .map(|outcome| match (outcome, &written) {
                 (Staged::Refused(error), _) => Err(error),
                 (Staged::Replayed(acceptances), _) => Ok(AcceptOutcome::Replayed(acceptances)),
+                (Staged::ReplayedInGroup(acceptances), Ok(())) => Ok(AcceptOutcome::Replayed(acceptances)),
                 (Staged::Accepted(acceptances), Ok(())) => Ok(AcceptOutcome::Accepted(acceptances)),
-                (Staged::Accepted(_), Err(error)) => Err(OutboxError::Storage(error.clone())),
+                (Staged::Accepted(_) | Staged::ReplayedInGroup(_), Err(error)) => {
+                    Err(OutboxError::Storage(error.clone()))
+                }
             })
             .collect()
     }
@@ -172,7 +179,7 @@ impl AcceptWriter {
     ) -> Result<Staged, OutboxError> {
         if let Some(key) = request.idempotency.as_deref() {
             if let Some(acceptances) = group.idempotency.get(key) {
-                return Ok(Staged::Replayed(acceptances.to_vec()));
+                return Ok(Staged::ReplayedInGroup(acceptances.to_vec()));
             }
             if let Some(acceptances) = self.stored_idempotency(key, now)? {
                 return Ok(Staged::Replayed(acceptances));
@@ -252,5 +259,61 @@ impl AcceptWriter {
             .ok()
             .filter(|record| now - record.created_at < window)
             .map(|record| record.acceptances))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outbox::storage::{FaultyStorage, SledStorage};
+    use crate::outbox::tests::task;
+
+    fn writer(storage: Arc<dyn OutboxStorage>) -> AcceptWriter {
+        AcceptWriter {
+            storage,
+            insert_lock: Arc::new(Mutex::new(SequenceState { next: 1, reserved: 1 })),
+            counters: Arc::new(Mutex::new(Counters::default())),
+            refusing: Arc::new(AtomicBool::new(false)),
+            journal_depth: Arc::new(AtomicU64::new(0)),
+            max_bytes: 1 << 30,
+        }
+    }
+
+    fn request(n: i64, key: &str) -> PreparedAccept {
+        PreparedAccept::prepare(vec![(task("a.b", n), vec![Lane::new("task_exchange")])], Some(key)).unwrap()
+    }
+
+    #[test]
+    fn a_repeat_within_the_group_replays_the_first_answer() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Arc::new(SledStorage::open(&dir.path().join("o"), 1 << 20).unwrap());
+        let writer = writer(storage);
+        let (first, repeat) = (request(1, "k"), request(2, "k"));
+        let outcomes = writer.write_group(&[&first, &repeat]);
+        let [Ok(AcceptOutcome::Accepted(accepted)), Ok(AcceptOutcome::Replayed(replayed))] = &outcomes[..] else {
+            panic!("expected accepted then replayed: {outcomes:?}");
+        };
+        assert_eq!(accepted, replayed);
+        assert_eq!(writer.counters.lock().unwrap().depth, 1);
+    }
+
+    /// A repeat must not be told "accepted" about a first request whose
+    /// batch never reached the store.
+    #[test]
+    fn a_repeat_within_a_failed_group_fails_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let sled = Arc::new(SledStorage::open(&dir.path().join("o"), 1 << 20).unwrap());
+        let faulty = Arc::new(FaultyStorage::new(sled));
+        faulty.fail_writes(true);
+        let writer = writer(faulty);
+        let (first, repeat) = (request(1, "k"), request(2, "k"));
+        let outcomes = writer.write_group(&[&first, &repeat]);
+        assert!(
+            outcomes
+                .iter()
+                .all(|outcome| matches!(outcome, Err(OutboxError::Storage(_)))),
+            "{outcomes:?}"
+        );
+        assert_eq!(writer.counters.lock().unwrap().depth, 0);
     }
 }
