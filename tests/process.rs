@@ -186,14 +186,22 @@ async fn sigterm_stops_cleanly_and_restart_resumes_from_the_outbox() {
     assert!(log.contains("no longer accepting"), "{log}");
     drop(gateway);
 
-    proxy.set_mode(FaultMode::Pass);
-    let _restarted = GatewayProcess::start(&config, &dir.path().join("second.log"));
+    // Restart onto a slow link: the first connection takes several hundred
+    // milliseconds, and the backlog must wait for it rather than count
+    // publishes into a connection still opening as broker failures.
+    proxy.set_mode(FaultMode::Slow(Duration::from_millis(40)));
+    let restarted = GatewayProcess::start(&config, &dir.path().join("second.log"));
     let messages = consume(&queue, ids.len(), Duration::from_secs(30)).await;
     let mut delivered: Vec<String> = messages.iter().map(|m| m.task_id()).collect();
     delivered.dedup();
     assert_eq!(
         delivered, ids,
         "every task delivered once, in order, across the restart"
+    );
+    let log = std::fs::read_to_string(&restarted.log).unwrap_or_default();
+    assert!(
+        !log.contains("circuit breaker opened"),
+        "a restart with a backlog does not trip the breaker while connecting; log:\n{log}"
     );
     delete_queues(&[&queue]).await;
     let _ = RABBITMQ_URL;

@@ -56,7 +56,7 @@ impl AmqpPublisher {
     /// once; the first connection attempt happens in the background.
     pub fn start(settings: BrokerSettings, router: Router) -> Arc<Self> {
         let endpoint = mask_password(&settings.url);
-        let (status, _) = watch::channel(BrokerStatus::disconnected(endpoint, Some("connecting".into())));
+        let (status, _) = watch::channel(BrokerStatus::connecting(endpoint));
         let publisher = Arc::new(Self {
             settings,
             router,

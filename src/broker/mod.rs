@@ -33,7 +33,19 @@ pub struct BrokerStatus {
     pub changed_at: DateTime<Utc>,
 }
 
+/// `last_error` of a publisher whose first connection attempt is running.
+const FIRST_ATTEMPT: &str = "connecting";
+
 impl BrokerStatus {
+    /// Before the first connection attempt has ended either way.
+    pub fn connecting(endpoint: String) -> Self {
+        Self::disconnected(endpoint, Some(FIRST_ATTEMPT.into()))
+    }
+
+    pub fn is_first_attempt_running(&self) -> bool {
+        !self.connected && self.last_error.as_deref() == Some(FIRST_ATTEMPT)
+    }
+
     pub fn disconnected(endpoint: String, error: Option<String>) -> Self {
         Self {
             connected: false,

@@ -256,7 +256,7 @@ impl SqsPublisher {
     /// `create_queues` is the effective `broker.create_queues`.
     pub fn start(settings: BrokerSettings, router: Router, create_queues: bool) -> Arc<Self> {
         let endpoint = endpoint_description(&settings);
-        let (status, _) = watch::channel(BrokerStatus::disconnected(endpoint, Some("connecting".into())));
+        let (status, _) = watch::channel(BrokerStatus::connecting(endpoint));
         let publisher = Arc::new(Self {
             prefix: settings.queue_name_prefix.clone().unwrap_or_default(),
             settings,

@@ -40,6 +40,9 @@ use tokio_util::sync::CancellationToken;
 const BLOCKED_POLL: Duration = Duration::from_millis(100);
 /// A safety net: even without a wake-up, look at the outbox this often.
 const IDLE_POLL: Duration = Duration::from_secs(1);
+/// Longest the relay waits at start for the broker's first connection
+/// attempt to end before it starts publishing (and counting failures).
+const FIRST_CONNECT_WAIT: Duration = Duration::from_secs(5);
 /// Bounds a round (and so how long shutdown or an operator's hold waits for
 /// it) while a deep lane drains.
 const WINDOWS_PER_ROUND: usize = 4;
@@ -121,6 +124,15 @@ impl Relay {
     /// Runs until `shutdown` is cancelled; the round in flight completes.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let mut broker_status = self.publisher.status();
+        // A restart with a backlog would otherwise publish into a connection
+        // that is still being opened, count those rounds as failures and
+        // open the breaker on every start. The wait is bounded: a broker
+        // that cannot be reached is the breaker's business.
+        let first_attempt = broker_status.wait_for(|status| !status.is_first_attempt_running());
+        tokio::select! {
+            _ = tokio::time::timeout(FIRST_CONNECT_WAIT, first_attempt) => {}
+            _ = shutdown.cancelled() => {}
+        }
         loop {
             if shutdown.is_cancelled() {
                 break;
