@@ -1049,7 +1049,7 @@ mod tests {
 
     #[test]
     fn messages_carry_kombus_envelope_and_fifo_fields() {
-        // From shared/fixtures/celery-5.7-sqs-messages.json (kombu 5.7.0),
+        // From tests/support/fixtures/celery-5.7-sqs-messages.json (kombu 5.7.0),
         // the same task as `task()` builds.
         let reference = json!({
             "body": "W1tdLCB7InRleHQiOiAiaFx1MDBlOWxsbyBcdTI3MTMifSwgeyJjYWxsYmFja3MiOiBudWxsLCAiZXJyYmFja3MiOiBudWxsLCAiY2hhaW4iOiBudWxsLCAiY2hvcmQiOiBudWxsfV0=",

@@ -17,7 +17,7 @@
 //! - properties never carry a caller value under a name kombu or the AMQP
 //!   publisher sets itself ([`is_reserved_property`]).
 //!
-//! The reference is the captured traffic in `shared/fixtures/`; the tests
+//! The reference is the captured traffic in `tests/support/fixtures/`; the tests
 //! compare against it field by field and byte by byte.
 
 pub mod decode;
@@ -259,11 +259,12 @@ pub(crate) mod test_support {
     use serde_json::{Map, Value};
     use std::path::PathBuf;
 
-    /// Reads `shared/fixtures/{name}`. A missing fixture fails the test: the
-    /// wire-format checks must never silently skip.
+    /// Reads `tests/support/fixtures/{name}` (copied from the workspace's
+    /// `shared/fixtures/`, so a clone anywhere has them). A missing fixture
+    /// fails the test: the wire-format checks must never silently skip.
     pub fn load_fixture(name: &str) -> Value {
         let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../shared/fixtures")
+            .join("tests/support/fixtures")
             .join(name);
         let text = std::fs::read_to_string(&path).unwrap_or_else(|error| {
             panic!(
