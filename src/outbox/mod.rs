@@ -18,7 +18,10 @@
 //! 4. **Bounded.** Pending bytes are counted in memory (rebuilt by a scan at
 //!    open); an accept that would pass `max_bytes` is refused with
 //!    [`OutboxError::Full`]. Readers page through lanes (`head(limit)`), and
-//!    sled's page cache is capped, so memory does not grow with depth.
+//!    sled's page cache is capped, so memory does not grow with depth while
+//!    running. One known exception: the counter scan at open reads every
+//!    pending record, and sled 0.34 keeps what a full scan read resident
+//!    past its cap (about 50 MB for 76,000 tasks; docs/benchmarks.md).
 //! 5. **All-or-nothing batches.** Every accept (one task or a batch, its
 //!    status records, its tracking journal entries and its idempotency key)
 //!    is one atomic storage batch.
