@@ -21,8 +21,9 @@
 
 use super::storage::{OutboxStorage, StorageError, WriteOperation};
 use super::{
-    idempotency_key, journal, pending_key, status_key, AcceptOutcome, Acceptance, Counters, IdempotencyRecord, Lane,
-    OutboxError, SequenceState, TaskState, TaskStatus, IDEMPOTENCY_WINDOW, SEQUENCE_BLOCK, SEQUENCE_RESERVED,
+    apply_counted, idempotency_key, journal, pending_key, status_key, AcceptOutcome, Acceptance, Counters,
+    IdempotencyRecord, Lane, OutboxError, SequenceState, TaskState, TaskStatus, IDEMPOTENCY_WINDOW, SEQUENCE_BLOCK,
+    SEQUENCE_RESERVED,
 };
 use crate::task::{Task, TaskId};
 use chrono::{DateTime, Utc};
@@ -142,14 +143,20 @@ impl AcceptWriter {
         let written = if group.operations.is_empty() {
             Ok(())
         } else {
-            self.storage.apply(std::mem::take(&mut group.operations))
-        };
-        match written {
-            Ok(()) => {
-                let mut counters = self.counters.lock().expect("counters poisoned");
+            let operations = std::mem::take(&mut group.operations);
+            apply_counted(self.storage.as_ref(), &self.counters, operations, |counters| {
                 for (lane, task, bytes) in &group.additions {
                     counters.add(lane, &task.queues, *bytes);
                 }
+                counters.journal += group.journaled;
+            })
+            .map_err(|error| match error {
+                OutboxError::Storage(error) => error,
+                other => StorageError::Io(other.to_string()),
+            })
+        };
+        match written {
+            Ok(()) => {
                 self.journal_depth.fetch_add(group.journaled, Ordering::SeqCst);
             }
             // Sequences handed out stay used: a gap in a lane is harmless.

@@ -17,14 +17,15 @@
 //! 2. **Removed only after the database has the rows.** A crash between the
 //!    commit and the removal replays the entries; the writer's upserts are
 //!    idempotent by task id, so that only repeats a write.
-//! 3. **Bounded memory.** Readers page from the head; the depth is a counter
-//!    rebuilt by a key scan at open.
+//! 3. **Bounded memory.** Readers page from the head; the depth is kept in
+//!    the outbox's stored counters (`m/counters`, updated in the same
+//!    batches as the entries), so opening reads no journal entry.
 //! 4. **Never blocks the relay**: journal entries are not pending work, do
 //!    not count against `outbox.max_bytes`, and leave with no regard to
 //!    whether the task was published.
 
 use super::storage::OutboxStorage;
-use super::{prefixed, Outbox, OutboxError, JOURNAL};
+use super::{apply_counted, prefixed, Outbox, OutboxError, JOURNAL};
 use crate::task::Task;
 use chrono::{DateTime, Utc};
 use std::sync::atomic::Ordering;
@@ -89,8 +90,10 @@ impl Outbox {
             .iter()
             .map(|sequence| (journal_key(*sequence), None))
             .collect();
-        self.storage.apply(operations)?;
         let removed = sequences.len() as u64;
+        apply_counted(self.storage.as_ref(), &self.counters, operations, |counters| {
+            counters.journal = counters.journal.saturating_sub(removed);
+        })?;
         let _ = self
             .journal_depth
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |depth| {

@@ -15,16 +15,21 @@
 //!    from its head, so retries and restarts preserve order.
 //! 3. **At least once.** Entries are removed only by [`Outbox::complete`]
 //!    (broker confirmed) or [`Outbox::dead_letter`] (permanent failure).
-//! 4. **Bounded.** Pending bytes are counted in memory (rebuilt by a scan at
-//!    open); an accept that would pass `max_bytes` is refused with
-//!    [`OutboxError::Full`]. Readers page through lanes (`head(limit)`), and
-//!    sled's page cache is capped, so memory does not grow with depth while
-//!    running. One known exception: the counter scan at open reads every
-//!    pending record, and sled 0.34 keeps what a full scan read resident
-//!    past its cap (about 50 MB for 76,000 tasks; docs/benchmarks.md).
+//! 4. **Bounded.** Pending bytes are counted in memory; an accept that
+//!    would pass `max_bytes` is refused with [`OutboxError::Full`]. Readers
+//!    page through lanes (`head(limit)`), and sled's page cache is capped,
+//!    so memory does not grow with depth.
 //! 5. **All-or-nothing batches.** Every accept (one task or a batch, its
 //!    status records, its tracking journal entries and its idempotency key)
 //!    is one atomic storage batch.
+//! 6. **Counters are stored with what they count.** Every batch that adds or
+//!    removes pending entries or dead letters carries the new `m/counters`
+//!    record ([`apply_counted`]), so the record always matches the entries
+//!    after any crash, and opening a deep outbox reads one key instead of
+//!    every pending record (sled 0.34 keeps what a full scan read resident
+//!    past its cache cap: about 50 MB for 76,000 tasks; docs/benchmarks.md).
+//!    A store without the record (older outboxes, stores written by tests)
+//!    is scanned once at open, and the record written.
 //!
 //! # On-disk layout (one sled tree; big-endian integers so keys sort)
 //!
@@ -36,6 +41,7 @@
 //! | `i/{idempotency key}` | [`IdempotencyRecord`] (JSON), honoured for 24 h |
 //! | `p/{published at, ms:u64}{task id}` | empty: retention index of published statuses |
 //! | `m/sequence_reserved` | u64: sequences below it may be in use |
+//! | `m/counters` | [`PersistedCounters`] (JSON): pending depth and bytes per lane, depth per queue, dead letters |
 //! | `j/{sequence:u64}` | accepted [`Task`] (JSON) not yet recorded in the tracking database ([`journal`]) |
 //!
 //! Lane names never contain `\0` (they are exchange or queue names).
@@ -64,6 +70,7 @@ const DEAD: &[u8] = b"d/";
 const IDEMPOTENCY: &[u8] = b"i/";
 const PUBLISHED_INDEX: &[u8] = b"p/";
 const SEQUENCE_RESERVED: &[u8] = b"m/sequence_reserved";
+const COUNTERS: &[u8] = b"m/counters";
 const JOURNAL: &[u8] = b"j/";
 /// Sequences are reserved in blocks so that a normal accept writes no
 /// metadata; a crash only leaves a gap.
@@ -222,19 +229,22 @@ pub struct OutboxStats {
     pub queues: BTreeMap<String, QueueStats>,
 }
 
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct LaneCounter {
     depth: u64,
     bytes: u64,
 }
 
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct Counters {
     lanes: HashMap<Lane, LaneCounter>,
     queue_depths: HashMap<QueueName, u64>,
     depth: u64,
     bytes: u64,
     dead_letters: u64,
+    /// Tracking journal entries (mirrored in `Outbox::journal_depth` for
+    /// lock-free reads).
+    journal: u64,
 }
 
 impl Counters {
@@ -262,6 +272,38 @@ impl Counters {
         self.remove_queues(queues);
     }
 
+    fn to_record(&self) -> PersistedCounters {
+        PersistedCounters {
+            lanes: self
+                .lanes
+                .iter()
+                .map(|(lane, counter)| (lane.clone(), counter.depth, counter.bytes))
+                .collect(),
+            queues: self
+                .queue_depths
+                .iter()
+                .map(|(queue, depth)| (queue.clone(), *depth))
+                .collect(),
+            dead_letters: self.dead_letters,
+            journal: Some(self.journal),
+        }
+    }
+
+    fn from_record(record: PersistedCounters) -> Self {
+        let mut counters = Counters {
+            dead_letters: record.dead_letters,
+            journal: record.journal.unwrap_or_default(),
+            ..Counters::default()
+        };
+        for (lane, depth, bytes) in record.lanes {
+            counters.depth += depth;
+            counters.bytes += bytes;
+            counters.lanes.insert(lane, LaneCounter { depth, bytes });
+        }
+        counters.queue_depths = record.queues.into_iter().collect();
+        counters
+    }
+
     fn remove_queues(&mut self, queues: &[QueueName]) {
         for queue in queues {
             if let Some(depth) = self.queue_depths.get_mut(queue) {
@@ -272,6 +314,39 @@ impl Counters {
             }
         }
     }
+}
+
+/// The counters as stored under `m/counters` (invariant 6).
+#[derive(Debug, Serialize, Deserialize)]
+struct PersistedCounters {
+    /// (lane, pending entries, pending bytes)
+    lanes: Vec<(Lane, u64, u64)>,
+    /// (queue, pending tasks that will reach it)
+    queues: Vec<(QueueName, u64)>,
+    dead_letters: u64,
+    /// Tracking journal entries; absent in records written before it was
+    /// kept here (the journal is then scanned once).
+    #[serde(default)]
+    journal: Option<u64>,
+}
+
+/// Applies `operations` and the counters as `change` leaves them in one
+/// atomic batch, then makes the new counters current. The counters lock is
+/// held throughout, so records are written in the order the counters
+/// changed.
+fn apply_counted(
+    storage: &dyn OutboxStorage,
+    counters: &Mutex<Counters>,
+    mut operations: Vec<storage::WriteOperation>,
+    change: impl FnOnce(&mut Counters),
+) -> Result<(), OutboxError> {
+    let mut current = counters.lock().expect("counters poisoned");
+    let mut updated = current.clone();
+    change(&mut updated);
+    operations.push((COUNTERS.to_vec(), Some(serde_json::to_vec(&updated.to_record())?)));
+    storage.apply(operations)?;
+    *current = updated;
+    Ok(())
 }
 
 /// The one field of a stored [`Task`] the counters need. Decoding only this
@@ -366,6 +441,45 @@ fn age_seconds(since: DateTime<Utc>, now: DateTime<Utc>) -> f64 {
     ((now - since).num_milliseconds().max(0) as f64) / 1000.0
 }
 
+/// Counts pending entries and dead letters by reading them all; used only
+/// when the store has no `m/counters` record yet. Returns the counters and
+/// the highest pending sequence.
+fn scan_counters(storage: &dyn OutboxStorage) -> Result<(Counters, u64), OutboxError> {
+    let mut counters = Counters::default();
+    let mut highest_sequence = 0u64;
+    let mut after: Option<Vec<u8>> = None;
+    loop {
+        let page = storage.scan(PENDING, after.as_deref(), 4096)?;
+        let Some((last, _)) = page.last() else { break };
+        after = Some(last.clone());
+        for (key, value) in &page {
+            let Some((lane, sequence)) = parse_pending_key(key) else {
+                continue;
+            };
+            highest_sequence = highest_sequence.max(sequence);
+            match serde_json::from_slice::<StoredQueues>(value) {
+                Ok(stored) => counters.add(&lane, &stored.queues, value.len() as u64),
+                Err(_) => {
+                    // Counted by lane only; the relay dead-letters it.
+                    let counter = counters.lanes.entry(lane).or_default();
+                    counter.depth += 1;
+                    counter.bytes += value.len() as u64;
+                    counters.depth += 1;
+                    counters.bytes += value.len() as u64;
+                }
+            }
+        }
+    }
+    let mut after: Option<Vec<u8>> = None;
+    loop {
+        let page = storage.scan(DEAD, after.as_deref(), 4096)?;
+        let Some((last, _)) = page.last() else { break };
+        after = Some(last.clone());
+        counters.dead_letters += page.len() as u64;
+    }
+    Ok((counters, highest_sequence))
+}
+
 impl Outbox {
     /// Opens the outbox at `settings.path` and rebuilds its counters.
     pub fn open(settings: &OutboxSettings) -> Result<Arc<Self>, OutboxError> {
@@ -377,40 +491,29 @@ impl Outbox {
 
     /// Opens an outbox over any storage (tests inject faults this way).
     pub fn with_storage(storage: Arc<dyn OutboxStorage>, settings: OutboxSettings) -> Result<Arc<Self>, OutboxError> {
-        let mut counters = Counters::default();
-        let mut highest_sequence = 0u64;
-        let mut after: Option<Vec<u8>> = None;
-        loop {
-            let page = storage.scan(PENDING, after.as_deref(), 4096)?;
-            let Some((last, _)) = page.last() else { break };
-            after = Some(last.clone());
-            for (key, value) in &page {
-                let Some((lane, sequence)) = parse_pending_key(key) else {
-                    continue;
-                };
-                highest_sequence = highest_sequence.max(sequence);
-                match serde_json::from_slice::<StoredQueues>(value) {
-                    Ok(stored) => counters.add(&lane, &stored.queues, value.len() as u64),
-                    Err(_) => {
-                        // Counted by lane only; the relay dead-letters it.
-                        let counter = counters.lanes.entry(lane).or_default();
-                        counter.depth += 1;
-                        counter.bytes += value.len() as u64;
-                        counters.depth += 1;
-                        counters.bytes += value.len() as u64;
-                    }
-                }
-            }
+        let stored = storage
+            .get(COUNTERS)?
+            .and_then(|bytes| serde_json::from_slice::<PersistedCounters>(&bytes).ok());
+        let stored_journal = stored.as_ref().and_then(|record| record.journal);
+        let complete_record = stored_journal.is_some();
+        let (mut counters, highest_pending) = match stored {
+            // Every sequence in use lies below the stored reservation, so
+            // the pending keys need not be read for it either.
+            Some(record) => (Counters::from_record(record), 0),
+            None => scan_counters(storage.as_ref())?,
+        };
+        let (journal_depth, highest_journal_sequence) = match stored_journal {
+            Some(depth) => (depth, 0),
+            None => journal::scan_depth(storage.as_ref())?,
+        };
+        counters.journal = journal_depth;
+        if !complete_record {
+            storage.apply(vec![(
+                COUNTERS.to_vec(),
+                Some(serde_json::to_vec(&counters.to_record())?),
+            )])?;
         }
-        let (journal_depth, highest_journal_sequence) = journal::scan_depth(storage.as_ref())?;
-        highest_sequence = highest_sequence.max(highest_journal_sequence);
-        let mut after: Option<Vec<u8>> = None;
-        loop {
-            let page = storage.scan(DEAD, after.as_deref(), 4096)?;
-            let Some((last, _)) = page.last() else { break };
-            after = Some(last.clone());
-            counters.dead_letters += page.len() as u64;
-        }
+        let highest_sequence = highest_pending.max(highest_journal_sequence);
         let reserved = storage
             .get(SEQUENCE_RESERVED)?
             .and_then(|bytes| bytes.try_into().ok().map(u64::from_be_bytes))
@@ -542,25 +645,18 @@ impl Outbox {
             attempts: 0,
             dead_at: Utc::now(),
         };
-        self.storage.apply(vec![
+        let operations = vec![
             (key.to_vec(), None),
             (dead_key(sequence), Some(serde_json::to_vec(&letter)?)),
-        ])?;
-        let mut counters = self.counters.lock().expect("counters poisoned");
-        if let Some(counter) = counters.lanes.get_mut(lane) {
-            counter.depth = counter.depth.saturating_sub(1);
-            counter.bytes = counter.bytes.saturating_sub(value.len() as u64);
-            if counter.depth == 0 {
-                counters.lanes.remove(lane);
+        ];
+        apply_counted(self.storage.as_ref(), &self.counters, operations, |counters| {
+            // Counted by queue too if at least its queues decode.
+            match serde_json::from_slice::<StoredQueues>(value) {
+                Ok(stored) => counters.remove(lane, &stored.queues, value.len() as u64),
+                Err(_) => counters.remove(lane, &[], value.len() as u64),
             }
-        }
-        counters.depth = counters.depth.saturating_sub(1);
-        counters.bytes = counters.bytes.saturating_sub(value.len() as u64);
-        // Counted by queue at open if at least its queues decoded.
-        if let Ok(stored) = serde_json::from_slice::<StoredQueues>(value) {
-            counters.remove_queues(&stored.queues);
-        }
-        counters.dead_letters += 1;
+            counters.dead_letters += 1;
+        })?;
         metrics::counter!("taskgate_dead_letters_total").increment(1);
         Ok(())
     }
@@ -598,12 +694,11 @@ impl Outbox {
             }
             operations.push((status_key(&id), Some(serde_json::to_vec(&status)?)));
         }
-        self.storage.apply(operations)?;
-        let mut counters = self.counters.lock().expect("counters poisoned");
-        for entry in entries {
-            counters.remove(&entry.lane, &entry.task.queues, entry.encoded_len as u64);
-        }
-        Ok(())
+        apply_counted(self.storage.as_ref(), &self.counters, operations, |counters| {
+            for entry in entries {
+                counters.remove(&entry.lane, &entry.task.queues, entry.encoded_len as u64);
+            }
+        })
     }
 
     /// Notes a failed attempt on each task's status (attempts, last error).
@@ -643,10 +738,10 @@ impl Outbox {
             dead_at: Utc::now(),
         };
         operations.push((dead_key(entry.sequence), Some(serde_json::to_vec(&letter)?)));
-        self.storage.apply(operations)?;
-        let mut counters = self.counters.lock().expect("counters poisoned");
-        counters.remove(&entry.lane, &entry.task.queues, entry.encoded_len as u64);
-        counters.dead_letters += 1;
+        apply_counted(self.storage.as_ref(), &self.counters, operations, |counters| {
+            counters.remove(&entry.lane, &entry.task.queues, entry.encoded_len as u64);
+            counters.dead_letters += 1;
+        })?;
         metrics::counter!("taskgate_dead_letters_total").increment(1);
         tracing::warn!(task_id = %entry.task.id, lane = %entry.lane, reason, "task dead-lettered");
         Ok(())

@@ -24,14 +24,23 @@
 //! [`Outbox::flush`] before they report success.
 
 use super::{
-    dead_key, parse_pending_key, pending_key, pending_prefix, status_key, DeadLetter, Lane, Outbox, OutboxError,
-    OutboxStats, TaskState, TaskStatus, DEAD, PENDING, SEQUENCE_BLOCK, SEQUENCE_RESERVED,
+    apply_counted, dead_key, parse_pending_key, pending_key, pending_prefix, status_key, DeadLetter, Lane, Outbox,
+    OutboxError, OutboxStats, StoredQueues, TaskState, TaskStatus, DEAD, PENDING, SEQUENCE_BLOCK, SEQUENCE_RESERVED,
 };
-use crate::task::{Task, TaskId, TaskName};
+use crate::task::{QueueName, Task, TaskId, TaskName};
 use base64::Engine;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashSet};
+
+/// A pending record being removed, decoded as far as it goes.
+struct RemovedEntry {
+    key: Vec<u8>,
+    task: Option<Task>,
+    /// What the counters counted it under (empty if even that did not decode).
+    queues: Vec<QueueName>,
+    bytes: u64,
+}
 
 /// Pages read per storage scan when purging or requeueing everything.
 const WORK_PAGE: usize = 512;
@@ -343,18 +352,31 @@ impl Outbox {
     /// of their tasks where nothing else refers to them.
     fn remove_pending(&self, lane: &Lane, entries: Vec<(Vec<u8>, Vec<u8>)>) -> Result<u64, OutboxError> {
         let _status_guard = self.status_lock.lock().expect("status lock poisoned");
-        let decoded: Vec<(Vec<u8>, Option<Task>, u64)> = entries
+        let decoded: Vec<RemovedEntry> = entries
             .into_iter()
             .map(|(key, value)| {
                 let task = serde_json::from_slice::<Task>(&value).ok();
-                (key, task, value.len() as u64)
+                // An undecodable record was counted by queue only if its
+                // queues decode (as at open).
+                let queues = match &task {
+                    Some(task) => task.queues.clone(),
+                    None => serde_json::from_slice::<StoredQueues>(&value)
+                        .map(|stored| stored.queues)
+                        .unwrap_or_default(),
+                };
+                RemovedEntry {
+                    key,
+                    task,
+                    queues,
+                    bytes: value.len() as u64,
+                }
             })
             .collect();
         let mut operations = Vec::with_capacity(decoded.len() * 2);
         let mut forgotten = HashSet::new();
-        for (key, task, _) in &decoded {
-            operations.push((key.clone(), None));
-            if let Some(task) = task {
+        for entry in &decoded {
+            operations.push((entry.key.clone(), None));
+            if let Some(task) = &entry.task {
                 // A task that is also a dead letter keeps its status.
                 let queued = self
                     .status(&task.id)?
@@ -364,25 +386,11 @@ impl Outbox {
                 }
             }
         }
-        self.storage.apply(operations)?;
-        let mut counters = self.counters.lock().expect("counters poisoned");
-        for (_, task, bytes) in &decoded {
-            match task {
-                Some(task) => counters.remove(lane, &task.queues, *bytes),
-                None => {
-                    // Undecodable records were counted by lane only.
-                    if let Some(counter) = counters.lanes.get_mut(lane) {
-                        counter.depth = counter.depth.saturating_sub(1);
-                        counter.bytes = counter.bytes.saturating_sub(*bytes);
-                        if counter.depth == 0 {
-                            counters.lanes.remove(lane);
-                        }
-                    }
-                    counters.depth = counters.depth.saturating_sub(1);
-                    counters.bytes = counters.bytes.saturating_sub(*bytes);
-                }
+        apply_counted(self.storage.as_ref(), &self.counters, operations, |counters| {
+            for entry in &decoded {
+                counters.remove(lane, &entry.queues, entry.bytes);
             }
-        }
+        })?;
         Ok(decoded.len() as u64)
     }
 
@@ -453,13 +461,11 @@ impl Outbox {
             operations.push((SEQUENCE_RESERVED.to_vec(), Some(reserved.to_be_bytes().to_vec())));
             sequences.reserved = reserved;
         }
-        self.storage.apply(operations).map_err(OutboxError::from)?;
-        sequences.next = sequence + 1;
-        {
-            let mut counters = self.counters.lock().expect("counters poisoned");
+        apply_counted(self.storage.as_ref(), &self.counters, operations, |counters| {
             counters.add(&letter.lane, &task.queues, encoded.len() as u64);
             counters.dead_letters = counters.dead_letters.saturating_sub(1);
-        }
+        })?;
+        sequences.next = sequence + 1;
         drop(sequences);
         self.notify_work();
         tracing::info!(dead_letter = id, task_id = %task.id, lane = %letter.lane, "dead letter requeued");
@@ -509,9 +515,9 @@ impl Outbox {
                 operations.push((status_key(&task.id), None));
             }
         }
-        self.storage.apply(operations)?;
-        let mut counters = self.counters.lock().expect("counters poisoned");
-        counters.dead_letters = counters.dead_letters.saturating_sub(1);
+        apply_counted(self.storage.as_ref(), &self.counters, operations, |counters| {
+            counters.dead_letters = counters.dead_letters.saturating_sub(1);
+        })?;
         Ok(Some(match letter {
             Some(letter) => letter.into(),
             None => DeadLetterEntry {

@@ -337,3 +337,100 @@ async fn room_returns_only_after_draining_below_ninety_percent() {
     outbox.complete(&head.iter().collect::<Vec<_>>()).unwrap();
     assert!(outbox.has_room());
 }
+
+/// The stored `m/counters` record, the in-memory counters and a full scan
+/// of the store agree.
+fn assert_counters_match_a_scan(outbox: &Outbox) {
+    let (scanned, _) = scan_counters(outbox.storage.as_ref()).unwrap();
+    let stored: PersistedCounters =
+        serde_json::from_slice(&outbox.storage.get(COUNTERS).unwrap().expect("m/counters")).unwrap();
+    let normalise = |mut record: PersistedCounters| {
+        record.lanes.sort();
+        record.queues.sort();
+        serde_json::to_value(record).unwrap()
+    };
+    let mut scanned = scanned;
+    scanned.journal = journal::scan_depth(outbox.storage.as_ref()).unwrap().0;
+    assert_eq!(outbox.journal_depth(), scanned.journal, "journal depth vs scan");
+    let in_memory = outbox.counters.lock().unwrap().to_record();
+    assert_eq!(
+        normalise(stored),
+        normalise(scanned.to_record()),
+        "stored record vs scan"
+    );
+    assert_eq!(normalise(in_memory), normalise(scanned.to_record()), "memory vs scan");
+}
+
+/// Every kind of change (accept with fan-out, confirm, dead letter,
+/// requeue, delete, purge) keeps the stored counters equal to what a scan
+/// finds, and a reopened outbox starts from them.
+#[tokio::test]
+async fn stored_counters_follow_every_change_and_survive_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let second = Lane::new("second");
+    {
+        let outbox = Outbox::open(&settings(dir.path())).unwrap();
+        for n in 0..6 {
+            let lanes = if n % 2 == 0 {
+                vec![lane()]
+            } else {
+                vec![lane(), second.clone()]
+            };
+            outbox.accept(vec![(task("a.b", n), lanes)], None).await.unwrap();
+        }
+        assert_counters_match_a_scan(&outbox);
+        let head = outbox.head(&lane(), 2).unwrap();
+        outbox.complete(&head.iter().collect::<Vec<_>>()).unwrap();
+        assert_counters_match_a_scan(&outbox);
+        let next = outbox.head(&lane(), 2).unwrap();
+        outbox.dead_letter(&next[0], "refused").unwrap();
+        outbox.dead_letter(&next[1], "refused").unwrap();
+        assert_counters_match_a_scan(&outbox);
+        outbox.requeue_dead_letter(next[0].sequence).unwrap();
+        outbox.delete_dead_letter(next[1].sequence).unwrap();
+        assert_counters_match_a_scan(&outbox);
+        let recorded: Vec<u64> = outbox
+            .journal_head(4)
+            .unwrap()
+            .iter()
+            .map(|entry| entry.sequence)
+            .collect();
+        outbox.remove_journal_entries(&recorded).unwrap();
+        assert_counters_match_a_scan(&outbox);
+        outbox.flush().await.unwrap();
+    }
+    let outbox = Outbox::open(&settings(dir.path())).unwrap();
+    assert_counters_match_a_scan(&outbox);
+    let depth = outbox.depth();
+    assert_eq!(
+        depth,
+        6 + 3 - 2 - 2 + 1,
+        "6 accepted (3 fanned out), 2 confirmed, 2 dead, 1 requeued"
+    );
+    assert_eq!(outbox.purge_pending().unwrap(), depth);
+    assert_counters_match_a_scan(&outbox);
+    assert_eq!((outbox.depth(), outbox.bytes()), (0, 0));
+}
+
+/// An outbox written without the record (an older one) is counted by a
+/// scan at open, and the record is written for the next open.
+#[tokio::test]
+async fn an_outbox_without_stored_counters_is_scanned_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("o");
+    {
+        let sled: Arc<dyn OutboxStorage> = Arc::new(SledStorage::open(&path, 1 << 20).unwrap());
+        let encoded = serde_json::to_vec(&task("a.b", 1)).unwrap();
+        sled.apply(vec![(pending_key(&lane(), 7), Some(encoded))]).unwrap();
+        sled.flush().unwrap();
+    }
+    let sled: Arc<dyn OutboxStorage> = Arc::new(SledStorage::open(&path, 1 << 20).unwrap());
+    let outbox = Outbox::with_storage(sled, settings(dir.path())).unwrap();
+    assert_eq!(outbox.depth(), 1);
+    assert_counters_match_a_scan(&outbox);
+    // New sequences start above the scanned ones.
+    outbox.accept(vec![(task("a.b", 2), vec![lane()])], None).await.unwrap();
+    let head = outbox.head(&lane(), 10).unwrap();
+    assert_eq!(head[0].sequence, 7);
+    assert!(head[1].sequence > 7);
+}
