@@ -22,8 +22,7 @@
 use super::storage::{OutboxStorage, StorageError, WriteOperation};
 use super::{
     apply_counted, idempotency_key, journal, pending_key, status_key, AcceptOutcome, Acceptance, Counters,
-    IdempotencyRecord, Lane, OutboxError, SequenceState, TaskState, TaskStatus, IDEMPOTENCY_WINDOW, SEQUENCE_BLOCK,
-    SEQUENCE_RESERVED,
+    IdempotencyRecord, Lane, OutboxError, SequenceState, TaskState, TaskStatus, IDEMPOTENCY_WINDOW,
 };
 use crate::task::{Task, TaskId};
 use chrono::{DateTime, Utc};
@@ -132,6 +131,7 @@ impl AcceptWriter {
     pub(super) fn write_group(&self, requests: &[&PreparedAccept]) -> Vec<Result<AcceptOutcome, OutboxError>> {
         let now = Utc::now();
         let mut sequences = self.insert_lock.lock().expect("insert lock poisoned");
+        let before = *sequences;
         let mut group = GroupBatch::default();
         let mut staged = Vec::with_capacity(requests.len());
         for request in requests {
@@ -159,8 +159,10 @@ impl AcceptWriter {
             Ok(()) => {
                 self.journal_depth.fetch_add(group.journaled, Ordering::SeqCst);
             }
-            // Sequences handed out stay used: a gap in a lane is harmless.
-            Err(ref error) => tracing::error!(%error, requests = requests.len(), "outbox batch failed"),
+            Err(ref error) => {
+                *sequences = before;
+                tracing::error!(%error, requests = requests.len(), "outbox batch failed");
+            }
         }
         drop(sequences);
         staged
@@ -209,17 +211,9 @@ impl AcceptWriter {
             }
         }
         let lane_entries: u64 = request.tasks.iter().map(|task| task.lanes.len() as u64).sum();
-        let first = sequences.next;
+        let count = lane_entries + request.tasks.len() as u64;
+        let first = sequences.allocate(count, &mut group.operations);
         let first_journal = first + lane_entries;
-        let next = first_journal + request.tasks.len() as u64;
-        if next > sequences.reserved {
-            let reserved = next + SEQUENCE_BLOCK;
-            group
-                .operations
-                .push((SEQUENCE_RESERVED.to_vec(), Some(reserved.to_be_bytes().to_vec())));
-            sequences.reserved = reserved;
-        }
-        sequences.next = next;
         let mut sequence = first;
         for (offset, prepared) in request.tasks.iter().enumerate() {
             group

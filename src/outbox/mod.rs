@@ -357,9 +357,30 @@ struct StoredQueues {
     queues: Vec<QueueName>,
 }
 
+/// The sequence allocator, behind the insert lock. Invariant: every
+/// sequence ever written lies below the *stored* `m/sequence_reserved`
+/// (an open with stored counters starts from it without reading the lanes).
+#[derive(Clone, Copy)]
 struct SequenceState {
     next: u64,
     reserved: u64,
+}
+
+impl SequenceState {
+    /// Hands out `count` consecutive sequences and returns the first. When
+    /// they pass the reserved block, the new reservation joins `operations`,
+    /// to be written in the same batch. If that batch fails, the caller puts
+    /// back the state it had before: a reservation advanced in memory only
+    /// would let later writes use sequences the store never reserved.
+    fn allocate(&mut self, count: u64, operations: &mut Vec<storage::WriteOperation>) -> u64 {
+        let first = self.next;
+        self.next = first + count;
+        if self.next > self.reserved {
+            self.reserved = self.next + SEQUENCE_BLOCK;
+            operations.push((SEQUENCE_RESERVED.to_vec(), Some(self.reserved.to_be_bytes().to_vec())));
+        }
+        first
+    }
 }
 
 pub struct Outbox {

@@ -25,7 +25,7 @@
 
 use super::{
     apply_counted, dead_key, parse_pending_key, pending_key, pending_prefix, status_key, DeadLetter, Lane, Outbox,
-    OutboxError, OutboxStats, StoredQueues, TaskState, TaskStatus, DEAD, PENDING, SEQUENCE_BLOCK, SEQUENCE_RESERVED,
+    OutboxError, OutboxStats, StoredQueues, TaskState, TaskStatus, DEAD, PENDING,
 };
 use crate::task::{QueueName, Task, TaskId, TaskName};
 use base64::Engine;
@@ -447,25 +447,25 @@ impl Outbox {
                 .into());
             }
         }
-        let sequence = sequences.next;
-        let mut operations = vec![
+        let before = *sequences;
+        let mut operations = Vec::with_capacity(4);
+        let sequence = sequences.allocate(1, &mut operations);
+        operations.extend([
             (dead_key(id), None),
             (pending_key(&letter.lane, sequence), Some(encoded.clone())),
             (
                 status_key(&task.id),
                 Some(serde_json::to_vec(&status).map_err(OutboxError::from)?),
             ),
-        ];
-        if sequence + 1 > sequences.reserved {
-            let reserved = sequence + 1 + SEQUENCE_BLOCK;
-            operations.push((SEQUENCE_RESERVED.to_vec(), Some(reserved.to_be_bytes().to_vec())));
-            sequences.reserved = reserved;
-        }
-        apply_counted(self.storage.as_ref(), &self.counters, operations, |counters| {
+        ]);
+        let written = apply_counted(self.storage.as_ref(), &self.counters, operations, |counters| {
             counters.add(&letter.lane, &task.queues, encoded.len() as u64);
             counters.dead_letters = counters.dead_letters.saturating_sub(1);
-        })?;
-        sequences.next = sequence + 1;
+        });
+        if let Err(error) = written {
+            *sequences = before;
+            return Err(error.into());
+        }
         drop(sequences);
         self.notify_work();
         tracing::info!(dead_letter = id, task_id = %task.id, lane = %letter.lane, "dead letter requeued");

@@ -434,3 +434,46 @@ async fn an_outbox_without_stored_counters_is_scanned_once() {
     assert_eq!(head[0].sequence, 7);
     assert!(head[1].sequence > 7);
 }
+
+/// A write that fails must not leave the sequence reservation ahead in
+/// memory only: later writes would then use sequences the store never
+/// reserved, and a restart (which trusts the stored reservation) would hand
+/// them out again, overwriting pending tasks.
+#[tokio::test]
+async fn a_failed_write_never_lets_a_restart_reuse_sequences() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("o");
+    let accepted = {
+        let sled = Arc::new(SledStorage::open(&path, 1 << 20).unwrap());
+        let faulty = Arc::new(FaultyStorage::new(sled));
+        let outbox = Outbox::with_storage(faulty.clone(), settings(dir.path())).unwrap();
+        faulty.fail_writes(true);
+        outbox
+            .accept(vec![(task("a.b", 0), vec![lane()])], None)
+            .await
+            .unwrap_err();
+        faulty.fail_writes(false);
+        let mut accepted = Vec::new();
+        for n in 1..4 {
+            let task = task("a.b", n);
+            accepted.push(task.id);
+            outbox.accept(vec![(task, vec![lane()])], None).await.unwrap();
+        }
+        accepted
+    };
+    let sled: Arc<dyn OutboxStorage> = Arc::new(SledStorage::open(&path, 1 << 20).unwrap());
+    let outbox = Outbox::with_storage(sled, settings(dir.path())).unwrap();
+    let mut expected = accepted;
+    for n in 4..8 {
+        let task = task("a.b", n);
+        expected.push(task.id);
+        outbox.accept(vec![(task, vec![lane()])], None).await.unwrap();
+    }
+    let ids: Vec<TaskId> = outbox
+        .head(&lane(), 100)
+        .unwrap()
+        .iter()
+        .map(|entry| entry.task.id)
+        .collect();
+    assert_eq!(ids, expected, "every accepted task pending, in order");
+}
