@@ -2,7 +2,10 @@
 //! by side with the broker's own limit, in one run on one machine.
 //!
 //! (a) raw lapin publishing with confirms to a durable queue (the broker's
-//!     limit), same message, same confirm window as taskgate's relay;
+//!     limit): the same Celery message taskgate sends (body, headers and
+//!     properties) through a durable topic exchange, with the same confirm
+//!     window as taskgate's relay; also, for comparison with earlier runs,
+//!     the bare body to the default exchange;
 //! (b) taskgate end to end: HTTP POST → confirmed in the queue;
 //! (c) taskgate accept rate with the broker down (outbox only), p50/p99;
 //! (d) drain rate of a 100,000-task backlog when the broker returns;
@@ -11,9 +14,12 @@
 //! Prints a table and writes `docs/benchmarks.md`. Not a test: it asserts
 //! nothing about speed; it reports.
 
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
+};
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -149,13 +155,26 @@ async fn wait_for_depth(connection: &Connection, queue: &str, target: u32, timeo
 }
 
 /// (a): the broker's limit with a confirm window of `WINDOW`.
-async fn raw_lapin(total: usize) -> f64 {
+/// What the raw publisher sends in (a).
+#[derive(Clone, Copy, PartialEq)]
+enum RawMessage {
+    /// taskgate's Celery message (headers and properties included) through
+    /// a durable topic exchange bound with `#`: what the relay asks of the
+    /// broker, so the ratio compares like with like.
+    Celery,
+    /// The body alone, content type and persistence only, to the default
+    /// exchange: the figure earlier runs reported as (a).
+    BareBody,
+}
+
+async fn raw_lapin(total: usize, shape: RawMessage) -> f64 {
     let connection = Connection::connect(RABBITMQ, ConnectionProperties::default())
         .await
         .expect("RabbitMQ");
     let channel = connection.create_channel().await.unwrap();
     channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
     let queue = format!("bench-raw-{}", std::process::id());
+    let exchange = format!("bench-raw-exchange-{}", std::process::id());
     channel
         .queue_declare(
             queue.as_str().into(),
@@ -173,33 +192,69 @@ async fn raw_lapin(total: usize) -> f64 {
         taskgate::task::intake::accept(request, &Default::default(), &router, chrono::Utc::now()).unwrap()
     };
     let message = taskgate::celery::encode(&task, "bench@host");
+    let (exchange_name, routing_key, properties) = match shape {
+        RawMessage::Celery => {
+            channel
+                .exchange_declare(
+                    exchange.as_str().into(),
+                    ExchangeKind::Topic,
+                    ExchangeDeclareOptions {
+                        durable: true,
+                        ..ExchangeDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .unwrap();
+            channel
+                .queue_bind(
+                    queue.as_str().into(),
+                    exchange.as_str().into(),
+                    "#".into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .unwrap();
+            (
+                exchange.as_str(),
+                task.routing_key.as_str(),
+                taskgate::broker::amqp::basic_properties(&message),
+            )
+        }
+        RawMessage::BareBody => (
+            "",
+            queue.as_str(),
+            BasicProperties::default()
+                .with_content_type("application/json".into())
+                .with_delivery_mode(2),
+        ),
+    };
     let started = Instant::now();
     let mut sent = 0;
     while sent < total {
         let batch = WINDOW.min(total - sent);
         let mut confirms = Vec::with_capacity(batch);
         for _ in 0..batch {
-            let properties = BasicProperties::default()
-                .with_content_type("application/json".into())
-                .with_delivery_mode(2);
             confirms.push(
                 channel
                     .basic_publish(
-                        "".into(),
-                        queue.as_str().into(),
+                        exchange_name.into(),
+                        routing_key.into(),
                         BasicPublishOptions {
                             mandatory: true,
                             ..BasicPublishOptions::default()
                         },
                         &message.body,
-                        properties,
+                        properties.clone(),
                     )
                     .await
                     .unwrap(),
             );
         }
         for confirm in confirms {
-            assert!(confirm.await.unwrap().is_ack());
+            let confirmation = confirm.await.unwrap();
+            assert!(confirmation.is_ack() && confirmation.take_message().is_none());
         }
         sent += batch;
     }
@@ -207,6 +262,11 @@ async fn raw_lapin(total: usize) -> f64 {
     let _ = channel
         .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
         .await;
+    if shape == RawMessage::Celery {
+        let _ = channel
+            .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+            .await;
+    }
     let _ = connection.close(200, "bench done".into()).await;
     rate
 }
@@ -327,7 +387,8 @@ async fn main() {
     let inspect = inspector.create_channel().await.unwrap();
 
     eprintln!("(a) raw lapin, {e2e_total} messages, confirm window {WINDOW}…");
-    let raw_rate = raw_lapin(e2e_total).await;
+    let raw_rate = raw_lapin(e2e_total, RawMessage::Celery).await;
+    let bare_rate = raw_lapin(e2e_total, RawMessage::BareBody).await;
 
     eprintln!("(b) taskgate end to end, {e2e_total} tasks over {CONNECTIONS} connections…");
     let e2e_dir = dir.path().join("e2e");
@@ -374,10 +435,12 @@ async fn main() {
 
     let table = format!(
         "| measurement | result | ratio to (a) | target | peak RSS of taskgate |\n|---|---|---|---|---|\n\
-         | (a) raw lapin publish + confirm (window {WINDOW}) | {raw_rate:.0} msg/s | 1.00 | broker limit | n/a |\n\
+         | (a) raw lapin publish + confirm (window {WINDOW}), taskgate's Celery message via a topic exchange | {raw_rate:.0} msg/s | 1.00 | broker limit | n/a |\n\
+         | (a, bare) the body alone to the default exchange, as earlier runs measured (a) | {bare_rate:.0} msg/s | {:.2} | n/a | n/a |\n\
          | (b) taskgate HTTP POST → confirmed in queue ({CONNECTIONS} connections) | {e2e_rate:.0} tasks/s (p50 {e2e_p50:.2} ms, p99 {e2e_p99:.2} ms) | {:.2} | ≥ 0.80 | {e2e_rss:.1} MiB |\n\
          | (c) taskgate accept, broker down ({CONNECTIONS} connections) | {:.0} tasks/s (p50 {:.2} ms, p99 {:.2} ms) | {:.2} | ≥ 10,000/s, p99 < 10 ms | {accept_rss:.1} MiB |\n\
          | (d) drain of a {accept_total}-task backlog (incl. restart) | {drain_rate:.0} tasks/s | {:.2} | ≥ 0.80 | {drain_rss:.1} MiB (< 64 MiB target) |\n",
+        bare_rate / raw_rate,
         e2e_rate / raw_rate,
         accept.rate,
         accept.p50_ms,
@@ -389,8 +452,9 @@ async fn main() {
     let report = format!(
         "# Benchmarks\n\nProduced by `scripts/bench` on {}, {}.\n\nMachine: {}. RabbitMQ on the same machine \
          (127.0.0.1:5672); the HTTP load generator runs on the same cores as taskgate and the broker. Message: the same \
-         Celery task (≈ 0.9 KiB with headers) in every row. (a) uses the same confirm window as taskgate's relay \
-         (`relay.publish_window`).\n\n{table}\n",
+         Celery task (≈ 0.9 KiB with headers) in every row but \"(a, bare)\". (a) uses the same confirm window as \
+         taskgate's relay (`relay.publish_window`), the same properties and headers, and a durable topic exchange \
+         like taskgate's.\n\n{table}\n",
         chrono::Utc::now().format("%Y-%m-%d %H:%M UTC"),
         format_args!("{e2e_total} tasks for (a)/(b), {accept_total} for (c)/(d)"),
         machine()

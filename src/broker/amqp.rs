@@ -338,7 +338,7 @@ impl Publisher for AmqpPublisher {
 
 /// AMQP basic properties of a Celery message (protocol v2 puts the task
 /// metadata in headers; the properties carry ids and content type).
-fn basic_properties(message: &CeleryMessage) -> BasicProperties {
+pub fn basic_properties(message: &CeleryMessage) -> BasicProperties {
     let properties = &message.properties;
     let mut basic = BasicProperties::default()
         .with_content_type(ShortString::from(properties.content_type))

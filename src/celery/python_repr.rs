@@ -40,18 +40,89 @@ pub enum PyObject<'a> {
 /// `argsrepr` exactly as `as_task_v2` computes it: `saferepr(args or (),
 /// 1024, maxlevels=3)`. Empty args are the empty tuple `()`.
 pub fn args_repr(args: &[Value]) -> String {
-    let object = if args.is_empty() {
-        PyObject::Tuple(args)
-    } else {
-        PyObject::List(args)
-    };
-    saferepr(object, Some(ARGSREPR_MAX_LEN), REPR_MAX_LEVELS)
+    if args.is_empty() {
+        return "()".to_owned();
+    }
+    if let Some(text) = flat_repr(FlatContainer::List(args), ARGSREPR_MAX_LEN) {
+        return text;
+    }
+    saferepr(PyObject::List(args), Some(ARGSREPR_MAX_LEN), REPR_MAX_LEVELS)
 }
 
 /// `kwargsrepr` exactly as `as_task_v2` computes it: `saferepr(kwargs or {},
 /// 1024, maxlevels=3)`.
 pub fn kwargs_repr(kwargs: &Map<String, Value>) -> String {
+    if let Some(text) = flat_repr(FlatContainer::Dict(kwargs), KWARGSREPR_MAX_LEN) {
+        return text;
+    }
     saferepr(PyObject::Dict(kwargs), Some(KWARGSREPR_MAX_LEN), REPR_MAX_LEVELS)
+}
+
+/// A list or dict whose values are all scalars: the common shape of task
+/// arguments, which [`flat_repr`] writes without the token stream.
+enum FlatContainer<'a> {
+    List(&'a [Value]),
+    Dict(&'a Map<String, Value>),
+}
+
+/// The repr of a flat container written directly, or `None` when the
+/// general walk is needed (a nested container, or output that reaches the
+/// length budget). Equal to [`saferepr`]'s output whenever it returns
+/// `Some`: with fewer than `max_len` characters in all, the budget is still
+/// positive before every token and larger than it, so `_saferepr` neither
+/// truncates a token nor stops early, and one level is within any
+/// `maxlevels`.
+fn flat_repr(container: FlatContainer<'_>, max_len: usize) -> Option<String> {
+    fn scalar(out: &mut String, value: &Value) -> Option<()> {
+        match value {
+            Value::Null => out.push_str("None"),
+            Value::Bool(true) => out.push_str("True"),
+            Value::Bool(false) => out.push_str("False"),
+            Value::Number(number) => out.push_str(&number_repr(number)),
+            Value::String(text) => quote_into(out, text),
+            Value::Array(_) | Value::Object(_) => return None,
+        }
+        Some(())
+    }
+    let mut out = String::with_capacity(64);
+    match container {
+        FlatContainer::List(values) => {
+            out.push('[');
+            for (index, value) in values.iter().enumerate() {
+                if index > 0 {
+                    out.push_str(", ");
+                }
+                scalar(&mut out, value)?;
+            }
+            out.push(']');
+        }
+        FlatContainer::Dict(map) => {
+            out.push('{');
+            for (index, (key, value)) in map.iter().enumerate() {
+                if index > 0 {
+                    out.push_str(", ");
+                }
+                quote_into(&mut out, key);
+                out.push_str(": ");
+                scalar(&mut out, value)?;
+            }
+            out.push('}');
+        }
+    }
+    // Bytes bound code points from above: a cheap check first.
+    (out.len() < max_len || out.chars().count() < max_len).then_some(out)
+}
+
+/// `_format_chars` of a string that fits its budget.
+fn quote_into(out: &mut String, text: &str) {
+    out.push('\'');
+    for character in text.chars() {
+        if character == '\'' {
+            out.push('\\');
+        }
+        out.push(character);
+    }
+    out.push('\'');
 }
 
 /// Celery's `saferepr(o, maxlen, maxlevels)`. `max_len: None` is Python's
@@ -422,6 +493,54 @@ mod tests {
 
     fn kwargs(value: Value) -> String {
         kwargs_repr(value.as_object().expect("kwargs are a JSON object"))
+    }
+
+    /// The direct writer must be indistinguishable from the token stream,
+    /// including right at the length budget, where it has to give way.
+    #[test]
+    fn flat_arguments_match_the_general_walk() {
+        let mut cases: Vec<Value> = vec![
+            json!([
+                1,
+                -2,
+                3.5,
+                1e22,
+                true,
+                false,
+                null,
+                "it's",
+                "back\\slash",
+                "héllo ✓",
+                ""
+            ]),
+            json!({"a": 1, "it's": "x'y", "ünï": [1]}),
+            json!({"nested": {"a": 1}}),
+            json!([[1, 2], 3]),
+        ];
+        for length in 1015..1030 {
+            cases.push(json!(["x".repeat(length)]));
+            cases.push(json!(["é".repeat(length / 2), "a b c".repeat(length / 10)]));
+            cases.push(json!({"key": "y".repeat(length)}));
+            cases.push(json!(["'".repeat(length / 2)]));
+        }
+        for value in cases {
+            let (flat, general) = match &value {
+                Value::Array(values) => (
+                    args_repr(values),
+                    saferepr(PyObject::List(values), Some(ARGSREPR_MAX_LEN), REPR_MAX_LEVELS),
+                ),
+                Value::Object(map) => (
+                    kwargs_repr(map),
+                    saferepr(PyObject::Dict(map), Some(KWARGSREPR_MAX_LEN), REPR_MAX_LEVELS),
+                ),
+                _ => unreachable!(),
+            };
+            assert_eq!(flat, general, "{value}");
+        }
+        assert_eq!(
+            args_repr(&[]),
+            saferepr(PyObject::Tuple(&[]), Some(ARGSREPR_MAX_LEN), REPR_MAX_LEVELS)
+        );
     }
 
     #[test]
