@@ -29,7 +29,9 @@ use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
 use lapin::Confirmation;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use serde_json::Value;
+use std::future::Future;
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::Duration;
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
@@ -233,10 +235,22 @@ impl AmqpPublisher {
         let mut results: Vec<Option<PublishResult>> = vec![None; entries.len()];
         let mut confirms = Vec::with_capacity(entries.len());
         let mut connection_broken = false;
-        for (index, entry) in entries.iter().enumerate() {
-            let message = celery::encode(&entry.task, &self.origin);
-            let properties = basic_properties(&message);
-            let publish = live.channel.basic_publish(
+        let messages: Vec<CeleryMessage> = entries
+            .iter()
+            .map(|entry| celery::encode(&entry.task, &self.origin))
+            .collect();
+        // Every publish is handed to lapin before any is awaited. Awaiting
+        // each one in turn (until lapin's I/O thread wrote its frames) costs
+        // a reschedule per message, and under HTTP load the relay's task
+        // waits behind every connection's task each time: publishing then
+        // slowed to a crawl while accepts went on. lapin 4 queues a
+        // publish's frames (and numbers its confirm) in the synchronous
+        // part of the first poll (`send_method_frame_with_body`), so polling
+        // each future once, in order, keeps the window's order on the
+        // wire; the FIFO tests through RabbitMQ hold it to that.
+        let mut sending = Vec::with_capacity(entries.len());
+        for (index, (entry, message)) in entries.iter().zip(&messages).enumerate() {
+            let mut publish = Box::pin(live.channel.basic_publish(
                 exchange.into(),
                 entry.task.routing_key.as_str().into(),
                 BasicPublishOptions {
@@ -244,21 +258,33 @@ impl AmqpPublisher {
                     ..BasicPublishOptions::default()
                 },
                 &message.body,
-                properties,
-            );
+                basic_properties(message),
+            ));
+            let first_poll = std::future::poll_fn(|context| Poll::Ready(publish.as_mut().poll(context))).await;
+            match first_poll {
+                Poll::Ready(Ok(confirm)) => confirms.push((index, confirm)),
+                Poll::Ready(Err(error)) => {
+                    connection_broken = true;
+                    results[index] = Some(Err(PublishError::from_amqp(&error)));
+                    break;
+                }
+                Poll::Pending => sending.push((index, publish)),
+            }
+        }
+        for (index, publish) in sending {
+            if connection_broken {
+                break;
+            }
             match tokio::time::timeout_at(deadline, publish).await {
                 Ok(Ok(confirm)) => confirms.push((index, confirm)),
                 Ok(Err(error)) => {
                     connection_broken = true;
                     results[index] = Some(Err(PublishError::from_amqp(&error)));
-                    break;
                 }
-                Err(_) => {
-                    connection_broken = true;
-                    break;
-                }
+                Err(_) => connection_broken = true,
             }
         }
+        confirms.sort_by_key(|(index, _)| *index);
         for (index, confirm) in confirms {
             let entry = &entries[index];
             results[index] = Some(match tokio::time::timeout_at(deadline, confirm).await {
