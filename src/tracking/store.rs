@@ -360,7 +360,8 @@ impl TrackingStore {
                 .create_if_missing(true)
                 .journal_mode(SqliteJournalMode::Wal)
                 .synchronous(SqliteSynchronous::Normal)
-                .busy_timeout(timeout);
+                .busy_timeout(timeout)
+                .thread_name(|id| format!("{SQLITE_THREAD_PREFIX}-{id}"));
             if let Some(directory) = options.get_filename().parent() {
                 if !directory.as_os_str().is_empty() {
                     std::fs::create_dir_all(directory).map_err(|error| {
@@ -375,6 +376,14 @@ impl TrackingStore {
                 SqlitePoolOptions::new()
                     .max_connections(settings.max_connections)
                     .acquire_timeout(acquire)
+                    // sqlx runs each SQLite connection on a thread of its
+                    // own, started by the connect this follows.
+                    .after_connect(|_, _| {
+                        Box::pin(async {
+                            lower_sqlite_thread_priority();
+                            Ok(())
+                        })
+                    })
                     .connect_lazy_with(options),
             )
         };
@@ -674,6 +683,43 @@ impl TrackingStore {
     }
 }
 
+/// Name prefix of the threads sqlx runs SQLite connections on (Linux keeps
+/// the first 15 bytes of a thread name, which this fits in).
+const SQLITE_THREAD_PREFIX: &str = "tracking-sqlite";
+/// Nice value of those threads. With SQLite the tracking database is
+/// written inside taskgate's own process, and its upserts (the platform's
+/// schema has nine indexes) cost about a fifth of taskgate's CPU under
+/// load. Rows may lag; accepting and publishing must not: while the cores
+/// are busy these threads get about a tenth of a normal thread's share,
+/// the journal absorbs the difference (it is durable, and its age is a
+/// health warning), and they catch up at full speed once the load drops.
+const SQLITE_THREAD_NICENESS: i32 = 10;
+
+/// Lowers the scheduling priority of every SQLite connection thread. A
+/// thread already lowered is set to the same value again. Failure only
+/// costs speed, so it is logged, never returned.
+fn lower_sqlite_thread_priority() {
+    #[cfg(target_os = "linux")]
+    {
+        let Ok(threads) = std::fs::read_dir("/proc/self/task") else {
+            return;
+        };
+        for thread in threads.flatten() {
+            let is_sqlite = std::fs::read_to_string(thread.path().join("comm"))
+                .is_ok_and(|name| name.trim_end().starts_with(SQLITE_THREAD_PREFIX));
+            let thread_id = thread.file_name().to_str().and_then(|id| id.parse::<i32>().ok());
+            let Some(thread_id) = thread_id.filter(|_| is_sqlite) else {
+                continue;
+            };
+            // On Linux, PRIO_PROCESS with a thread id applies to that thread.
+            let pid = rustix::process::Pid::from_raw(thread_id);
+            if let Err(error) = rustix::process::setpriority_process(pid, SQLITE_THREAD_NICENESS) {
+                tracing::debug!(thread_id, %error, "cannot lower the priority of a tracking SQLite thread");
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -702,6 +748,46 @@ mod tests {
             parent_id: None,
             root_id: Some(task_id.into()),
             created_date: DateTime::<Utc>::from_timestamp_micros(micros).unwrap(),
+        }
+    }
+
+    /// The nice value of each thread of this process whose name starts
+    /// with `prefix` (field 19 of `/proc/self/task/{id}/stat`).
+    #[cfg(target_os = "linux")]
+    fn niceness_of_threads(prefix: &str) -> Vec<i32> {
+        let mut values = Vec::new();
+        for thread in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+            let name = std::fs::read_to_string(thread.path().join("comm")).unwrap_or_default();
+            if !name.starts_with(prefix) {
+                continue;
+            }
+            let stat = std::fs::read_to_string(thread.path().join("stat")).unwrap();
+            // The name (field 2) may hold spaces; count from after its `)`.
+            let after_name = &stat[stat.rfind(')').unwrap() + 2..];
+            values.push(after_name.split(' ').nth(16).unwrap().parse().unwrap());
+        }
+        values
+    }
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn sqlite_runs_below_the_priority_of_accepting_and_publishing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = sqlite_store(dir.path()).await;
+        store
+            .upsert(&[record("t1", None, 1_000_000)], RecordSource::Gateway)
+            .await
+            .unwrap();
+        let niceness = niceness_of_threads(SQLITE_THREAD_PREFIX);
+        assert!(!niceness.is_empty(), "no SQLite connection thread found");
+        let this_thread = niceness_of_threads("tracking::store");
+        assert!(!this_thread.is_empty());
+        for value in &niceness {
+            assert!(*value >= SQLITE_THREAD_NICENESS, "{niceness:?}");
+            assert!(
+                this_thread.iter().all(|own| own < value),
+                "only SQLite threads are lowered: {this_thread:?}"
+            );
         }
     }
 
