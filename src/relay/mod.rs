@@ -10,11 +10,12 @@
 //!   with any transient failure counts once against the breaker and ends
 //!   the round.
 //! - Windows are pipelined, at most [`WINDOWS_PER_ROUND`] per lane and
-//!   round: once every entry of a window is confirmed (or permanently
-//!   refused), the next window, read after the last sequence in flight, is
-//!   published while the first one's results are written to the outbox.
-//!   The broker thus never waits for sled, and order holds: a window
-//!   starts only after the one before it was accepted in full.
+//!   round: while a window is with the broker, the next one is read (after
+//!   the last sequence in flight); once every entry of the first is
+//!   confirmed (or permanently refused), the next is published while the
+//!   first one's results are written to the outbox. The broker thus never
+//!   waits for sled, and order holds: a window starts only after the one
+//!   before it was accepted in full.
 //! - While the breaker is open nothing is sent; tasks keep spooling.
 //! - Shutdown is observed only between rounds, so a round in flight
 //!   finishes (bounded by the publisher's own timeouts).
@@ -46,6 +47,9 @@ const FIRST_CONNECT_WAIT: Duration = Duration::from_secs(5);
 /// Bounds a round (and so how long shutdown or an operator's hold waits for
 /// it) while a deep lane drains.
 const WINDOWS_PER_ROUND: usize = 4;
+
+/// A window back from the publisher, with the broker's answer per entry.
+type PublishedWindow = (Vec<PendingEntry>, Vec<Result<(), PublishError>>);
 
 pub struct Relay {
     outbox: Arc<Outbox>,
@@ -186,8 +190,10 @@ impl Relay {
         }
     }
 
-    /// Publishes up to [`WINDOWS_PER_ROUND`] windows of `lane`, each next
-    /// window on its way to the broker while the last one is settled.
+    /// Publishes up to [`WINDOWS_PER_ROUND`] windows of `lane`: while one
+    /// window is with the broker the next one is read from the outbox, and
+    /// once the first is accepted in full the next is sent while the first
+    /// one's results are written.
     async fn publish_lane(&self, lane: &Lane) -> RoundOutcome {
         let permit = self.breaker.permit();
         let limit = match permit {
@@ -195,7 +201,7 @@ impl Relay {
             Permit::Probe => 1,
             Permit::Normal => self.settings.publish_window,
         };
-        let mut entries = match self.outbox.head(lane, limit) {
+        let entries = match self.outbox.head(lane, limit) {
             Ok(entries) => entries,
             Err(error) => {
                 tracing::error!(%lane, %error, "cannot read the outbox");
@@ -205,54 +211,66 @@ impl Relay {
         if entries.is_empty() {
             return RoundOutcome::Idle;
         }
-        let mut results = self.publisher.publish(lane, &entries).await;
+        let mut last_in_flight = entries.last().map(|entry| entry.sequence);
+        let mut publishing = self.spawn_publish(lane, entries);
         let mut windows = 1;
         loop {
-            let accepted_in_full = results
-                .iter()
-                .all(|result| !matches!(result, Err(PublishError::Transient(_))));
-            let look_ahead = accepted_in_full
-                && matches!(permit, Permit::Normal)
-                && windows < WINDOWS_PER_ROUND
-                && !self.is_paused()
-                && matches!(self.breaker.permit(), Permit::Normal);
-            let next = if look_ahead {
-                let last = entries.last().map(|entry| entry.sequence);
-                self.outbox.entries_after(lane, last, limit).unwrap_or_else(|error| {
-                    tracing::error!(%lane, %error, "cannot read the outbox");
-                    Vec::new()
-                })
+            // Read ahead while the broker works, so that it does not wait
+            // for the outbox between windows. What is read is only sent if
+            // this window is accepted in full (order within the lane).
+            let read_ahead = matches!(permit, Permit::Normal) && windows < WINDOWS_PER_ROUND && !self.is_paused();
+            let next = if read_ahead {
+                self.outbox
+                    .entries_after(lane, last_in_flight, limit)
+                    .unwrap_or_else(|error| {
+                        tracing::error!(%lane, %error, "cannot read the outbox");
+                        Vec::new()
+                    })
             } else {
                 Vec::new()
             };
-            if next.is_empty() {
-                return self.finish_window(lane, permit, &entries, results);
-            }
-            let publisher = self.publisher.clone();
-            let next_lane = lane.clone();
-            let publishing = tokio::spawn(async move {
-                let results = publisher.publish(&next_lane, &next).await;
-                (next, results)
-            });
-            let settled = self.finish_window(lane, permit, &entries, results);
-            let (next, next_results) = match publishing.await {
-                Ok(published) => published,
+            let (published, results) = match publishing.await {
+                Ok(outcome) => outcome,
                 Err(join) => {
                     // The window stays in the outbox and is published again.
                     tracing::error!(%lane, %join, "publishing task failed");
                     return RoundOutcome::Blocked;
                 }
             };
+            let accepted_in_full = results
+                .iter()
+                .all(|result| !matches!(result, Err(PublishError::Transient(_))));
+            let go_on = accepted_in_full
+                && !next.is_empty()
+                && !self.is_paused()
+                && matches!(self.breaker.permit(), Permit::Normal);
+            if !go_on {
+                return self.finish_window(lane, permit, &published, results);
+            }
+            last_in_flight = next.last().map(|entry| entry.sequence);
+            publishing = self.spawn_publish(lane, next);
+            let settled = self.finish_window(lane, permit, &published, results);
+            windows += 1;
             if matches!(settled, RoundOutcome::Blocked) {
                 // Record what the broker said about the window in flight
                 // too, if the outbox lets us; then wait.
-                self.finish_window(lane, permit, &next, next_results);
+                if let Ok((published, results)) = publishing.await {
+                    self.finish_window(lane, permit, &published, results);
+                }
                 return RoundOutcome::Blocked;
             }
-            entries = next;
-            results = next_results;
-            windows += 1;
         }
+    }
+
+    /// Publishes a window on a task of its own, so the relay can read and
+    /// settle meanwhile.
+    fn spawn_publish(&self, lane: &Lane, entries: Vec<PendingEntry>) -> tokio::task::JoinHandle<PublishedWindow> {
+        let publisher = self.publisher.clone();
+        let lane = lane.clone();
+        tokio::spawn(async move {
+            let results = publisher.publish(&lane, &entries).await;
+            (entries, results)
+        })
     }
 
     /// Settles one window and tells the breaker how it went.
@@ -311,5 +329,128 @@ impl Relay {
             self.outbox.record_failure(&failed, error)?;
         }
         Ok(first_error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::{BrokerStatus, PublishResult};
+    use crate::config::BreakerSettings;
+    use crate::outbox::OutboxSettings;
+    use crate::task::{Task, TaskId};
+    use futures_util::future::BoxFuture;
+    use serde_json::{json, Map};
+    use std::sync::Mutex;
+    use tokio::sync::watch;
+
+    /// Records every window it is given (as the tasks' first argument) and
+    /// refuses one task, once, as a transient failure.
+    struct ScriptedPublisher {
+        windows: Mutex<Vec<Vec<i64>>>,
+        refuse_once: Mutex<Option<i64>>,
+        status: watch::Sender<BrokerStatus>,
+    }
+
+    impl Publisher for ScriptedPublisher {
+        fn lanes_for(&self, _task: &Task) -> Vec<Lane> {
+            vec![Lane::new("exchange")]
+        }
+
+        fn publish<'a>(&'a self, _lane: &'a Lane, entries: &'a [PendingEntry]) -> BoxFuture<'a, Vec<PublishResult>> {
+            Box::pin(async move {
+                // Leave the relay time to read ahead while "the broker" works.
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                let numbers: Vec<i64> = entries
+                    .iter()
+                    .map(|entry| entry.task.args[0].as_i64().unwrap())
+                    .collect();
+                self.windows.lock().unwrap().push(numbers.clone());
+                let mut refuse = self.refuse_once.lock().unwrap();
+                numbers
+                    .iter()
+                    .map(|number| {
+                        if *refuse == Some(*number) {
+                            *refuse = None;
+                            Err(PublishError::Transient("nacked".into()))
+                        } else {
+                            Ok(())
+                        }
+                    })
+                    .collect()
+            })
+        }
+
+        fn status(&self) -> watch::Receiver<BrokerStatus> {
+            self.status.subscribe()
+        }
+
+        fn reconnect_now(&self) {}
+
+        fn shutdown(&self) -> BoxFuture<'_, ()> {
+            Box::pin(async {})
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_window_read_ahead_is_not_sent_until_the_one_before_was_accepted_in_full() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Outbox::open(&OutboxSettings {
+            path: dir.path().join("outbox"),
+            ..OutboxSettings::default()
+        })
+        .unwrap();
+        for number in 0..25 {
+            let task = Task::for_test(
+                TaskId::generate(),
+                "app.work",
+                vec![json!(number)],
+                Map::new(),
+                "app",
+                &["q"],
+            );
+            outbox
+                .accept(vec![(task, vec![Lane::new("exchange")])], None)
+                .await
+                .unwrap();
+        }
+        let (status, _) = watch::channel(BrokerStatus::disconnected("test".into(), None));
+        let publisher = Arc::new(ScriptedPublisher {
+            windows: Mutex::new(Vec::new()),
+            refuse_once: Mutex::new(Some(7)),
+            status,
+        });
+        let relay = Relay::new(
+            outbox.clone(),
+            publisher.clone(),
+            Arc::new(Breaker::new(&BreakerSettings::default())),
+            RelaySettings { publish_window: 5 },
+        );
+
+        // The second window has a transient failure: the round stops there,
+        // and the third window, already read, is not sent.
+        assert!(matches!(relay.round().await, RoundOutcome::Blocked));
+        assert_eq!(
+            *publisher.windows.lock().unwrap(),
+            vec![vec![0, 1, 2, 3, 4], vec![5, 6, 7, 8, 9]]
+        );
+        assert_eq!(outbox.depth(), 16);
+
+        // The next round starts from the lane's head: the refused task
+        // first, then the rest in order, four windows per round.
+        while outbox.depth() > 0 {
+            assert!(matches!(relay.round().await, RoundOutcome::Progress));
+        }
+        let windows = publisher.windows.lock().unwrap().clone();
+        assert_eq!(
+            windows[2..],
+            [
+                vec![7, 10, 11, 12, 13],
+                vec![14, 15, 16, 17, 18],
+                vec![19, 20, 21, 22, 23],
+                vec![24],
+            ]
+        );
+        assert!(matches!(relay.round().await, RoundOutcome::Idle));
     }
 }
