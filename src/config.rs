@@ -258,6 +258,10 @@ pub struct TrackingSettings {
     pub retry_max_ms: u64,
     /// Journal age after which health warns even with the database up.
     pub warn_journal_age_seconds: f64,
+    /// While the relay publishes a backlog, the journal writer waits until
+    /// its oldest entry is this old (0: never waits), leaving the cores to
+    /// publishing; see [`crate::tracking::writer`].
+    pub max_deferral_seconds: f64,
 }
 
 impl Default for TrackingSettings {
@@ -277,6 +281,7 @@ impl Default for TrackingSettings {
             retry_min_ms: 200,
             retry_max_ms: 10_000,
             warn_journal_age_seconds: 60.0,
+            max_deferral_seconds: 30.0,
         }
     }
 }
@@ -476,6 +481,12 @@ fn validate_tracking(tracking: &TrackingSettings, environment: Environment) -> R
         return Err(ConfigError::key(
             "tracking.retry_max_ms",
             "must be at least tracking.retry_min_ms",
+        ));
+    }
+    if !(tracking.max_deferral_seconds.is_finite() && tracking.max_deferral_seconds >= 0.0) {
+        return Err(ConfigError::key(
+            "tracking.max_deferral_seconds",
+            "must be a number of seconds, 0 or more",
         ));
     }
     // SQS caps the visibility timeout at 12 hours.

@@ -401,6 +401,10 @@ pub struct Outbox {
     journal_depth: Arc<AtomicU64>,
     /// Wakes the tracking writer after an accept.
     new_journal: Notify,
+    /// When [`Outbox::complete`] last removed entries (`None` before it
+    /// ever did): how the tracking writer tells that a backlog is being
+    /// published.
+    last_completion: Mutex<Option<std::time::Instant>>,
 }
 
 /// Readiness returns once pending bytes fall below this share of the limit.
@@ -564,7 +568,19 @@ impl Outbox {
             refusing,
             journal_depth,
             new_journal: Notify::new(),
+            last_completion: Mutex::new(None),
         }))
+    }
+
+    /// Whether tasks are pending and the broker confirmed some within
+    /// `recent`: a backlog is being published right now.
+    pub fn is_draining(&self, recent: Duration) -> bool {
+        self.depth() > 0
+            && self
+                .last_completion
+                .lock()
+                .expect("completion lock poisoned")
+                .is_some_and(|at| at.elapsed() < recent)
     }
 
     pub fn settings(&self) -> &OutboxSettings {
@@ -719,7 +735,9 @@ impl Outbox {
             for entry in entries {
                 counters.remove(&entry.lane, &entry.task.queues, entry.encoded_len as u64);
             }
-        })
+        })?;
+        *self.last_completion.lock().expect("completion lock poisoned") = Some(std::time::Instant::now());
+        Ok(())
     }
 
     /// Notes a failed attempt on each task's status (attempts, last error).
