@@ -154,7 +154,6 @@ async fn wait_for_depth(connection: &Connection, queue: &str, target: u32, timeo
     }
 }
 
-/// (a): the broker's limit with a confirm window of `WINDOW`.
 /// What the raw publisher sends in (a).
 #[derive(Clone, Copy, PartialEq)]
 enum RawMessage {
@@ -167,6 +166,7 @@ enum RawMessage {
     BareBody,
 }
 
+/// (a): the broker's limit with a confirm window of `WINDOW`.
 async fn raw_lapin(total: usize, shape: RawMessage) -> f64 {
     let connection = Connection::connect(RABBITMQ, ConnectionProperties::default())
         .await
@@ -424,8 +424,14 @@ async fn main() {
     let started = Instant::now();
     let gateway = Gateway::start(&write_config(&spool_dir, RABBITMQ, &spool_queue, "bench_exchange"));
     // The queue is declared by taskgate on connect; wait for it to appear.
+    // The rate counts from the first task in the queue (the backlog
+    // flowing); the restart before it (opening the outbox, connecting) is
+    // reported beside it.
+    let flowing_at = wait_for_depth(&inspector, &spool_queue, 1, Duration::from_secs(120)).await;
     let drained_at = wait_for_depth(&inspector, &spool_queue, accept_total as u32, Duration::from_secs(900)).await;
-    let drain_rate = accept_total as f64 / drained_at.duration_since(started).as_secs_f64();
+    let drain_rate = (accept_total - 1) as f64 / drained_at.duration_since(flowing_at).as_secs_f64();
+    let restart_seconds = flowing_at.duration_since(started).as_secs_f64();
+    let drain_rate_with_restart = accept_total as f64 / drained_at.duration_since(started).as_secs_f64();
     let drain_rss = gateway.peak_rss_mib();
     gateway.stop();
     let _ = inspect
@@ -439,7 +445,7 @@ async fn main() {
          | (a, bare) the body alone to the default exchange, as earlier runs measured (a) | {bare_rate:.0} msg/s | {:.2} | n/a | n/a |\n\
          | (b) taskgate HTTP POST → confirmed in queue ({CONNECTIONS} connections) | {e2e_rate:.0} tasks/s (p50 {e2e_p50:.2} ms, p99 {e2e_p99:.2} ms) | {:.2} | ≥ 0.80 | {e2e_rss:.1} MiB |\n\
          | (c) taskgate accept, broker down ({CONNECTIONS} connections) | {:.0} tasks/s (p50 {:.2} ms, p99 {:.2} ms) | {:.2} | ≥ 10,000/s, p99 < 10 ms | {accept_rss:.1} MiB |\n\
-         | (d) drain of a {accept_total}-task backlog (incl. restart) | {drain_rate:.0} tasks/s | {:.2} | ≥ 0.80 | {drain_rss:.1} MiB (< 64 MiB target) |\n",
+         | (d) drain of a {accept_total}-task backlog, from the first task in the queue to the last | {drain_rate:.0} tasks/s ({drain_rate_with_restart:.0}/s counting the {restart_seconds:.1} s restart before it) | {:.2} | ≥ 0.80 | {drain_rss:.1} MiB (< 64 MiB target) |\n",
         bare_rate / raw_rate,
         e2e_rate / raw_rate,
         accept.rate,
