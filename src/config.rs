@@ -258,9 +258,9 @@ pub struct TrackingSettings {
     pub retry_max_ms: u64,
     /// Journal age after which health warns even with the database up.
     pub warn_journal_age_seconds: f64,
-    /// While the relay publishes a backlog, the journal writer waits until
-    /// its oldest entry is this old (0: never waits), leaving the cores to
-    /// publishing; see [`crate::tracking::writer`].
+    /// While the outbox is under load, the journal writer waits until its
+    /// oldest entry is this old (0: never waits), leaving the cores to
+    /// accepting and publishing; see [`crate::tracking::writer`].
     pub max_deferral_seconds: f64,
 }
 

@@ -29,6 +29,7 @@ use chrono::{DateTime, Utc};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 /// One task of an accept, encoded by the caller.
 pub(super) struct PreparedTask {
@@ -100,7 +101,13 @@ pub(super) struct AcceptWriter {
     pub(super) refusing: Arc<AtomicBool>,
     pub(super) journal_depth: Arc<AtomicU64>,
     pub(super) max_bytes: u64,
+    /// When a group of at least [`CROWDED_GROUP`] requests was last written.
+    pub(super) last_crowded_group: Arc<Mutex<Option<Instant>>>,
 }
+
+/// A group this large means writers are queueing for the disk: the outbox
+/// is under load ([`super::Outbox::is_busy`]).
+const CROWDED_GROUP: usize = 8;
 
 /// What staging decided for one request, before the group is written.
 enum Staged {
@@ -129,6 +136,9 @@ impl AcceptWriter {
     /// Returns each request's outcome; a storage failure fails every
     /// request that would have written something.
     pub(super) fn write_group(&self, requests: &[&PreparedAccept]) -> Vec<Result<AcceptOutcome, OutboxError>> {
+        if requests.len() >= CROWDED_GROUP {
+            *self.last_crowded_group.lock().expect("crowded group lock poisoned") = Some(Instant::now());
+        }
         let now = Utc::now();
         let mut sequences = self.insert_lock.lock().expect("insert lock poisoned");
         let before = *sequences;
@@ -277,6 +287,7 @@ mod tests {
             refusing: Arc::new(AtomicBool::new(false)),
             journal_depth: Arc::new(AtomicU64::new(0)),
             max_bytes: 1 << 30,
+            last_crowded_group: Arc::new(Mutex::new(None)),
         }
     }
 

@@ -405,6 +405,8 @@ pub struct Outbox {
     /// ever did): how the tracking writer tells that a backlog is being
     /// published.
     last_completion: Mutex<Option<std::time::Instant>>,
+    /// When accepts last queued up for the disk (see [`accept`]).
+    last_crowded_group: Arc<Mutex<Option<std::time::Instant>>>,
 }
 
 /// Readiness returns once pending bytes fall below this share of the limit.
@@ -548,6 +550,7 @@ impl Outbox {
         let counters = Arc::new(Mutex::new(counters));
         let refusing = Arc::new(AtomicBool::new(false));
         let journal_depth = Arc::new(AtomicU64::new(journal_depth));
+        let last_crowded_group = Arc::new(Mutex::new(None));
         let writer = accept::AcceptWriter {
             storage: storage.clone(),
             insert_lock: insert_lock.clone(),
@@ -555,6 +558,7 @@ impl Outbox {
             refusing: refusing.clone(),
             journal_depth: journal_depth.clone(),
             max_bytes: settings.max_bytes,
+            last_crowded_group: last_crowded_group.clone(),
         };
         let committer = GroupCommitter::start(storage.clone(), writer)?;
         Ok(Arc::new(Self {
@@ -569,18 +573,20 @@ impl Outbox {
             journal_depth,
             new_journal: Notify::new(),
             last_completion: Mutex::new(None),
+            last_crowded_group,
         }))
     }
 
-    /// Whether tasks are pending and the broker confirmed some within
-    /// `recent`: a backlog is being published right now.
-    pub fn is_draining(&self, recent: Duration) -> bool {
-        self.depth() > 0
-            && self
-                .last_completion
-                .lock()
-                .expect("completion lock poisoned")
+    /// Whether the outbox is under load right now (within `recent`): a
+    /// backlog is being published (tasks pending, and the broker confirmed
+    /// some), or accepts are queueing up for the disk in large groups.
+    pub fn is_busy(&self, recent: Duration) -> bool {
+        let within = |at: &Mutex<Option<std::time::Instant>>| {
+            at.lock()
+                .expect("outbox load lock poisoned")
                 .is_some_and(|at| at.elapsed() < recent)
+        };
+        (self.depth() > 0 && within(&self.last_completion)) || within(&self.last_crowded_group)
     }
 
     pub fn settings(&self) -> &OutboxSettings {

@@ -5,14 +5,15 @@
 //! from the journal head, upsert them in one transaction, then remove
 //! exactly those entries.
 //!
-//! Publishing comes first. While the relay is publishing a backlog, the
+//! Accepting and publishing come first. While the outbox is under load
+//! (the relay publishing a backlog, or accepts queueing for the disk), the
 //! writer leaves the journal alone until its oldest entry is
 //! `tracking.max_deferral_seconds` old: recording costs about as much CPU
 //! as publishing (SQLite with the platform's nine indexes, in this
-//! process), and on two cores it would slow the drain. The lag is bounded
-//! (under a backlog that never ends the writer keeps pace, that far
-//! behind), the journal is durable, and a burst shorter than the bound is
-//! recorded once it is published. While the database is away the same page is
+//! process), and on two cores it would slow both. The lag is bounded
+//! (under load that never ends the writer keeps pace, that far behind),
+//! the journal is durable, and a burst shorter than the bound is recorded
+//! once it is over. While the database is away the same page is
 //! retried with backoff and the journal grows on disk only (memory holds
 //! one page). Entries that do not decode, or rows the database refuses for
 //! their data, are logged, counted and removed: they could never be
@@ -29,13 +30,13 @@ use std::time::Duration;
 const IDLE_WAIT: Duration = Duration::from_secs(1);
 /// How often a deferring writer looks again.
 const DEFERRAL_POLL: Duration = Duration::from_millis(250);
-/// The relay counts as draining while it confirmed tasks this recently.
-const DRAINING_WITHIN: Duration = Duration::from_secs(1);
+/// The outbox counts as under load for this long after the last sign of it.
+const BUSY_WITHIN: Duration = Duration::from_secs(1);
 
-/// Whether the journal may wait: a backlog is being published and the
-/// oldest unrecorded task is younger than the bound.
+/// Whether the journal may wait: the outbox is under load and the oldest
+/// unrecorded task is younger than the bound.
 fn should_defer(outbox: &Outbox, bound_seconds: f64) -> bool {
-    if bound_seconds <= 0.0 || !outbox.is_draining(DRAINING_WITHIN) {
+    if bound_seconds <= 0.0 || !outbox.is_busy(BUSY_WITHIN) {
         return false;
     }
     match outbox.journal_oldest_accepted_at() {
@@ -135,7 +136,7 @@ mod tests {
     use serde_json::Map;
 
     #[tokio::test]
-    async fn the_journal_waits_only_while_a_backlog_is_published_and_only_so_long() {
+    async fn the_journal_waits_only_while_the_outbox_is_under_load_and_only_so_long() {
         let dir = tempfile::tempdir().unwrap();
         let outbox = Outbox::open(&OutboxSettings {
             path: dir.path().join("outbox"),
@@ -143,11 +144,11 @@ mod tests {
         })
         .unwrap();
         let lane = Lane::new("exchange");
+        let task = || Task::for_test(TaskId::generate(), "app.work", vec![], Map::new(), "app", &["q"]);
         for _ in 0..3 {
-            let task = Task::for_test(TaskId::generate(), "app.work", vec![], Map::new(), "app", &["q"]);
-            outbox.accept(vec![(task, vec![lane.clone()])], None).await.unwrap();
+            outbox.accept(vec![(task(), vec![lane.clone()])], None).await.unwrap();
         }
-        // Spooled, nothing published yet (a broker outage): record at once.
+        // Spooled one by one, nothing published yet: record at once.
         assert!(!should_defer(&outbox, 30.0));
 
         let head = outbox.head(&lane, 1).unwrap();
@@ -163,5 +164,13 @@ mod tests {
         let rest = outbox.head(&lane, 10).unwrap();
         outbox.complete(&rest.iter().collect::<Vec<_>>()).unwrap();
         assert!(!should_defer(&outbox, 30.0));
+
+        // Many writers at once queue up behind the disk: wait.
+        let lanes = vec![lane.clone()];
+        let crowd = (0..64).map(|_| outbox.accept(vec![(task(), lanes.clone())], None));
+        for outcome in futures_util::future::join_all(crowd).await {
+            outcome.unwrap();
+        }
+        assert!(should_defer(&outbox, 30.0));
     }
 }
