@@ -30,7 +30,6 @@ use std::time::{Duration, Instant};
 
 const RABBITMQ: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 const CONNECTIONS: usize = 64;
-const WINDOW: usize = 1000;
 
 fn count(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
@@ -166,8 +165,9 @@ enum RawMessage {
     BareBody,
 }
 
-/// (a): the broker's limit with a confirm window of `WINDOW`.
+/// (a): the broker's limit with the relay's default confirm window.
 async fn raw_lapin(total: usize, shape: RawMessage) -> f64 {
+    let window = taskgate::config::RelaySettings::default().publish_window;
     let connection = Connection::connect(RABBITMQ, ConnectionProperties::default())
         .await
         .expect("RabbitMQ");
@@ -233,7 +233,7 @@ async fn raw_lapin(total: usize, shape: RawMessage) -> f64 {
     let started = Instant::now();
     let mut sent = 0;
     while sent < total {
-        let batch = WINDOW.min(total - sent);
+        let batch = window.min(total - sent);
         let mut confirms = Vec::with_capacity(batch);
         for _ in 0..batch {
             confirms.push(
@@ -386,7 +386,8 @@ async fn main() {
         .expect("RabbitMQ on 127.0.0.1:5672");
     let inspect = inspector.create_channel().await.unwrap();
 
-    eprintln!("(a) raw lapin, {e2e_total} messages, confirm window {WINDOW}…");
+    let window = taskgate::config::RelaySettings::default().publish_window;
+    eprintln!("(a) raw lapin, {e2e_total} messages, confirm window {window}…");
     let raw_rate = raw_lapin(e2e_total, RawMessage::Celery).await;
     let bare_rate = raw_lapin(e2e_total, RawMessage::BareBody).await;
 
@@ -441,7 +442,7 @@ async fn main() {
 
     let table = format!(
         "| measurement | result | ratio to (a) | target | peak RSS of taskgate |\n|---|---|---|---|---|\n\
-         | (a) raw lapin publish + confirm (window {WINDOW}), taskgate's Celery message via a topic exchange | {raw_rate:.0} msg/s | 1.00 | broker limit | n/a |\n\
+         | (a) raw lapin publish + confirm (window {window}), taskgate's Celery message via a topic exchange | {raw_rate:.0} msg/s | 1.00 | broker limit | n/a |\n\
          | (a, bare) the body alone to the default exchange, as earlier runs measured (a) | {bare_rate:.0} msg/s | {:.2} | n/a | n/a |\n\
          | (b) taskgate HTTP POST → confirmed in queue ({CONNECTIONS} connections) | {e2e_rate:.0} tasks/s (p50 {e2e_p50:.2} ms, p99 {e2e_p99:.2} ms) | {:.2} | ≥ 0.80 | {e2e_rss:.1} MiB |\n\
          | (c) taskgate accept, broker down ({CONNECTIONS} connections) | {:.0} tasks/s (p50 {:.2} ms, p99 {:.2} ms) | {:.2} | ≥ 10,000/s, p99 < 10 ms | {accept_rss:.1} MiB |\n\
