@@ -43,6 +43,9 @@ pub trait OutboxStorage: Send + Sync + 'static {
     fn size_on_disk(&self) -> Result<u64, StorageError>;
 }
 
+/// How long [`SledStorage::open`] waits for a lock held a moment too long.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The production store: one sled tree.
 pub struct SledStorage {
     db: sled::Db,
@@ -51,7 +54,24 @@ pub struct SledStorage {
 impl SledStorage {
     /// Opens (creating) the store. `cache_bytes` bounds sled's page cache,
     /// which is what keeps memory flat however deep the outbox grows.
+    ///
+    /// A store that is locked is tried again for up to [`LOCK_WAIT`]: sled
+    /// releases its lock from its background threads, a moment after the
+    /// last handle is dropped, so a reopen right after a close in the same
+    /// process (a restart, or tests) would otherwise fail at random.
     pub fn open(path: &Path, cache_bytes: u64) -> Result<Self, StorageError> {
+        let deadline = std::time::Instant::now() + LOCK_WAIT;
+        loop {
+            match Self::open_once(path, cache_bytes) {
+                Err(StorageError::Locked { .. }) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                outcome => return outcome,
+            }
+        }
+    }
+
+    fn open_once(path: &Path, cache_bytes: u64) -> Result<Self, StorageError> {
         let db = sled::Config::new()
             .path(path)
             .cache_capacity(cache_bytes)
