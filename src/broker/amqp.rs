@@ -235,10 +235,6 @@ impl AmqpPublisher {
         let mut results: Vec<Option<PublishResult>> = vec![None; entries.len()];
         let mut confirms = Vec::with_capacity(entries.len());
         let mut connection_broken = false;
-        let messages: Vec<CeleryMessage> = entries
-            .iter()
-            .map(|entry| celery::encode(&entry.task, &self.origin))
-            .collect();
         // Every publish is handed to lapin before any is awaited. Awaiting
         // each one in turn (until lapin's I/O thread wrote its frames) costs
         // a reschedule per message, and under HTTP load the relay's task
@@ -247,19 +243,29 @@ impl AmqpPublisher {
         // publish's frames (and numbers its confirm) in the synchronous
         // part of the first poll (`send_method_frame_with_body`), so polling
         // each future once, in order, keeps the window's order on the
-        // wire; the FIFO tests through RabbitMQ hold it to that.
+        // wire; the FIFO tests through RabbitMQ hold it to that. Each
+        // message is encoded just before it is handed over, so the broker
+        // starts on the first one while the rest are encoded.
         let mut sending = Vec::with_capacity(entries.len());
-        for (index, (entry, message)) in entries.iter().zip(&messages).enumerate() {
-            let mut publish = Box::pin(live.channel.basic_publish(
-                exchange.into(),
-                entry.task.routing_key.as_str().into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..BasicPublishOptions::default()
-                },
-                &message.body,
-                basic_properties(message),
-            ));
+        for (index, entry) in entries.iter().enumerate() {
+            let message = celery::encode(&entry.task, &self.origin);
+            let properties = basic_properties(&message);
+            let channel = live.channel.clone();
+            let routing_key = ShortString::from(entry.task.routing_key.as_str());
+            let mut publish = Box::pin(async move {
+                channel
+                    .basic_publish(
+                        exchange.into(),
+                        routing_key,
+                        BasicPublishOptions {
+                            mandatory: true,
+                            ..BasicPublishOptions::default()
+                        },
+                        &message.body,
+                        properties,
+                    )
+                    .await
+            });
             let first_poll = std::future::poll_fn(|context| Poll::Ready(publish.as_mut().poll(context))).await;
             match first_poll {
                 Poll::Ready(Ok(confirm)) => confirms.push((index, confirm)),
