@@ -104,6 +104,17 @@ impl Default for OutboxSettings {
     }
 }
 
+#[cfg(test)]
+impl OutboxSettings {
+    /// Defaults, with the store in `dir/outbox`, for tests across the crate.
+    pub(crate) fn for_test(dir: &std::path::Path) -> Self {
+        Self {
+            path: dir.join("outbox"),
+            ..Self::default()
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum OutboxError {
     #[error("the outbox is full ({used} of {limit} bytes used)")]

@@ -581,11 +581,7 @@ mod tests {
     }
 
     fn open(dir: &std::path::Path) -> std::sync::Arc<Outbox> {
-        Outbox::open(&OutboxSettings {
-            path: dir.join("outbox"),
-            ..OutboxSettings::default()
-        })
-        .unwrap()
+        Outbox::open(&OutboxSettings::for_test(dir)).unwrap()
     }
 
     fn exchange() -> Lane {
@@ -789,9 +785,8 @@ mod tests {
     async fn requeue_respects_the_size_limit() {
         let dir = tempfile::tempdir().unwrap();
         let outbox = Outbox::open(&OutboxSettings {
-            path: dir.path().join("outbox"),
             max_bytes: 4096,
-            ..OutboxSettings::default()
+            ..OutboxSettings::for_test(dir.path())
         })
         .unwrap();
         let first = task(0, &["export"]);

@@ -14,10 +14,7 @@ pub(super) fn task(name: &str, n: i64) -> Task {
 }
 
 pub(super) fn settings(dir: &std::path::Path) -> OutboxSettings {
-    OutboxSettings {
-        path: dir.join("outbox"),
-        ..OutboxSettings::default()
-    }
+    OutboxSettings::for_test(dir)
 }
 
 fn lane() -> Lane {

@@ -395,11 +395,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_window_read_ahead_is_not_sent_until_the_one_before_was_accepted_in_full() {
         let dir = tempfile::tempdir().unwrap();
-        let outbox = Outbox::open(&OutboxSettings {
-            path: dir.path().join("outbox"),
-            ..OutboxSettings::default()
-        })
-        .unwrap();
+        let outbox = Outbox::open(&OutboxSettings::for_test(dir.path())).unwrap();
         for number in 0..25 {
             let task = Task::for_test(
                 TaskId::generate(),

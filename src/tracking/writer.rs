@@ -138,11 +138,7 @@ mod tests {
     #[tokio::test]
     async fn the_journal_waits_only_while_the_outbox_is_under_load_and_only_so_long() {
         let dir = tempfile::tempdir().unwrap();
-        let outbox = Outbox::open(&OutboxSettings {
-            path: dir.path().join("outbox"),
-            ..OutboxSettings::default()
-        })
-        .unwrap();
+        let outbox = Outbox::open(&OutboxSettings::for_test(dir.path())).unwrap();
         let lane = Lane::new("exchange");
         let task = || Task::for_test(TaskId::generate(), "app.work", vec![], Map::new(), "app", &["q"]);
         for _ in 0..3 {
