@@ -13,6 +13,11 @@
 //!
 //! Prints a table and writes `docs/benchmarks.md`. Not a test: it asserts
 //! nothing about speed; it reports.
+//!
+//! For side-by-side comparisons while working on a change,
+//! `BENCH_ONLY=a,b` runs only the named measurements ((d) brings (c), the
+//! backlog it drains) and `TASKGATE_BIN=path` measures another build; such
+//! partial runs print their rows and leave `docs/benchmarks.md` alone.
 
 use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
@@ -51,7 +56,8 @@ struct Gateway {
 
 impl Gateway {
     fn start(config: &Path) -> Gateway {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_taskgate"))
+        let binary = std::env::var("TASKGATE_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_taskgate").to_owned());
+        let mut child = Command::new(binary)
             .args(["serve", "--config"])
             .arg(config)
             .env("RUST_LOG", "warn,taskgate=info")
@@ -380,6 +386,13 @@ async fn main() {
     }
     let e2e_total = count("BENCH_E2E_TASKS", 50_000);
     let accept_total = count("BENCH_ACCEPT_TASKS", 100_000);
+    let only = std::env::var("BENCH_ONLY").ok();
+    let runs = |step: &str| {
+        only.as_deref().is_none_or(|list| {
+            list.split(',')
+                .any(|s| s.trim() == step || (step == "c" && s.trim() == "d"))
+        })
+    };
     let dir = tempfile::tempdir().unwrap();
     let inspector = Connection::connect(RABBITMQ, ConnectionProperties::default())
         .await
@@ -387,75 +400,103 @@ async fn main() {
     let inspect = inspector.create_channel().await.unwrap();
 
     let window = taskgate::config::RelaySettings::default().publish_window;
-    eprintln!("(a) raw lapin, {e2e_total} messages, confirm window {window}…");
-    let raw_rate = raw_lapin(e2e_total, RawMessage::Celery).await;
-    let bare_rate = raw_lapin(e2e_total, RawMessage::BareBody).await;
+    let mut rows = Vec::new();
+    // Ratios are to (a); a run without (a) prints them as NaN.
+    let mut raw_rate = f64::NAN;
+    if runs("a") {
+        eprintln!("(a) raw lapin, {e2e_total} messages, confirm window {window}…");
+        raw_rate = raw_lapin(e2e_total, RawMessage::Celery).await;
+        let bare_rate = raw_lapin(e2e_total, RawMessage::BareBody).await;
+        rows.push(format!(
+            "| (a) raw lapin publish + confirm (window {window}), taskgate's Celery message via a topic exchange | {raw_rate:.0} msg/s | 1.00 | broker limit | n/a |"
+        ));
+        rows.push(format!(
+            "| (a, bare) the body alone to the default exchange, as earlier runs measured (a) | {bare_rate:.0} msg/s | {:.2} | n/a | n/a |",
+            bare_rate / raw_rate
+        ));
+    }
 
-    eprintln!("(b) taskgate end to end, {e2e_total} tasks over {CONNECTIONS} connections…");
-    let e2e_dir = dir.path().join("e2e");
-    std::fs::create_dir_all(&e2e_dir).unwrap();
-    let e2e_queue = format!("bench-e2e-{}", std::process::id());
-    let gateway = Gateway::start(&write_config(&e2e_dir, RABBITMQ, &e2e_queue, "bench_exchange"));
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let load = http_load(&gateway.base_url, e2e_total).await;
-    let confirmed_at = wait_for_depth(&inspector, &e2e_queue, e2e_total as u32, Duration::from_secs(600)).await;
-    let e2e_rate = e2e_total as f64 / confirmed_at.duration_since(load.started).as_secs_f64();
-    let e2e_rss = gateway.peak_rss_mib();
-    let (e2e_p50, e2e_p99) = (load.p50_ms, load.p99_ms);
-    gateway.stop();
-    let _ = inspect
-        .queue_delete(e2e_queue.as_str().into(), QueueDeleteOptions::default())
-        .await;
+    if runs("b") {
+        eprintln!("(b) taskgate end to end, {e2e_total} tasks over {CONNECTIONS} connections…");
+        let e2e_dir = dir.path().join("e2e");
+        std::fs::create_dir_all(&e2e_dir).unwrap();
+        let e2e_queue = format!("bench-e2e-{}", std::process::id());
+        let gateway = Gateway::start(&write_config(&e2e_dir, RABBITMQ, &e2e_queue, "bench_exchange"));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let load = http_load(&gateway.base_url, e2e_total).await;
+        let confirmed_at = wait_for_depth(&inspector, &e2e_queue, e2e_total as u32, Duration::from_secs(600)).await;
+        let e2e_rate = e2e_total as f64 / confirmed_at.duration_since(load.started).as_secs_f64();
+        let e2e_rss = gateway.peak_rss_mib();
+        gateway.stop();
+        let _ = inspect
+            .queue_delete(e2e_queue.as_str().into(), QueueDeleteOptions::default())
+            .await;
+        rows.push(format!(
+            "| (b) taskgate HTTP POST → confirmed in queue ({CONNECTIONS} connections) | {e2e_rate:.0} tasks/s (p50 {:.2} ms, p99 {:.2} ms) | {:.2} | ≥ 0.80 | {e2e_rss:.1} MiB |",
+            load.p50_ms,
+            load.p99_ms,
+            e2e_rate / raw_rate
+        ));
+    }
 
-    eprintln!("(c) accept with the broker down, {accept_total} tasks over {CONNECTIONS} connections…");
-    let spool_dir = dir.path().join("spool");
-    std::fs::create_dir_all(&spool_dir).unwrap();
-    let spool_queue = format!("bench-drain-{}", std::process::id());
-    let gateway = Gateway::start(&write_config(
-        &spool_dir,
-        &refused_url(),
-        &spool_queue,
-        "bench_exchange",
-    ));
-    let accept = http_load(&gateway.base_url, accept_total).await;
-    let accept_rss = gateway.peak_rss_mib();
-    gateway.stop();
+    if runs("c") {
+        eprintln!("(c) accept with the broker down, {accept_total} tasks over {CONNECTIONS} connections…");
+        let spool_dir = dir.path().join("spool");
+        std::fs::create_dir_all(&spool_dir).unwrap();
+        let spool_queue = format!("bench-drain-{}", std::process::id());
+        let gateway = Gateway::start(&write_config(
+            &spool_dir,
+            &refused_url(),
+            &spool_queue,
+            "bench_exchange",
+        ));
+        let accept = http_load(&gateway.base_url, accept_total).await;
+        let accept_rss = gateway.peak_rss_mib();
+        gateway.stop();
+        rows.push(format!(
+            "| (c) taskgate accept, broker down ({CONNECTIONS} connections) | {:.0} tasks/s (p50 {:.2} ms, p99 {:.2} ms) | {:.2} | ≥ 10,000/s, p99 < 10 ms | {accept_rss:.1} MiB |",
+            accept.rate,
+            accept.p50_ms,
+            accept.p99_ms,
+            accept.rate / raw_rate
+        ));
 
-    eprintln!("(d) drain the {accept_total}-task backlog into RabbitMQ…");
-    let started = Instant::now();
-    let gateway = Gateway::start(&write_config(&spool_dir, RABBITMQ, &spool_queue, "bench_exchange"));
-    // The queue is declared by taskgate on connect; wait for it to appear.
-    // The rate counts from the first task in the queue (the backlog
-    // flowing); the restart before it (opening the outbox, connecting) is
-    // reported beside it.
-    let flowing_at = wait_for_depth(&inspector, &spool_queue, 1, Duration::from_secs(120)).await;
-    let drained_at = wait_for_depth(&inspector, &spool_queue, accept_total as u32, Duration::from_secs(900)).await;
-    let drain_rate = (accept_total - 1) as f64 / drained_at.duration_since(flowing_at).as_secs_f64();
-    let restart_seconds = flowing_at.duration_since(started).as_secs_f64();
-    let drain_rate_with_restart = accept_total as f64 / drained_at.duration_since(started).as_secs_f64();
-    let drain_rss = gateway.peak_rss_mib();
-    gateway.stop();
-    let _ = inspect
-        .queue_delete(spool_queue.as_str().into(), QueueDeleteOptions::default())
-        .await;
+        if runs("d") {
+            eprintln!("(d) drain the {accept_total}-task backlog into RabbitMQ…");
+            let started = Instant::now();
+            let gateway = Gateway::start(&write_config(&spool_dir, RABBITMQ, &spool_queue, "bench_exchange"));
+            // The queue is declared by taskgate on connect; wait for it to
+            // appear. The rate counts from the first task in the queue (the
+            // backlog flowing); the restart before it (opening the outbox,
+            // connecting) is reported beside it.
+            let flowing_at = wait_for_depth(&inspector, &spool_queue, 1, Duration::from_secs(120)).await;
+            let drained_at =
+                wait_for_depth(&inspector, &spool_queue, accept_total as u32, Duration::from_secs(900)).await;
+            let drain_rate = (accept_total - 1) as f64 / drained_at.duration_since(flowing_at).as_secs_f64();
+            let restart_seconds = flowing_at.duration_since(started).as_secs_f64();
+            let drain_rate_with_restart = accept_total as f64 / drained_at.duration_since(started).as_secs_f64();
+            let drain_rss = gateway.peak_rss_mib();
+            gateway.stop();
+            rows.push(format!(
+                "| (d) drain of a {accept_total}-task backlog, from the first task in the queue to the last | {drain_rate:.0} tasks/s ({drain_rate_with_restart:.0}/s counting the {restart_seconds:.1} s restart before it) | {:.2} | ≥ 0.80 | {drain_rss:.1} MiB (< 64 MiB target) |",
+                drain_rate / raw_rate
+            ));
+        }
+        let _ = inspect
+            .queue_delete(spool_queue.as_str().into(), QueueDeleteOptions::default())
+            .await;
+    }
     let _ = inspector.close(200, "bench done".into()).await;
 
     let table = format!(
-        "| measurement | result | ratio to (a) | target | peak RSS of taskgate |\n|---|---|---|---|---|\n\
-         | (a) raw lapin publish + confirm (window {window}), taskgate's Celery message via a topic exchange | {raw_rate:.0} msg/s | 1.00 | broker limit | n/a |\n\
-         | (a, bare) the body alone to the default exchange, as earlier runs measured (a) | {bare_rate:.0} msg/s | {:.2} | n/a | n/a |\n\
-         | (b) taskgate HTTP POST → confirmed in queue ({CONNECTIONS} connections) | {e2e_rate:.0} tasks/s (p50 {e2e_p50:.2} ms, p99 {e2e_p99:.2} ms) | {:.2} | ≥ 0.80 | {e2e_rss:.1} MiB |\n\
-         | (c) taskgate accept, broker down ({CONNECTIONS} connections) | {:.0} tasks/s (p50 {:.2} ms, p99 {:.2} ms) | {:.2} | ≥ 10,000/s, p99 < 10 ms | {accept_rss:.1} MiB |\n\
-         | (d) drain of a {accept_total}-task backlog, from the first task in the queue to the last | {drain_rate:.0} tasks/s ({drain_rate_with_restart:.0}/s counting the {restart_seconds:.1} s restart before it) | {:.2} | ≥ 0.80 | {drain_rss:.1} MiB (< 64 MiB target) |\n",
-        bare_rate / raw_rate,
-        e2e_rate / raw_rate,
-        accept.rate,
-        accept.p50_ms,
-        accept.p99_ms,
-        accept.rate / raw_rate,
-        drain_rate / raw_rate,
+        "| measurement | result | ratio to (a) | target | peak RSS of taskgate |\n|---|---|---|---|---|\n{}\n",
+        rows.join("\n")
     );
     println!("{table}");
+    if only.is_some() {
+        eprintln!("BENCH_ONLY set: docs/benchmarks.md left as it is");
+        return;
+    }
     let report = format!(
         "# Benchmarks\n\nProduced by `scripts/bench` on {}, {}.\n\nMachine: {}. RabbitMQ on the same machine \
          (127.0.0.1:5672); the HTTP load generator runs on the same cores as taskgate and the broker. Message: the same \
