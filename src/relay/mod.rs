@@ -267,6 +267,7 @@ impl Relay {
     fn spawn_publish(&self, lane: &Lane, entries: Vec<PendingEntry>) -> tokio::task::JoinHandle<PublishedWindow> {
         let publisher = self.publisher.clone();
         let lane = lane.clone();
+        metrics::histogram!("taskgate_publish_window_size").record(entries.len() as f64);
         tokio::spawn(async move {
             let results = publisher.publish(&lane, &entries).await;
             (entries, results)
