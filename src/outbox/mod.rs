@@ -39,7 +39,7 @@
 //! | `t/{task id:16 bytes}` | [`TaskStatus`] (JSON): state, attempts, last error |
 //! | `d/{sequence:u64}` | [`DeadLetter`] (JSON): the task and the reason |
 //! | `i/{idempotency key}` | [`IdempotencyRecord`] (JSON), honoured for 24 h |
-//! | `p/{published at, ms:u64}{task id}` | empty: retention index of published statuses |
+//! | `p/{published at, ms:u64}{task id}` | the ids (16 bytes each) of the tasks one window published, the key's id first: retention index of published statuses (empty in older outboxes: the key's id alone) |
 //! | `m/sequence_reserved` | u64: sequences below it may be in use |
 //! | `m/counters` | [`PersistedCounters`] (JSON): pending depth and bytes per lane, depth per queue, dead letters |
 //! | `j/{sequence:u64}` | accepted [`Task`] (JSON) not yet recorded in the tracking database ([`journal`]) |
@@ -475,6 +475,27 @@ fn published_index_key(at: DateTime<Utc>, id: &TaskId) -> Vec<u8> {
     key
 }
 
+/// The tasks a retention index record stands for: the ids in its value
+/// (one record per published window), or, for a record with an empty value
+/// (outboxes written before 2026-11-28), the one id at the end of its key.
+fn published_index_ids(key: &[u8], value: &[u8]) -> Vec<TaskId> {
+    if value.is_empty() {
+        let Some(id) = key
+            .len()
+            .checked_sub(16)
+            .and_then(|at| <[u8; 16]>::try_from(&key[at..]).ok())
+        else {
+            return Vec::new();
+        };
+        return vec![TaskId::from_bytes(id)];
+    }
+    value
+        .chunks_exact(16)
+        .filter_map(|chunk| <[u8; 16]>::try_from(chunk).ok())
+        .map(TaskId::from_bytes)
+        .collect()
+}
+
 fn age_seconds(since: DateTime<Utc>, now: DateTime<Utc>) -> f64 {
     ((now - since).num_milliseconds().max(0) as f64) / 1000.0
 }
@@ -742,11 +763,19 @@ impl Outbox {
                 statuses.insert(entry.task.id, status);
             }
         }
+        // One retention index record for the whole window, listing the ids
+        // it published: one sled write per window instead of one per task.
+        let mut published_ids: Vec<u8> = Vec::new();
+        let mut first_published: Option<TaskId> = None;
         for (id, status) in statuses {
             if status.state == TaskState::Published {
-                operations.push((published_index_key(now, &id), Some(Vec::new())));
+                first_published.get_or_insert(id);
+                published_ids.extend_from_slice(id.as_bytes());
             }
             operations.push((status_key(&id), Some(serde_json::to_vec(&status)?)));
+        }
+        if let Some(first) = first_published {
+            operations.push((published_index_key(now, &first), Some(published_ids)));
         }
         apply_counted(self.storage.as_ref(), &self.counters, operations, |counters| {
             for entry in entries {
@@ -908,12 +937,12 @@ impl Outbox {
             }
             let _status_guard = self.status_lock.lock().expect("status lock poisoned");
             let mut operations = Vec::with_capacity(expired.len() * 2);
-            for (key, _) in &expired {
-                let id_bytes: [u8; 16] = key[key.len() - 16..].try_into().expect("16-byte id");
-                operations.push((status_key(&TaskId::from_bytes(id_bytes)), None));
+            for (key, value) in &expired {
+                let ids = published_index_ids(key, value);
+                removed += ids.len() as u64;
+                operations.extend(ids.into_iter().map(|id| (status_key(&id), None)));
                 operations.push((key.clone(), None));
             }
-            removed += expired.len() as u64;
             self.storage.apply(operations)?;
         }
         let window = chrono::Duration::from_std(IDEMPOTENCY_WINDOW).unwrap_or_default();

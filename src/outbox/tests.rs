@@ -311,6 +311,46 @@ async fn prune_forgets_old_published_statuses() {
 }
 
 #[tokio::test]
+async fn prune_forgets_every_status_a_window_published_and_old_index_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = Outbox::open(&OutboxSettings {
+        published_retention_seconds: 0,
+        ..settings(dir.path())
+    })
+    .unwrap();
+    let window: Vec<Task> = (0..3).map(|n| task("a.b", n)).collect();
+    let batch = window.iter().map(|task| (task.clone(), vec![lane()])).collect();
+    outbox.accept(batch, None).await.unwrap();
+    let head = outbox.head(&lane(), 10).unwrap();
+    outbox.complete(&head.iter().collect::<Vec<_>>()).unwrap();
+    // A published status indexed the way outboxes before 2026-11-28 did:
+    // one empty record per task, the id in its key.
+    let older = task("a.b", 9);
+    outbox.accept(vec![(older.clone(), vec![lane()])], None).await.unwrap();
+    let head = outbox.head(&lane(), 10).unwrap();
+    outbox.complete(&head.iter().collect::<Vec<_>>()).unwrap();
+    let index = outbox.storage.scan(PUBLISHED_INDEX, None, 10).unwrap();
+    assert_eq!(index.len(), 2, "one index record per published window");
+    let (older_key, _) = index
+        .iter()
+        .find(|(key, _)| key.ends_with(older.id.as_bytes()))
+        .unwrap();
+    outbox
+        .storage
+        .apply(vec![(older_key.clone(), Some(Vec::new()))])
+        .unwrap();
+    for task in window.iter().chain([&older]) {
+        assert_eq!(outbox.status(&task.id).unwrap().unwrap().state, TaskState::Published);
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    assert_eq!(outbox.prune().unwrap(), 4);
+    for task in window.iter().chain([&older]) {
+        assert!(outbox.status(&task.id).unwrap().is_none());
+    }
+    assert!(outbox.storage.scan(PUBLISHED_INDEX, None, 10).unwrap().is_empty());
+}
+
+#[tokio::test]
 async fn room_returns_only_after_draining_below_ninety_percent() {
     let dir = tempfile::tempdir().unwrap();
     let outbox = Outbox::open(&OutboxSettings {
