@@ -2,7 +2,9 @@
 //!
 //! Transient failures (no connection, timeouts, `nack`, a closed channel,
 //! throttling) keep the task at the head of its lane and count against the
-//! circuit breaker. Permanent failures (unroutable with `mandatory`, a
+//! circuit breaker. A message that never left taskgate because there was
+//! no connection is [`PublishError::Unsent`]: retried like any transient
+//! failure, but not counted as a delivery attempt on the task. Permanent failures (unroutable with `mandatory`, a
 //! message the broker will never take, access denied, a missing queue that
 //! we may not create) move the task to the dead letters: retrying cannot
 //! help, and it must not block the tasks behind it.
@@ -19,19 +21,22 @@ use aws_sdk_sqs::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 pub enum PublishError {
     #[error("{0}")]
     Transient(String),
+    /// Transient, and nothing was sent: there was no connection to send on.
+    #[error("{0}")]
+    Unsent(String),
     #[error("{0}")]
     Permanent(String),
 }
 
 impl PublishError {
     pub fn is_retryable(&self) -> bool {
-        matches!(self, PublishError::Transient(_))
+        matches!(self, PublishError::Transient(_) | PublishError::Unsent(_))
     }
 
     pub fn not_connected(detail: Option<&str>) -> Self {
         match detail {
-            Some(detail) => Self::Transient(format!("not connected to the broker: {detail}")),
-            None => Self::Transient("not connected to the broker".into()),
+            Some(detail) => Self::Unsent(format!("not connected to the broker: {detail}")),
+            None => Self::Unsent("not connected to the broker".into()),
         }
     }
 

@@ -844,12 +844,16 @@ impl LaneSender<'_> {
             .send_batch(self.client, &self.sqs_name, queue_url, &messages)
             .await;
         for (message, result) in batch.iter().zip(batch_results) {
-            if let Err(PublishError::Transient(reason)) = &result {
-                self.halted.get_or_insert_with(|| {
-                    PublishError::Transient(format!(
-                        "held back to keep queue order after an earlier failure: {reason}"
-                    ))
-                });
+            if let Err(error) = &result {
+                if error.is_retryable() {
+                    // What follows in this queue is not sent (order), so it
+                    // is not an attempt on those tasks.
+                    self.halted.get_or_insert_with(|| {
+                        PublishError::Unsent(format!(
+                            "held back to keep queue order after an earlier failure: {error}"
+                        ))
+                    });
+                }
             }
             results[message.index] = Some(result);
         }

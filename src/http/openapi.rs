@@ -82,8 +82,9 @@ pub struct TaskStatus {
     task: String,
     #[schema(inline)]
     state: TaskState,
-    /// Publish attempts so far; null for a task known only from tracking
-    /// (one a worker scheduled, or one published long ago).
+    /// Failed publish attempts (a round without a connection sends nothing
+    /// and is not counted); null for a task known only from tracking (one
+    /// a worker scheduled, or one published long ago).
     attempts: Option<u32>,
     /// Why the last attempt failed, or why the task was dead-lettered.
     last_error: Option<String>,

@@ -158,6 +158,14 @@ pub enum TaskState {
     DeadLetter,
 }
 
+/// Whether a failed publish reached the broker: only then does it count in
+/// a task's `attempts` (a round without a connection sends nothing).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attempt {
+    Made,
+    NotMade,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TaskStatus {
     pub id: TaskId,
@@ -786,13 +794,19 @@ impl Outbox {
         Ok(())
     }
 
-    /// Notes a failed attempt on each task's status (attempts, last error).
-    pub fn record_failure(&self, entries: &[&PendingEntry], error: &str) -> Result<(), OutboxError> {
+    /// Notes a failure on each task's status: the last error, and, when
+    /// something was sent, one more attempt.
+    pub fn record_failure(&self, entries: &[&PendingEntry], error: &str, attempt: Attempt) -> Result<(), OutboxError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
         let _status_guard = self.status_lock.lock().expect("status lock poisoned");
         let mut operations = Vec::with_capacity(entries.len());
         for entry in entries {
             if let Some(mut status) = self.status(&entry.task.id)? {
-                status.attempts += 1;
+                if attempt == Attempt::Made {
+                    status.attempts += 1;
+                }
                 status.last_error = Some(error.to_owned());
                 operations.push((status_key(&entry.task.id), Some(serde_json::to_vec(&status)?)));
             }

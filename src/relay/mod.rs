@@ -28,7 +28,7 @@ pub mod meter;
 
 use crate::broker::{PublishError, Publisher};
 use crate::config::RelaySettings;
-use crate::outbox::{Lane, Outbox, PendingEntry};
+use crate::outbox::{Attempt, Lane, Outbox, PendingEntry};
 use breaker::{Breaker, Permit};
 use meter::{PublishMeter, PublishRate};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -239,7 +239,7 @@ impl Relay {
             };
             let accepted_in_full = results
                 .iter()
-                .all(|result| !matches!(result, Err(PublishError::Transient(_))));
+                .all(|result| !result.as_ref().is_err_and(PublishError::is_retryable));
             let go_on = accepted_in_full
                 && !next.is_empty()
                 && !self.is_paused()
@@ -308,6 +308,7 @@ impl Relay {
     ) -> Result<Option<String>, crate::outbox::OutboxError> {
         let mut confirmed = Vec::with_capacity(entries.len());
         let mut failed = Vec::new();
+        let mut unsent = Vec::new();
         let mut first_error = None;
         for (entry, result) in entries.iter().zip(results) {
             match result {
@@ -321,13 +322,18 @@ impl Relay {
                     failed.push(entry);
                     first_error.get_or_insert(reason);
                 }
+                Err(PublishError::Unsent(reason)) => {
+                    unsent.push(entry);
+                    first_error.get_or_insert(reason);
+                }
             }
         }
         metrics::counter!("taskgate_published_total").increment(confirmed.len() as u64);
         self.published.record(confirmed.len() as u64);
         self.outbox.complete(&confirmed)?;
         if let Some(error) = &first_error {
-            self.outbox.record_failure(&failed, error)?;
+            self.outbox.record_failure(&failed, error, Attempt::Made)?;
+            self.outbox.record_failure(&unsent, error, Attempt::NotMade)?;
         }
         Ok(first_error)
     }
@@ -346,10 +352,12 @@ mod tests {
     use tokio::sync::watch;
 
     /// Records every window it is given (as the tasks' first argument) and
-    /// refuses one task, once, as a transient failure.
+    /// refuses one task, once, as a transient failure; while `unreachable`,
+    /// sends nothing and answers "not connected" for every task.
     struct ScriptedPublisher {
         windows: Mutex<Vec<Vec<i64>>>,
         refuse_once: Mutex<Option<i64>>,
+        unreachable: Mutex<bool>,
         status: watch::Sender<BrokerStatus>,
     }
 
@@ -360,6 +368,12 @@ mod tests {
 
         fn publish<'a>(&'a self, _lane: &'a Lane, entries: &'a [PendingEntry]) -> BoxFuture<'a, Vec<PublishResult>> {
             Box::pin(async move {
+                if *self.unreachable.lock().unwrap() {
+                    return entries
+                        .iter()
+                        .map(|_| Err(PublishError::not_connected(Some("connection refused"))))
+                        .collect();
+                }
                 // Leave the relay time to read ahead while "the broker" works.
                 tokio::time::sleep(Duration::from_millis(5)).await;
                 let numbers: Vec<i64> = entries
@@ -415,6 +429,7 @@ mod tests {
         let publisher = Arc::new(ScriptedPublisher {
             windows: Mutex::new(Vec::new()),
             refuse_once: Mutex::new(Some(7)),
+            unreachable: Mutex::new(false),
             status,
         });
         let relay = Relay::new(
@@ -449,5 +464,59 @@ mod tests {
             ]
         );
         assert!(matches!(relay.round().await, RoundOutcome::Idle));
+    }
+
+    /// `attempts` counts what reached the broker: rounds without a
+    /// connection (every probe of an outage) leave it alone, a nack counts.
+    #[tokio::test]
+    async fn rounds_without_a_connection_are_not_counted_as_attempts() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Outbox::open(&OutboxSettings::for_test(dir.path())).unwrap();
+        let task = Task::for_test(
+            TaskId::generate(),
+            "app.work",
+            vec![json!(1)],
+            Map::new(),
+            "app",
+            &["q"],
+        );
+        let id = task.id;
+        outbox
+            .accept(vec![(task, vec![Lane::new("exchange")])], None)
+            .await
+            .unwrap();
+        let (status, _) = watch::channel(BrokerStatus::disconnected("test".into(), None));
+        let publisher = Arc::new(ScriptedPublisher {
+            windows: Mutex::new(Vec::new()),
+            refuse_once: Mutex::new(Some(1)),
+            unreachable: Mutex::new(true),
+            status,
+        });
+        let relay = Relay::new(
+            outbox.clone(),
+            publisher.clone(),
+            Arc::new(Breaker::new(&BreakerSettings::default())),
+            RelaySettings { publish_window: 5 },
+        );
+        for _ in 0..2 {
+            assert!(matches!(relay.round().await, RoundOutcome::Blocked));
+        }
+        let status = outbox.status(&id).unwrap().unwrap();
+        assert_eq!(status.attempts, 0);
+        assert!(
+            status
+                .last_error
+                .as_deref()
+                .unwrap_or_default()
+                .contains("not connected"),
+            "{status:?}"
+        );
+
+        *publisher.unreachable.lock().unwrap() = false;
+        relay.breaker().request_probe();
+        assert!(matches!(relay.round().await, RoundOutcome::Blocked));
+        let status = outbox.status(&id).unwrap().unwrap();
+        assert_eq!((status.attempts, status.last_error.as_deref()), (1, Some("nacked")));
+        assert_eq!(outbox.depth(), 1);
     }
 }
