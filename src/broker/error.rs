@@ -2,12 +2,13 @@
 //!
 //! Transient failures (no connection, timeouts, `nack`, a closed channel,
 //! throttling) keep the task at the head of its lane and count against the
-//! circuit breaker. A message that never left taskgate because there was
-//! no connection is [`PublishError::Unsent`]: retried like any transient
-//! failure, but not counted as a delivery attempt on the task. Permanent failures (unroutable with `mandatory`, a
-//! message the broker will never take, access denied, a missing queue that
-//! we may not create) move the task to the dead letters: retrying cannot
-//! help, and it must not block the tasks behind it.
+//! circuit breaker. A message that never left taskgate (no connection, or
+//! held back behind a failure to keep order) is [`PublishError::Unsent`]:
+//! retried like any transient failure, but not counted as an attempt on
+//! the task. Permanent failures (unroutable with `mandatory`, a message the
+//! broker will never take, access denied, a missing queue that we may not
+//! create) move the task to the dead letters: retrying cannot help, and it
+//! must not block the tasks behind it.
 //!
 //! SQS errors are sorted into an [`SqsErrorClass`] first ([`classify_sqs_code`],
 //! [`SqsFailure::from_sdk`]), because the SQS publisher needs more than
@@ -21,7 +22,7 @@ use aws_sdk_sqs::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 pub enum PublishError {
     #[error("{0}")]
     Transient(String),
-    /// Transient, and nothing was sent: there was no connection to send on.
+    /// Transient, and nothing was sent (no connection, or held back).
     #[error("{0}")]
     Unsent(String),
     #[error("{0}")]

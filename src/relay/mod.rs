@@ -323,6 +323,7 @@ impl Relay {
                     first_error.get_or_insert(reason);
                 }
                 Err(PublishError::Unsent(reason)) => {
+                    metrics::counter!("taskgate_publish_failures_total", "kind" => "unsent").increment(1);
                     unsent.push(entry);
                     first_error.get_or_insert(reason);
                 }
