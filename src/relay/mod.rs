@@ -408,11 +408,21 @@ mod tests {
         }
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_window_read_ahead_is_not_sent_until_the_one_before_was_accepted_in_full() {
+    /// An outbox holding one task per number (its first argument), in one
+    /// lane, and a relay (windows of 5) over a scripted publisher.
+    struct Scripted {
+        _dir: tempfile::TempDir,
+        outbox: Arc<Outbox>,
+        publisher: Arc<ScriptedPublisher>,
+        relay: Arc<Relay>,
+        ids: Vec<TaskId>,
+    }
+
+    async fn scripted(numbers: std::ops::Range<i64>, refuse_once: Option<i64>, unreachable: bool) -> Scripted {
         let dir = tempfile::tempdir().unwrap();
         let outbox = Outbox::open(&OutboxSettings::for_test(dir.path())).unwrap();
-        for number in 0..25 {
+        let mut ids = Vec::new();
+        for number in numbers {
             let task = Task::for_test(
                 TaskId::generate(),
                 "app.work",
@@ -421,6 +431,7 @@ mod tests {
                 "app",
                 &["q"],
             );
+            ids.push(task.id);
             outbox
                 .accept(vec![(task, vec![Lane::new("exchange")])], None)
                 .await
@@ -429,8 +440,8 @@ mod tests {
         let (status, _) = watch::channel(BrokerStatus::disconnected("test".into(), None));
         let publisher = Arc::new(ScriptedPublisher {
             windows: Mutex::new(Vec::new()),
-            refuse_once: Mutex::new(Some(7)),
-            unreachable: Mutex::new(false),
+            refuse_once: Mutex::new(refuse_once),
+            unreachable: Mutex::new(unreachable),
             status,
         });
         let relay = Relay::new(
@@ -439,6 +450,23 @@ mod tests {
             Arc::new(Breaker::new(&BreakerSettings::default())),
             RelaySettings { publish_window: 5 },
         );
+        Scripted {
+            _dir: dir,
+            outbox,
+            publisher,
+            relay,
+            ids,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_window_read_ahead_is_not_sent_until_the_one_before_was_accepted_in_full() {
+        let Scripted {
+            outbox,
+            publisher,
+            relay,
+            ..
+        } = &scripted(0..25, Some(7), false).await;
 
         // The second window has a transient failure: the round stops there,
         // and the third window, already read, is not sent.
@@ -471,34 +499,14 @@ mod tests {
     /// connection (every probe of an outage) leave it alone, a nack counts.
     #[tokio::test]
     async fn rounds_without_a_connection_are_not_counted_as_attempts() {
-        let dir = tempfile::tempdir().unwrap();
-        let outbox = Outbox::open(&OutboxSettings::for_test(dir.path())).unwrap();
-        let task = Task::for_test(
-            TaskId::generate(),
-            "app.work",
-            vec![json!(1)],
-            Map::new(),
-            "app",
-            &["q"],
-        );
-        let id = task.id;
-        outbox
-            .accept(vec![(task, vec![Lane::new("exchange")])], None)
-            .await
-            .unwrap();
-        let (status, _) = watch::channel(BrokerStatus::disconnected("test".into(), None));
-        let publisher = Arc::new(ScriptedPublisher {
-            windows: Mutex::new(Vec::new()),
-            refuse_once: Mutex::new(Some(1)),
-            unreachable: Mutex::new(true),
-            status,
-        });
-        let relay = Relay::new(
-            outbox.clone(),
-            publisher.clone(),
-            Arc::new(Breaker::new(&BreakerSettings::default())),
-            RelaySettings { publish_window: 5 },
-        );
+        let Scripted {
+            outbox,
+            publisher,
+            relay,
+            ids,
+            ..
+        } = &scripted(1..2, Some(1), true).await;
+        let id = ids[0];
         for _ in 0..2 {
             assert!(matches!(relay.round().await, RoundOutcome::Blocked));
         }
