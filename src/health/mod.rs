@@ -308,7 +308,8 @@ impl HealthMonitor {
         monitor
     }
 
-    fn publish(&self, next: HealthReport) {
+    /// Replaces the current report; streams hear of it if the state changed.
+    pub fn publish(&self, next: HealthReport) {
         self.report.send_if_modified(|current| {
             let changed = current.state_key() != next.state_key();
             // Keep the latest figures either way; only a state change wakes
@@ -316,10 +317,6 @@ impl HealthMonitor {
             *current = next;
             changed
         });
-    }
-
-    pub fn current(&self) -> HealthReport {
-        self.report.borrow().clone()
     }
 
     pub fn subscribe(&self) -> watch::Receiver<HealthReport> {

@@ -5,7 +5,7 @@
 //! background tasks keep current.
 
 use super::AppState;
-use crate::health::{self, HealthStatus};
+use crate::health::{self, HealthReport, HealthStatus};
 use axum::extract::State;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -37,7 +37,11 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
     }
 }
 
-pub async fn health(State(state): State<AppState>) -> Response {
+/// Health as of now, also handed to the monitor: the monitor otherwise
+/// notices some changes (tracking's) only at its next tick, and an event
+/// stream opened right after a `GET /v1/health` must not start from an
+/// older state than that answer.
+pub(super) fn current_report(state: &AppState) -> HealthReport {
     let mut report = health::compute(
         &state.publisher.status().borrow(),
         &state.breaker.snapshot(),
@@ -49,6 +53,12 @@ pub async fn health(State(state): State<AppState>) -> Response {
         &state.tracking.health(),
         state.tracking.warn_journal_age_seconds(),
     );
+    state.health.publish(report.clone());
+    report
+}
+
+pub async fn health(State(state): State<AppState>) -> Response {
+    let report = current_report(&state);
     let status = if report.status == HealthStatus::Fail {
         StatusCode::SERVICE_UNAVAILABLE
     } else {
@@ -67,6 +77,7 @@ pub async fn health(State(state): State<AppState>) -> Response {
 
 /// One `health` event now, then one per health change.
 pub async fn health_stream(State(state): State<AppState>) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    current_report(&state);
     let stream = WatchStream::new(state.health.subscribe()).map(|report| {
         let data = serde_json::to_string(&report).unwrap_or_default();
         Ok(Event::default().event("health").data(data))

@@ -39,7 +39,7 @@ pub struct StatusView {
 }
 
 pub async fn status_page(State(state): State<AppState>) -> Response {
-    let health = state.health.current();
+    let health = super::health::current_report(&state);
     let broker = state.publisher.status().borrow().clone();
     let paused = state.relay.is_paused();
     let outbox = state.outbox.clone();
