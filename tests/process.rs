@@ -150,11 +150,15 @@ async fn sigterm_stops_cleanly_and_restart_resumes_from_the_outbox() {
     let dir = tempfile::tempdir().unwrap();
     let queue = unique("sigterm");
     let proxy = FaultProxy::start("127.0.0.1:5672".parse().unwrap()).unwrap();
-    let settings = test_settings(
+    let mut settings = test_settings(
         dir.path(),
         &format!("amqp://guest:guest@{}/%2f", proxy.addr()),
         &[(&queue, "#")],
     );
+    // The handshake over the slow link below takes about a second, more on
+    // a loaded machine: the test's 1 s connect timeout then failed the
+    // first attempt (and a failed attempt rightly counts for the breaker).
+    settings.broker.connect_timeout_ms = 4_000;
     let config = dir.path().join("taskgate.toml");
     write_config(&settings, &config);
     let mut gateway = GatewayProcess::start(&config, &dir.path().join("first.log"));
