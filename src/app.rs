@@ -86,7 +86,8 @@ impl Application {
             publisher.clone(),
             breaker.clone(),
             settings.relay.clone(),
-        );
+        )
+        .context("reading the operator's holds from the outbox")?;
         let background = CancellationToken::new();
         let relay_task = tokio::spawn(relay.clone().run(background.clone()));
         // In the background: migrations, journal writer, tracking consumer.

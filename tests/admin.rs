@@ -340,3 +340,48 @@ async fn listing_pages_with_a_cursor_and_export_streams_what_import_reads() {
     assert_eq!((report["depth"].clone(), report["bytes"].clone()), (json!(0), json!(0)));
     gateway.stop().await;
 }
+
+/// An operator's pause and forced-open breaker outlive a restart (a deploy
+/// during maintenance must not start publishing into it); resuming and
+/// releasing after the restart publishes what spooled meanwhile.
+#[tokio::test]
+async fn a_pause_and_a_forced_breaker_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let queue = unique("tg-held");
+    let settings = test_settings(dir.path(), support::app::RABBITMQ_URL, &[(queue.as_str(), "#")]);
+    let gateway = start_gateway(settings.clone(), dir.path()).await;
+    for path in ["/v1/outbox/pause", "/v1/breaker/open"] {
+        let response = gateway.admin_post(path).await;
+        assert_eq!(response.status(), 200, "POST {path}");
+    }
+    gateway.stop().await;
+
+    let gateway = start_gateway(settings, dir.path()).await;
+    assert_eq!(gateway.report().await["paused"], true);
+    let breaker: Value = gateway.admin_get("/v1/breaker").await.json().await.unwrap();
+    assert_eq!(
+        (breaker["state"].as_str(), breaker["forced"].as_bool()),
+        (Some("forced_open"), Some(true))
+    );
+    let held = gateway.post_task(&json!({"task": "export.held", "args": [1]})).await;
+    // The broker is up: only the holds keep the task in the outbox.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert_eq!(gateway.report().await["depth"], 1, "a held relay publishes nothing");
+
+    let resumed: Value = gateway.admin_post("/v1/outbox/resume").await.json().await.unwrap();
+    assert_eq!(resumed, json!({"paused": false}));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(gateway.report().await["depth"], 1, "the breaker is still forced open");
+    let released: Value = gateway.admin_post("/v1/breaker/release").await.json().await.unwrap();
+    assert_eq!(released["state"], "closed");
+    let received = support::app::consume_ids(&queue, std::slice::from_ref(&held), Duration::from_secs(20)).await;
+    assert!(
+        received.iter().any(|message| message.task_id() == held),
+        "the held task arrived"
+    );
+    gateway
+        .wait_for_report(Duration::from_secs(10), |report| report["depth"] == 0)
+        .await;
+    gateway.stop().await;
+    support::app::delete_queues(&[&queue]).await;
+}

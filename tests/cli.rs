@@ -741,6 +741,10 @@ async fn offline_dead_letters_and_purge_work_on_a_stopped_server() {
     // The requeued task is published once a server runs again.
     declare_bound_queue(&exchange, &queue).await;
     let restarted = start_gateway(settings(dir.path(), RABBITMQ_URL, &[(&queue, "#")]), dir.path()).await;
+    // The breaker forced open before the stop is still forced open.
+    let status = taskgate(&config, &["breaker", "status", "--json"]).await.json();
+    assert_eq!(status["state"], "forced_open", "{status}");
+    taskgate(&config, &["breaker", "release"]).await.assert_success();
     let delivered: HashSet<String> = ids_of(&consume(&queue, 2, Duration::from_secs(15)).await)
         .into_iter()
         .collect();

@@ -22,7 +22,7 @@ use crate::config::Environment;
 use crate::outbox::operations::{
     DeadLetterEntry, DeadLetterError, ImportOutcome, OutboxRecord, PendingCursor, RequeueOutcome,
 };
-use crate::outbox::{Lane, Outbox, OutboxError};
+use crate::outbox::{BreakerOverride, Lane, OperatorHolds, Outbox, OutboxError};
 use crate::relay::breaker::{BreakerSnapshot, BreakerState};
 use crate::task::{routing, Task};
 use axum::body::{Body, Bytes};
@@ -377,16 +377,46 @@ async fn drain(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
+/// Saves and applies an operator's hold ([`crate::relay::Relay::change_holds`]); a hold
+/// that could not be saved is a problem and changes nothing.
+async fn change_holds(
+    state: &AppState,
+    change: impl FnOnce(&mut OperatorHolds) + Send + 'static,
+) -> Result<OperatorHolds, Problem> {
+    let relay = state.relay.clone();
+    tokio::task::spawn_blocking(move || relay.change_holds(change))
+        .await
+        .map_err(|error| internal(format!("saving the operator's hold failed: {error}")))?
+        .map_err(|error| {
+            tracing::error!(%error, "an operator's hold could not be saved");
+            Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "outbox-unavailable",
+                "Outbox unavailable",
+                format!("the hold could not be saved in the outbox, so nothing changed: {error}"),
+            )
+            .retry_after(1)
+        })
+}
+
 async fn pause(State(state): State<AppState>) -> Response {
-    state.relay.pause();
-    tracing::warn!("relay paused by an operator: tasks spool in the outbox");
-    Json(RelayPause { paused: true }).into_response()
+    let result = change_holds(&state, |holds| holds.relay_paused = true).await;
+    if result.is_ok() {
+        tracing::warn!("relay paused by an operator: tasks spool in the outbox, also across restarts, until resumed");
+    }
+    respond(result.map(|holds| RelayPause {
+        paused: holds.relay_paused,
+    }))
 }
 
 async fn resume(State(state): State<AppState>) -> Response {
-    state.relay.resume();
-    tracing::info!("relay resumed by an operator");
-    Json(RelayPause { paused: false }).into_response()
+    let result = change_holds(&state, |holds| holds.relay_paused = false).await;
+    if result.is_ok() {
+        tracing::info!("relay resumed by an operator");
+    }
+    respond(result.map(|holds| RelayPause {
+        paused: holds.relay_paused,
+    }))
 }
 
 /// NDJSON, one task per line, streamed page by page: the response holds at
@@ -591,22 +621,34 @@ async fn breaker_status(State(state): State<AppState>) -> Response {
 }
 
 async fn force_breaker_open(State(state): State<AppState>) -> Response {
-    state.breaker.force_open();
-    tracing::warn!("breaker forced open by an operator: nothing is published until it is closed or released");
-    Json(BreakerView::from(state.breaker.snapshot())).into_response()
+    set_breaker_override(&state, Some(BreakerOverride::Open)).await
 }
 
 async fn force_breaker_closed(State(state): State<AppState>) -> Response {
-    state.breaker.force_closed();
-    state.relay.probe_now();
-    tracing::warn!("breaker forced closed by an operator: failures no longer open it until released");
-    Json(BreakerView::from(state.breaker.snapshot())).into_response()
+    set_breaker_override(&state, Some(BreakerOverride::Closed)).await
 }
 
 async fn release_breaker(State(state): State<AppState>) -> Response {
-    state.breaker.release();
-    state.relay.probe_now();
-    tracing::info!("breaker released to automatic operation");
+    set_breaker_override(&state, None).await
+}
+
+async fn set_breaker_override(state: &AppState, wanted: Option<BreakerOverride>) -> Response {
+    if let Err(problem) = change_holds(state, move |holds| holds.breaker = wanted).await {
+        return problem.into_response();
+    }
+    match wanted {
+        Some(BreakerOverride::Open) => {
+            tracing::warn!("breaker forced open by an operator: nothing is published until it is closed or released")
+        }
+        Some(BreakerOverride::Closed) => {
+            state.relay.probe_now();
+            tracing::warn!("breaker forced closed by an operator: failures no longer open it until released");
+        }
+        None => {
+            state.relay.probe_now();
+            tracing::info!("breaker released to automatic operation");
+        }
+    }
     Json(BreakerView::from(state.breaker.snapshot())).into_response()
 }
 

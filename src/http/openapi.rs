@@ -32,6 +32,8 @@ pub const PATH: &str = "/openapi.json";
 const JSON: &str = "application/json";
 const PROBLEM_JSON: &str = "application/problem+json";
 const HEALTH_JSON: &str = "application/health+json";
+/// The answer when an operator's hold could not be saved (nothing changed).
+const HOLD_NOT_SAVED: &str = "The hold could not be saved in the outbox; nothing changed";
 
 // The mirror types below are never constructed: they exist for their
 // derived schemas, and serde's attributes give the wire names.
@@ -467,14 +469,21 @@ fn admin_paths(paths: PathsBuilder) -> PathsBuilder {
             "/v1/outbox/pause",
             PathItem::new(
                 HttpMethod::Post,
-                admin("pause", "Pause publishing; tasks are still accepted").response("200", paused()),
+                admin(
+                    "pause",
+                    "Pause publishing, also across restarts; tasks are still accepted",
+                )
+                .response("200", paused())
+                .response("503", retry_after_problem(HOLD_NOT_SAVED)),
             ),
         )
         .path(
             "/v1/outbox/resume",
             PathItem::new(
                 HttpMethod::Post,
-                admin("resume", "Resume publishing").response("200", paused()),
+                admin("resume", "Resume publishing")
+                    .response("200", paused())
+                    .response("503", retry_after_problem(HOLD_NOT_SAVED)),
             ),
         )
         .path(
@@ -603,9 +612,10 @@ fn admin_paths(paths: PathsBuilder) -> PathsBuilder {
                 HttpMethod::Post,
                 admin(
                     "force_breaker_open",
-                    "Force the breaker open (maintenance): tasks spool",
+                    "Force the breaker open (maintenance), also across restarts: tasks spool",
                 )
-                .response("200", inline_json("The breaker", breaker_view())),
+                .response("200", inline_json("The breaker", breaker_view()))
+                .response("503", retry_after_problem(HOLD_NOT_SAVED)),
             ),
         )
         .path(
@@ -614,9 +624,10 @@ fn admin_paths(paths: PathsBuilder) -> PathsBuilder {
                 HttpMethod::Post,
                 admin(
                     "force_breaker_closed",
-                    "Force the breaker closed: publish whatever happens",
+                    "Force the breaker closed, also across restarts: publish whatever happens",
                 )
-                .response("200", inline_json("The breaker", breaker_view())),
+                .response("200", inline_json("The breaker", breaker_view()))
+                .response("503", retry_after_problem(HOLD_NOT_SAVED)),
             ),
         )
         .path(
@@ -624,7 +635,8 @@ fn admin_paths(paths: PathsBuilder) -> PathsBuilder {
             PathItem::new(
                 HttpMethod::Post,
                 admin("release_breaker", "End a forced state; the breaker decides again")
-                    .response("200", inline_json("The breaker", breaker_view())),
+                    .response("200", inline_json("The breaker", breaker_view()))
+                    .response("503", retry_after_problem(HOLD_NOT_SAVED)),
             ),
         )
 }

@@ -43,6 +43,7 @@
 //! | `m/sequence_reserved` | u64: sequences below it may be in use |
 //! | `m/counters` | [`PersistedCounters`] (JSON): pending depth and bytes per lane, depth per queue, dead letters |
 //! | `j/{sequence:u64}` | accepted [`Task`] (JSON) not yet recorded in the tracking database ([`journal`]) |
+//! | `m/operator_holds` | [`OperatorHolds`] (JSON): a pause or forced breaker state that outlives a restart; absent = none |
 //!
 //! Lane names never contain `\0` (they are exchange or queue names).
 
@@ -72,6 +73,7 @@ const PUBLISHED_INDEX: &[u8] = b"p/";
 const SEQUENCE_RESERVED: &[u8] = b"m/sequence_reserved";
 const COUNTERS: &[u8] = b"m/counters";
 const JOURNAL: &[u8] = b"j/";
+const OPERATOR_HOLDS: &[u8] = b"m/operator_holds";
 /// Sequences are reserved in blocks so that a normal accept writes no
 /// metadata; a crash only leaves a gap.
 const SEQUENCE_BLOCK: u64 = 1 << 20;
@@ -192,6 +194,26 @@ pub struct DeadLetter {
     pub reason: String,
     pub attempts: u32,
     pub dead_at: DateTime<Utc>,
+}
+
+/// An operator's override of the breaker's own decisions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BreakerOverride {
+    /// Nothing is published until it is released or closed.
+    Open,
+    /// Failures no longer open the breaker.
+    Closed,
+}
+
+/// What an operator told the relay to do until told otherwise. Stored, so
+/// a restart (a deploy, a crash) does not silently undo it: a pause taken
+/// to inspect a poison task must not end with the process.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct OperatorHolds {
+    pub relay_paused: bool,
+    pub breaker: Option<BreakerOverride>,
 }
 
 /// What a caller is told about an accepted task; stored with an
@@ -980,6 +1002,29 @@ impl Outbox {
             }
         }
         Ok(removed)
+    }
+
+    /// The operator's holds as last saved (none when never saved). A record
+    /// that does not decode is reported, not ignored: guessing "no hold"
+    /// could publish what an operator held back.
+    pub fn operator_holds(&self) -> Result<OperatorHolds, OutboxError> {
+        match self.storage.get(OPERATOR_HOLDS)? {
+            Some(bytes) => Ok(serde_json::from_slice(&bytes)?),
+            None => Ok(OperatorHolds::default()),
+        }
+    }
+
+    /// Saves the operator's holds and flushes before returning, so an
+    /// acknowledged pause survives a crash. Blocking.
+    pub fn save_operator_holds(&self, holds: &OperatorHolds) -> Result<(), OutboxError> {
+        let operation = if *holds == OperatorHolds::default() {
+            (OPERATOR_HOLDS.to_vec(), None)
+        } else {
+            (OPERATOR_HOLDS.to_vec(), Some(serde_json::to_vec(holds)?))
+        };
+        self.storage.apply(vec![operation])?;
+        self.storage.flush()?;
+        Ok(())
     }
 
     /// Makes every write so far durable (used at shutdown).

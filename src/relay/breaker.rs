@@ -17,6 +17,7 @@
 //! probe is due.
 
 use crate::config::BreakerSettings;
+pub use crate::outbox::BreakerOverride;
 use backoff::backoff::Backoff;
 use chrono::{DateTime, Utc};
 use failsafe::failure_policy::{
@@ -169,16 +170,10 @@ impl Instrument for Observer {
 
 type Policy = OrElse<ConsecutiveFailures<OpenInterval>, SuccessRateOverTimeWindow<OpenInterval>>;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Forced {
-    Open,
-    Closed,
-}
-
 pub struct Breaker {
     machine: StateMachine<Policy, Observer>,
     observer: Observer,
-    forced: Mutex<Option<Forced>>,
+    forced: Mutex<Option<BreakerOverride>>,
     probe_requested: AtomicBool,
 }
 
@@ -226,8 +221,8 @@ impl Breaker {
 
     pub fn permit(&self) -> Permit {
         match *self.forced.lock().expect("breaker lock") {
-            Some(Forced::Open) => return Permit::Denied,
-            Some(Forced::Closed) => return Permit::Normal,
+            Some(BreakerOverride::Open) => return Permit::Denied,
+            Some(BreakerOverride::Closed) => return Permit::Normal,
             None => {}
         }
         if self.machine.is_call_permitted() {
@@ -268,13 +263,30 @@ impl Breaker {
     }
 
     pub fn force_open(&self) {
-        *self.forced.lock().expect("breaker lock") = Some(Forced::Open);
+        *self.forced.lock().expect("breaker lock") = Some(BreakerOverride::Open);
         self.observer.transition(BreakerState::ForcedOpen);
     }
 
     pub fn force_closed(&self) {
-        *self.forced.lock().expect("breaker lock") = Some(Forced::Closed);
+        *self.forced.lock().expect("breaker lock") = Some(BreakerOverride::Closed);
         self.observer.transition(BreakerState::ForcedClosed);
+    }
+
+    /// The operator's override in force, if any.
+    pub fn forced(&self) -> Option<BreakerOverride> {
+        *self.forced.lock().expect("breaker lock")
+    }
+
+    /// Puts `wanted` in force: an override, or automatic operation.
+    pub fn set_override(&self, wanted: Option<BreakerOverride>) {
+        if self.forced() == wanted {
+            return;
+        }
+        match wanted {
+            Some(BreakerOverride::Open) => self.force_open(),
+            Some(BreakerOverride::Closed) => self.force_closed(),
+            None => self.release(),
+        }
     }
 
     /// Returns to automatic operation, starting closed.

@@ -22,17 +22,21 @@
 //! - A round runs under the rounds lock; an operator action that removes
 //!   pending entries ([`Relay::hold_rounds`]) takes it first, so the relay
 //!   never completes an entry that was removed under it.
+//! - An operator's holds (a pause, a forced breaker state) are saved in the
+//!   outbox before they take effect and restored when the relay is built,
+//!   so a restart never undoes one; a hold that could not be saved changes
+//!   nothing.
 
 pub mod breaker;
 pub mod meter;
 
 use crate::broker::{PublishError, Publisher};
 use crate::config::RelaySettings;
-use crate::outbox::{Attempt, Lane, Outbox, PendingEntry};
+use crate::outbox::{Attempt, Lane, OperatorHolds, Outbox, OutboxError, PendingEntry};
 use breaker::{Breaker, Permit};
 use meter::{PublishMeter, PublishRate};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -57,6 +61,9 @@ pub struct Relay {
     breaker: Arc<Breaker>,
     settings: RelaySettings,
     paused: AtomicBool,
+    /// The holds as saved; held while one is changed, so two operators'
+    /// changes are saved and applied in one order.
+    holds: Mutex<OperatorHolds>,
     wake: Notify,
     rounds: tokio::sync::Mutex<()>,
     published: PublishMeter,
@@ -72,35 +79,59 @@ enum RoundOutcome {
 }
 
 impl Relay {
+    /// Builds the relay with the operator's holds the outbox kept (a pause
+    /// or a forced breaker state from before a restart is in force again).
     pub fn new(
         outbox: Arc<Outbox>,
         publisher: Arc<dyn Publisher>,
         breaker: Arc<Breaker>,
         settings: RelaySettings,
-    ) -> Arc<Self> {
-        Arc::new(Self {
+    ) -> Result<Arc<Self>, OutboxError> {
+        let holds = outbox.operator_holds()?;
+        if holds.relay_paused {
+            tracing::warn!("the relay is paused, as an operator left it: tasks spool until it is resumed");
+        }
+        if let Some(forced) = holds.breaker {
+            tracing::warn!(
+                ?forced,
+                "the breaker is forced, as an operator left it, until it is released"
+            );
+        }
+        breaker.set_override(holds.breaker);
+        Ok(Arc::new(Self {
             outbox,
             publisher,
             breaker,
             settings,
-            paused: AtomicBool::new(false),
+            paused: AtomicBool::new(holds.relay_paused),
+            holds: Mutex::new(holds),
             wake: Notify::new(),
             rounds: tokio::sync::Mutex::new(()),
             published: PublishMeter::default(),
-        })
+        }))
     }
 
     pub fn breaker(&self) -> &Arc<Breaker> {
         &self.breaker
     }
 
-    pub fn pause(&self) {
-        self.paused.store(true, Ordering::SeqCst);
-    }
-
-    pub fn resume(&self) {
-        self.paused.store(false, Ordering::SeqCst);
-        self.wake.notify_one();
+    /// Changes the operator's holds: saved (and flushed) first, then put in
+    /// force, so an acknowledged hold survives a crash and one that could
+    /// not be saved changes nothing. Blocking: call from `spawn_blocking`.
+    pub fn change_holds(&self, change: impl FnOnce(&mut OperatorHolds)) -> Result<OperatorHolds, OutboxError> {
+        let mut holds = self.holds.lock().expect("holds lock poisoned");
+        let mut wanted = *holds;
+        change(&mut wanted);
+        if wanted != *holds {
+            self.outbox.save_operator_holds(&wanted)?;
+            *holds = wanted;
+        }
+        self.paused.store(wanted.relay_paused, Ordering::SeqCst);
+        self.breaker.set_override(wanted.breaker);
+        if !wanted.relay_paused {
+            self.wake.notify_one();
+        }
+        Ok(wanted)
     }
 
     pub fn is_paused(&self) -> bool {
@@ -345,11 +376,11 @@ mod tests {
     use super::*;
     use crate::broker::{BrokerStatus, PublishResult};
     use crate::config::BreakerSettings;
-    use crate::outbox::OutboxSettings;
+    use crate::outbox::{BreakerOverride, FaultyStorage, OutboxSettings, SledStorage};
     use crate::task::{Task, TaskId};
+    use breaker::BreakerState;
     use futures_util::future::BoxFuture;
     use serde_json::{json, Map};
-    use std::sync::Mutex;
     use tokio::sync::watch;
 
     /// Records every window it is given (as the tasks' first argument) and
@@ -413,14 +444,33 @@ mod tests {
     struct Scripted {
         _dir: tempfile::TempDir,
         outbox: Arc<Outbox>,
+        /// The outbox's storage, for injecting failures.
+        storage: Arc<FaultyStorage>,
         publisher: Arc<ScriptedPublisher>,
         relay: Arc<Relay>,
         ids: Vec<TaskId>,
     }
 
+    impl Scripted {
+        /// Another relay over the same outbox and publisher, as a restart
+        /// builds it.
+        fn rebuilt_relay(&self) -> Arc<Relay> {
+            Relay::new(
+                self.outbox.clone(),
+                self.publisher.clone(),
+                Arc::new(Breaker::new(&BreakerSettings::default())),
+                RelaySettings { publish_window: 5 },
+            )
+            .unwrap()
+        }
+    }
+
     async fn scripted(numbers: std::ops::Range<i64>, refuse_once: Option<i64>, unreachable: bool) -> Scripted {
         let dir = tempfile::tempdir().unwrap();
-        let outbox = Outbox::open(&OutboxSettings::for_test(dir.path())).unwrap();
+        let settings = OutboxSettings::for_test(dir.path());
+        let sled = Arc::new(SledStorage::open(&settings.path, settings.cache_bytes).unwrap());
+        let storage = Arc::new(FaultyStorage::new(sled));
+        let outbox = Outbox::with_storage(storage.clone(), settings).unwrap();
         let mut ids = Vec::new();
         for number in numbers {
             let task = Task::for_test(
@@ -449,10 +499,12 @@ mod tests {
             publisher.clone(),
             Arc::new(Breaker::new(&BreakerSettings::default())),
             RelaySettings { publish_window: 5 },
-        );
+        )
+        .unwrap();
         Scripted {
             _dir: dir,
             outbox,
+            storage,
             publisher,
             relay,
             ids,
@@ -527,5 +579,45 @@ mod tests {
         let status = outbox.status(&id).unwrap().unwrap();
         assert_eq!((status.attempts, status.last_error.as_deref()), (1, Some("nacked")));
         assert_eq!(outbox.depth(), 1);
+    }
+
+    /// A pause and a forced breaker state outlive the relay that took them;
+    /// one that could not be saved is not taken.
+    #[tokio::test]
+    async fn operator_holds_are_saved_before_they_take_effect() {
+        let scripted = scripted(1..4, None, false).await;
+        let relay = &scripted.relay;
+        relay
+            .change_holds(|holds| {
+                holds.relay_paused = true;
+                holds.breaker = Some(BreakerOverride::Open);
+            })
+            .unwrap();
+        assert!(matches!(relay.round().await, RoundOutcome::Blocked));
+        assert!(scripted.publisher.windows.lock().unwrap().is_empty());
+
+        let restarted = scripted.rebuilt_relay();
+        assert!(restarted.is_paused());
+        assert_eq!(restarted.breaker().snapshot().state, BreakerState::ForcedOpen);
+        assert!(matches!(restarted.round().await, RoundOutcome::Blocked));
+
+        // The disk refuses: the resume is reported and changes nothing.
+        scripted.storage.fail_writes(true);
+        let error = restarted.change_holds(|holds| holds.relay_paused = false).unwrap_err();
+        assert!(matches!(error, OutboxError::Storage(_)), "{error}");
+        assert!(restarted.is_paused());
+        scripted.storage.fail_writes(false);
+
+        restarted
+            .change_holds(|holds| {
+                holds.relay_paused = false;
+                holds.breaker = None;
+            })
+            .unwrap();
+        let released = scripted.rebuilt_relay();
+        assert!(!released.is_paused());
+        assert_eq!(released.breaker().snapshot().state, BreakerState::Closed);
+        assert!(matches!(released.round().await, RoundOutcome::Progress));
+        assert_eq!(scripted.outbox.depth(), 0);
     }
 }
