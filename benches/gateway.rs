@@ -9,7 +9,9 @@
 //! (b) taskgate end to end: HTTP POST → confirmed in the queue;
 //! (c) taskgate accept rate with the broker down (outbox only), p50/p99;
 //! (d) drain rate of a 100,000-task backlog when the broker returns;
-//! (e) peak RSS of the taskgate process in each.
+//! (e) peak RSS of the taskgate process in each;
+//! and the CPU time taskgate and RabbitMQ spent per task in each, steadier
+//! than rates when the three share two cores.
 //!
 //! Prints a table and writes `docs/benchmarks.md`. Not a test: it asserts
 //! nothing about speed; it reports.
@@ -111,6 +113,71 @@ impl Gateway {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// CPU seconds (user and system) process `pid` has used so far, from
+/// `/proc/{pid}/stat`; NaN when it cannot be read.
+fn cpu_seconds(pid: u32) -> f64 {
+    static TICKS_PER_SECOND: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    let ticks = *TICKS_PER_SECOND.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|out| String::from_utf8(out.stdout).ok()?.trim().parse().ok())
+            .unwrap_or(f64::NAN)
+    });
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The command name (field 2) may hold spaces: count fields after its ')'.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    match (fields.get(11), fields.get(12)) {
+        (Some(user), Some(system)) => match (user.parse::<f64>(), system.parse::<f64>()) {
+            (Ok(user), Ok(system)) => (user + system) / ticks,
+            _ => f64::NAN,
+        },
+        _ => f64::NAN,
+    }
+}
+
+/// The RabbitMQ server's process (the Erlang VM, `beam.smp`), to read its CPU.
+fn rabbitmq_pid() -> Option<u32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|entry| {
+        let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+        let comm = std::fs::read_to_string(entry.path().join("comm")).ok()?;
+        (comm.trim() == "beam.smp").then_some(pid)
+    })
+}
+
+/// CPU used by taskgate and by RabbitMQ over one measurement, per task.
+struct CpuMeter {
+    rabbitmq: Option<u32>,
+    rabbitmq_start: f64,
+}
+
+impl CpuMeter {
+    fn start() -> Self {
+        let rabbitmq = rabbitmq_pid();
+        Self {
+            rabbitmq,
+            rabbitmq_start: rabbitmq.map_or(f64::NAN, cpu_seconds),
+        }
+    }
+
+    /// "taskgate X µs, RabbitMQ Y µs" per task; taskgate's CPU is its whole
+    /// life so far (`gateway` is started for the measurement).
+    fn per_task(&self, gateway: Option<&Gateway>, tasks: usize) -> String {
+        let micros = |seconds: f64| seconds / tasks as f64 * 1e6;
+        let rabbitmq = self
+            .rabbitmq
+            .map_or(f64::NAN, |pid| micros(cpu_seconds(pid) - self.rabbitmq_start));
+        match gateway {
+            Some(gateway) => format!("{:.0} / {rabbitmq:.0} µs", micros(cpu_seconds(gateway.child.id()))),
+            None => format!("n/a / {rabbitmq:.0} µs"),
+        }
     }
 }
 
@@ -405,13 +472,17 @@ async fn main() {
     let mut raw_rate = f64::NAN;
     if runs("a") {
         eprintln!("(a) raw lapin, {e2e_total} messages, confirm window {window}…");
+        let cpu = CpuMeter::start();
         raw_rate = raw_lapin(e2e_total, RawMessage::Celery).await;
+        let raw_cpu = cpu.per_task(None, e2e_total);
+        let cpu = CpuMeter::start();
         let bare_rate = raw_lapin(e2e_total, RawMessage::BareBody).await;
+        let bare_cpu = cpu.per_task(None, e2e_total);
         rows.push(format!(
-            "| (a) raw lapin publish + confirm (window {window}), taskgate's Celery message via a topic exchange | {raw_rate:.0} msg/s | 1.00 | broker limit | n/a |"
+            "| (a) raw lapin publish + confirm (window {window}), taskgate's Celery message via a topic exchange | {raw_rate:.0} msg/s | 1.00 | broker limit | n/a | {raw_cpu} |"
         ));
         rows.push(format!(
-            "| (a, bare) the body alone to the default exchange, as earlier runs measured (a) | {bare_rate:.0} msg/s | {:.2} | n/a | n/a |",
+            "| (a, bare) the body alone to the default exchange, as earlier runs measured (a) | {bare_rate:.0} msg/s | {:.2} | n/a | n/a | {bare_cpu} |",
             bare_rate / raw_rate
         ));
     }
@@ -423,8 +494,10 @@ async fn main() {
         let e2e_queue = format!("bench-e2e-{}", std::process::id());
         let gateway = Gateway::start(&write_config(&e2e_dir, RABBITMQ, &e2e_queue, "bench_exchange"));
         tokio::time::sleep(Duration::from_millis(500)).await;
+        let cpu = CpuMeter::start();
         let load = http_load(&gateway.base_url, e2e_total).await;
         let confirmed_at = wait_for_depth(&inspector, &e2e_queue, e2e_total as u32, Duration::from_secs(600)).await;
+        let e2e_cpu = cpu.per_task(Some(&gateway), e2e_total);
         let e2e_rate = e2e_total as f64 / confirmed_at.duration_since(load.started).as_secs_f64();
         let e2e_rss = gateway.peak_rss_mib();
         gateway.stop();
@@ -432,7 +505,7 @@ async fn main() {
             .queue_delete(e2e_queue.as_str().into(), QueueDeleteOptions::default())
             .await;
         rows.push(format!(
-            "| (b) taskgate HTTP POST → confirmed in queue ({CONNECTIONS} connections) | {e2e_rate:.0} tasks/s (p50 {:.2} ms, p99 {:.2} ms) | {:.2} | ≥ 0.80 | {e2e_rss:.1} MiB |",
+            "| (b) taskgate HTTP POST → confirmed in queue ({CONNECTIONS} connections) | {e2e_rate:.0} tasks/s (p50 {:.2} ms, p99 {:.2} ms) | {:.2} | ≥ 0.80 | {e2e_rss:.1} MiB | {e2e_cpu} |",
             load.p50_ms,
             load.p99_ms,
             e2e_rate / raw_rate
@@ -450,11 +523,13 @@ async fn main() {
             &spool_queue,
             "bench_exchange",
         ));
+        let cpu = CpuMeter::start();
         let accept = http_load(&gateway.base_url, accept_total).await;
+        let accept_cpu = cpu.per_task(Some(&gateway), accept_total);
         let accept_rss = gateway.peak_rss_mib();
         gateway.stop();
         rows.push(format!(
-            "| (c) taskgate accept, broker down ({CONNECTIONS} connections) | {:.0} tasks/s (p50 {:.2} ms, p99 {:.2} ms) | {:.2} | ≥ 10,000/s, p99 < 10 ms | {accept_rss:.1} MiB |",
+            "| (c) taskgate accept, broker down ({CONNECTIONS} connections) | {:.0} tasks/s (p50 {:.2} ms, p99 {:.2} ms) | {:.2} | ≥ 10,000/s, p99 < 10 ms | {accept_rss:.1} MiB | {accept_cpu} |",
             accept.rate,
             accept.p50_ms,
             accept.p99_ms,
@@ -464,6 +539,7 @@ async fn main() {
         if runs("d") {
             eprintln!("(d) drain the {accept_total}-task backlog into RabbitMQ…");
             let started = Instant::now();
+            let cpu = CpuMeter::start();
             let gateway = Gateway::start(&write_config(&spool_dir, RABBITMQ, &spool_queue, "bench_exchange"));
             // The queue is declared by taskgate on connect; wait for it to
             // appear. The rate counts from the first task in the queue (the
@@ -475,10 +551,11 @@ async fn main() {
             let drain_rate = (accept_total - 1) as f64 / drained_at.duration_since(flowing_at).as_secs_f64();
             let restart_seconds = flowing_at.duration_since(started).as_secs_f64();
             let drain_rate_with_restart = accept_total as f64 / drained_at.duration_since(started).as_secs_f64();
+            let drain_cpu = cpu.per_task(Some(&gateway), accept_total);
             let drain_rss = gateway.peak_rss_mib();
             gateway.stop();
             rows.push(format!(
-                "| (d) drain of a {accept_total}-task backlog, from the first task in the queue to the last | {drain_rate:.0} tasks/s ({drain_rate_with_restart:.0}/s counting the {restart_seconds:.1} s restart before it) | {:.2} | ≥ 0.80 | {drain_rss:.1} MiB (< 64 MiB target) |",
+                "| (d) drain of a {accept_total}-task backlog, from the first task in the queue to the last | {drain_rate:.0} tasks/s ({drain_rate_with_restart:.0}/s counting the {restart_seconds:.1} s restart before it) | {:.2} | ≥ 0.80 | {drain_rss:.1} MiB (< 64 MiB target) | {drain_cpu} |",
                 drain_rate / raw_rate
             ));
         }
@@ -489,7 +566,7 @@ async fn main() {
     let _ = inspector.close(200, "bench done".into()).await;
 
     let table = format!(
-        "| measurement | result | ratio to (a) | target | peak RSS of taskgate |\n|---|---|---|---|---|\n{}\n",
+        "| measurement | result | ratio to (a) | target | peak RSS of taskgate | CPU per task: taskgate / RabbitMQ |\n|---|---|---|---|---|---|\n{}\n",
         rows.join("\n")
     );
     println!("{table}");
@@ -502,7 +579,8 @@ async fn main() {
          (127.0.0.1:5672); the HTTP load generator runs on the same cores as taskgate and the broker. Message: the same \
          Celery task (≈ 0.9 KiB with headers) in every row but \"(a, bare)\". (a) uses the same confirm window as \
          taskgate's relay (`relay.publish_window`), the same properties and headers, and a durable topic exchange \
-         like taskgate's.\n\n{table}\n",
+         like taskgate's. CPU per task is user and system time from `/proc` over the measurement, divided by its \
+         tasks: taskgate's whole process, and RabbitMQ's Erlang VM (the load generator's share is neither).\n\n{table}\n",
         chrono::Utc::now().format("%Y-%m-%d %H:%M UTC"),
         format_args!("{e2e_total} tasks for (a)/(b), {accept_total} for (c)/(d)"),
         machine()
