@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -181,6 +182,13 @@ def delete_topology(queues, exchanges) -> None:
         print(f"cleanup of {queues} {exchanges} failed: {error}", file=sys.stderr)
 
 
+def remove_test_dir(path: Path) -> None:
+    """A stopped process's directory (outbox, logs) is removed: a failure
+    already quoted the log it needed. KEEP_TEST_DIRS=1 keeps them."""
+    if not os.environ.get("KEEP_TEST_DIRS"):
+        shutil.rmtree(path, ignore_errors=True)
+
+
 REGISTRY = [("export.project", ["org_slug", "project_slug", "output_type?"])]
 
 
@@ -195,6 +203,7 @@ def gateway():
     finally:
         gateway.stop()
         delete_topology([gateway.queue], [gateway.exchange])
+        remove_test_dir(gateway.dir)
 
 
 @pytest.fixture(scope="session")
@@ -206,6 +215,7 @@ def spooling_gateway():
         yield gateway
     finally:
         gateway.stop()
+        remove_test_dir(gateway.dir)
 
 
 @pytest.fixture
@@ -320,3 +330,4 @@ def celery_worker(gateway):
         yield worker
     finally:
         worker.stop()
+        remove_test_dir(worker.dir)
