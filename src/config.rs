@@ -357,6 +357,9 @@ fn validate(settings: &Settings, explicit: &Figment) -> Result<(), ConfigError> 
     if settings.outbox.max_bytes < 4096 {
         return Err(ConfigError::key("outbox.max_bytes", "must be at least 4096"));
     }
+    if settings.outbox.max_journal_entries == 0 {
+        return Err(ConfigError::key("outbox.max_journal_entries", "must be at least 1"));
+    }
     let breaker = &settings.breaker;
     if breaker.open_min_ms == 0 {
         return Err(ConfigError::key("breaker.open_min_ms", "must be positive"));
@@ -816,6 +819,7 @@ mod tests {
                 "[tracking]\nconsumer_visibility_timeout_seconds = 0\n",
                 "tracking.consumer_visibility_timeout_seconds",
             ),
+            ("[outbox]\nmax_journal_entries = 0\n", "outbox.max_journal_entries"),
         ];
         for (toml, key) in cases {
             let error = load_with_env(Some(write(toml).path()), no_env())

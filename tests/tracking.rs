@@ -865,6 +865,72 @@ async fn start_up_does_not_wait_for_an_absent_database_and_migrates_once_it_answ
     app.stop().await.unwrap();
 }
 
+/// A tracking outage long enough to fill the journal: tasks past
+/// `outbox.max_journal_entries` are still accepted and answerable, health
+/// says they are not being recorded, and the journaled ones are recorded
+/// once the database answers.
+#[tokio::test]
+async fn a_full_journal_warns_and_later_tasks_are_accepted_unrecorded() {
+    let database = TestDatabase::create().await;
+    let proxy = FaultProxy::start(postgres_address()).unwrap();
+    proxy.set_mode(FaultMode::Blackhole);
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = test_settings(dir.path(), &refused_broker_url(), &[("export", "export")]);
+    track_into(&mut settings, &database.url_via(&proxy));
+    settings.outbox.max_journal_entries = 2;
+    let app = spawn_app(settings).await;
+    let mut ids = Vec::new();
+    for n in 0..3 {
+        ids.push(post_accepted(&app, json!({"task": "export.project", "args": ["o", n]})).await);
+    }
+    let health = app.health().await;
+    let check = tracking_check(&health);
+    assert_eq!(
+        (check["journalFull"].as_bool(), check["observedValue"].as_u64()),
+        (Some(true), Some(2)),
+        "{health:#}"
+    );
+    assert!(check["output"].as_str().unwrap().contains("not recorded"), "{health:#}");
+    assert_eq!(health["status"], "warn");
+    let metrics = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|line| line == "taskgate_tracking_journal_skipped_total 1"),
+        "{metrics}"
+    );
+    let (status, task) = get(&app, &format!("/v1/tasks/{}", ids[2])).await;
+    assert_eq!((status, task["state"].as_str()), (200, Some("queued")), "{task}");
+
+    proxy.set_mode(FaultMode::Pass);
+    wait_for_schema(&app).await;
+    let pool = database.pool().await;
+    wait_for("the journaled tasks' rows", Duration::from_secs(30), || async {
+        (rows_present(&pool, &ids[..2]).await == 2).then_some(())
+    })
+    .await;
+    assert_eq!(
+        rows_present(&pool, &ids[2..]).await,
+        0,
+        "the task past the limit was never journaled"
+    );
+    let health = app
+        .wait_for_health(Duration::from_secs(10), |health| {
+            tracking_check(health)["journalFull"] == false
+        })
+        .await;
+    assert_eq!(tracking_check(&health)["observedValue"], 0);
+    app.stop().await.unwrap();
+}
+
 // ------------------------------------------------------ least privilege
 
 /// The ```sql blocks of docs/operations.md's "Database roles and grants".

@@ -206,7 +206,7 @@ pub fn apply_tracking(report: &mut HealthReport, tracking: &TrackingHealth, warn
     let database = &tracking.database;
     let journal_age = tracking.journal_oldest_age_seconds.unwrap_or(0.0);
     let lagging = journal_age > warn_journal_age_seconds;
-    let database_ok = database.schema_ready && database.reachable && !lagging;
+    let database_ok = database.schema_ready && database.reachable && !lagging && !tracking.journal_full;
     let mut check = json!({
         "componentType": "datastore",
         "status": check_status(if database_ok { HealthStatus::Pass } else { HealthStatus::Warn }),
@@ -215,10 +215,22 @@ pub fn apply_tracking(report: &mut HealthReport, tracking: &TrackingHealth, warn
         "reachable": database.reachable,
         "schemaReady": database.schema_ready,
         "journalOldestAgeSeconds": journal_age,
+        "journalFull": tracking.journal_full,
         "endpoint": tracking.endpoint,
         "time": time,
     });
-    let output = if !database.schema_ready || !database.reachable {
+    let output = if tracking.journal_full {
+        Some(format!(
+            "the tracking journal is full ({} tasks, outbox.max_journal_entries): new tasks are accepted and published \
+             but not recorded until it drains{}",
+            tracking.journal_depth,
+            database
+                .last_error
+                .as_deref()
+                .map(|error| format!("; the database: {error}"))
+                .unwrap_or_default()
+        ))
+    } else if !database.schema_ready || !database.reachable {
         Some(format!(
             "tracking database {}: {}; tasks are still accepted and recorded once it answers",
             if database.reachable {
@@ -356,6 +368,7 @@ mod tests {
             },
             journal_depth: 12,
             journal_oldest_age_seconds: journal_age,
+            journal_full: false,
             consumer: None,
         }
     }
@@ -381,6 +394,22 @@ mod tests {
         let mut lagging = report(HealthStatus::Pass);
         apply_tracking(&mut lagging, &tracking(true, Some(120.0)), 60.0);
         assert_eq!(lagging.status, HealthStatus::Warn);
+
+        // A full journal warns even before its age does, and says what it means.
+        let mut full = report(HealthStatus::Pass);
+        let mut journal_full = tracking(false, Some(1.0));
+        journal_full.journal_full = true;
+        apply_tracking(&mut full, &journal_full, 60.0);
+        assert_eq!(full.status, HealthStatus::Warn);
+        let check = &full.checks["tracking:database"][0];
+        assert_eq!(check["journalFull"], true);
+        let output = check["output"].as_str().unwrap();
+        assert!(
+            output.contains("journal is full")
+                && output.contains("not recorded")
+                && output.contains("connection refused"),
+            "{output}"
+        );
 
         // A failing gateway stays failing; tracking never makes it worse.
         let mut failing = report(HealthStatus::Fail);

@@ -101,6 +101,11 @@ pub(super) struct AcceptWriter {
     pub(super) refusing: Arc<AtomicBool>,
     pub(super) journal_depth: Arc<AtomicU64>,
     pub(super) max_bytes: u64,
+    /// Journal depth past which accepted tasks are not journaled.
+    pub(super) max_journal_entries: u64,
+    /// Whether the last accept found the journal full (to log the change
+    /// once, not every task).
+    pub(super) journal_skipping: AtomicBool,
     /// When a group of at least [`CROWDED_GROUP`] requests was last written.
     pub(super) last_crowded_group: Arc<Mutex<Option<Instant>>>,
 }
@@ -221,7 +226,8 @@ impl AcceptWriter {
             }
         }
         let lane_entries: u64 = request.tasks.iter().map(|task| task.lanes.len() as u64).sum();
-        let count = lane_entries + request.tasks.len() as u64;
+        let journaled = self.journal_room(request.tasks.len() as u64, group.journaled);
+        let count = lane_entries + if journaled { request.tasks.len() as u64 } else { 0 };
         let first = sequences.allocate(count, &mut group.operations);
         let first_journal = first + lane_entries;
         let mut sequence = first;
@@ -239,10 +245,12 @@ impl AcceptWriter {
                 sequence += 1;
             }
             // One tracking journal entry per task, in this same batch.
-            group.operations.push((
-                journal::journal_key(first_journal + offset as u64),
-                Some(prepared.encoded.clone()),
-            ));
+            if journaled {
+                group.operations.push((
+                    journal::journal_key(first_journal + offset as u64),
+                    Some(prepared.encoded.clone()),
+                ));
+            }
             group.ids.insert(prepared.task.id);
         }
         if let Some(key) = request.idempotency.as_deref() {
@@ -256,8 +264,32 @@ impl AcceptWriter {
             group.idempotency.insert(key, &request.acceptances);
         }
         group.added_bytes += added_bytes;
-        group.journaled += request.tasks.len() as u64;
+        if journaled {
+            group.journaled += request.tasks.len() as u64;
+        } else {
+            metrics::counter!("taskgate_tracking_journal_skipped_total").increment(request.tasks.len() as u64);
+        }
         Ok(Staged::Accepted(request.acceptances.clone()))
+    }
+
+    /// Whether `tasks` more fit in the tracking journal (with `staged` of
+    /// this group already in it). A batch is journaled whole or not at all.
+    /// Logs when the journal fills up and when it has room again.
+    fn journal_room(&self, tasks: u64, staged: u64) -> bool {
+        let depth = self.counters.lock().expect("counters poisoned").journal + staged;
+        let room = depth + tasks <= self.max_journal_entries;
+        let was_skipping = self.journal_skipping.swap(!room, Ordering::SeqCst);
+        if !room && !was_skipping {
+            tracing::error!(
+                depth,
+                limit = self.max_journal_entries,
+                "the tracking journal is full (is the tracking database down?): new tasks are accepted and \
+                 published but not recorded in it until it drains"
+            );
+        } else if room && was_skipping {
+            tracing::warn!(depth, "the tracking journal has room again: new tasks are recorded");
+        }
+        room
     }
 
     /// The answer stored for `key`, if it is still within its window.
@@ -287,6 +319,8 @@ mod tests {
             refusing: Arc::new(AtomicBool::new(false)),
             journal_depth: Arc::new(AtomicU64::new(0)),
             max_bytes: 1 << 30,
+            max_journal_entries: 1_000_000,
+            journal_skipping: AtomicBool::new(false),
             last_crowded_group: Arc::new(Mutex::new(None)),
         }
     }

@@ -23,6 +23,12 @@
 //! 4. **Never blocks the relay**: journal entries are not pending work, do
 //!    not count against `outbox.max_bytes`, and leave with no regard to
 //!    whether the task was published.
+//! 5. **Bounded on disk.** While the journal holds `outbox.max_journal_entries`
+//!    (the database away for long), an accept writes no journal entry: the
+//!    task is accepted and published but not recorded (a request's tasks
+//!    are journaled all or none; counted in
+//!    `taskgate_tracking_journal_skipped_total`, and health says so). A
+//!    tracking outage must not fill the disk the outbox needs.
 
 use super::storage::OutboxStorage;
 use super::{apply_counted, prefixed, Outbox, OutboxError, JOURNAL};
@@ -127,7 +133,7 @@ impl Outbox {
 #[cfg(test)]
 mod tests {
     use super::super::storage::{FaultyStorage, SledStorage};
-    use super::super::{AcceptOutcome, Lane};
+    use super::super::{AcceptOutcome, Lane, OutboxSettings};
     use super::*;
     use crate::task::TaskId;
     use std::sync::Arc;
@@ -241,5 +247,48 @@ mod tests {
         tokio::time::timeout(std::time::Duration::from_secs(1), outbox.wait_for_journal())
             .await
             .expect("the permit of the accept wakes the writer");
+    }
+
+    /// Past `max_journal_entries`, tasks are accepted and pending but not
+    /// journaled (a batch all or none); once the writer drained some, new
+    /// tasks are journaled again.
+    #[tokio::test]
+    async fn a_full_journal_skips_new_tasks_and_resumes_once_drained() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = OutboxSettings {
+            max_journal_entries: 3,
+            ..settings(dir.path())
+        };
+        let outbox = Outbox::open(&settings).unwrap();
+        let lane = || vec![Lane::new("task_exchange")];
+        let tasks: Vec<Task> = (0..4).map(task).collect();
+        for task in &tasks {
+            outbox.accept(vec![(task.clone(), lane())], None).await.unwrap();
+        }
+        assert_eq!((outbox.depth(), outbox.journal_depth()), (4, 3));
+        let journaled: Vec<TaskId> = outbox
+            .journal_head(10)
+            .unwrap()
+            .into_iter()
+            .map(|entry| entry.task.unwrap().id)
+            .collect();
+        assert_eq!(journaled, tasks[..3].iter().map(|t| t.id).collect::<Vec<_>>());
+        assert!(
+            outbox.status(&tasks[3].id).unwrap().is_some(),
+            "the skipped task is still accepted"
+        );
+
+        // One place free: a batch of two does not fit, a single task does.
+        let head: Vec<u64> = outbox.journal_head(1).unwrap().iter().map(|e| e.sequence).collect();
+        outbox.remove_journal_entries(&head).unwrap();
+        let batch = vec![(task(10), lane()), (task(11), lane())];
+        outbox.accept(batch, None).await.unwrap();
+        assert_eq!(outbox.journal_depth(), 2);
+        let single = task(12);
+        outbox.accept(vec![(single.clone(), lane())], None).await.unwrap();
+        assert_eq!(outbox.journal_depth(), 3);
+        let last = outbox.journal_head(10).unwrap().pop().unwrap();
+        assert_eq!(last.task.unwrap().id, single.id);
+        assert_eq!(outbox.depth(), 7);
     }
 }

@@ -93,6 +93,10 @@ pub struct OutboxSettings {
     /// How long the status of a published task stays answerable by
     /// `GET /v1/tasks/{id}` from the outbox alone.
     pub published_retention_seconds: u64,
+    /// Tasks the tracking journal holds at most while the tracking database
+    /// is away; past it, new tasks are still accepted and published but not
+    /// journaled (so not recorded), rather than filling the disk.
+    pub max_journal_entries: u64,
 }
 
 impl Default for OutboxSettings {
@@ -102,6 +106,7 @@ impl Default for OutboxSettings {
             max_bytes: 1 << 30,
             cache_bytes: 8 << 20,
             published_retention_seconds: 3600,
+            max_journal_entries: 1_000_000,
         }
     }
 }
@@ -620,6 +625,8 @@ impl Outbox {
             refusing: refusing.clone(),
             journal_depth: journal_depth.clone(),
             max_bytes: settings.max_bytes,
+            max_journal_entries: settings.max_journal_entries,
+            journal_skipping: AtomicBool::new(false),
             last_crowded_group: last_crowded_group.clone(),
         };
         let committer = GroupCommitter::start(storage.clone(), writer)?;

@@ -87,6 +87,9 @@ pub struct TrackingHealth {
     pub database: DatabaseStatus,
     pub journal_depth: u64,
     pub journal_oldest_age_seconds: Option<f64>,
+    /// The journal reached `outbox.max_journal_entries`: new tasks are not
+    /// recorded until it drains.
+    pub journal_full: bool,
     pub consumer: Option<ConsumerStatus>,
 }
 
@@ -261,6 +264,7 @@ impl Tracking {
             database: self.shared.database.borrow().clone(),
             journal_depth: outbox.journal_depth(),
             journal_oldest_age_seconds,
+            journal_full: outbox.journal_depth() >= outbox.settings().max_journal_entries,
             consumer: self.shared.consumer.borrow().clone(),
         }
     }
