@@ -715,6 +715,7 @@ async fn offline_dead_letters_and_purge_work_on_a_stopped_server() {
         .wait_for_report(Duration::from_secs(15), |report| report["dead_letters"] == 2)
         .await;
     taskgate(&config, &["breaker", "open"]).await.assert_success();
+    taskgate(&config, &["outbox", "pause"]).await.assert_success();
     gateway
         .post_task(&json!({"task": "export.project", "args": ["pending"]}))
         .await;
@@ -734,8 +735,12 @@ async fn offline_dead_letters_and_purge_work_on_a_stopped_server() {
         .await
         .json();
     assert_eq!(
-        (stats["depth"].clone(), stats["dead_letters"].clone()),
-        (json!(2), json!(0))
+        (
+            stats["depth"].clone(),
+            stats["dead_letters"].clone(),
+            stats["paused"].clone()
+        ),
+        (json!(2), json!(0), json!(true))
     );
 
     // The requeued task is published once a server runs again.
@@ -745,6 +750,7 @@ async fn offline_dead_letters_and_purge_work_on_a_stopped_server() {
     let status = taskgate(&config, &["breaker", "status", "--json"]).await.json();
     assert_eq!(status["state"], "forced_open", "{status}");
     taskgate(&config, &["breaker", "release"]).await.assert_success();
+    taskgate(&config, &["outbox", "resume"]).await.assert_success();
     let delivered: HashSet<String> = ids_of(&consume(&queue, 2, Duration::from_secs(15)).await)
         .into_iter()
         .collect();

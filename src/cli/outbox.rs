@@ -114,9 +114,12 @@ pub fn run(settings: &Settings, json: bool, args: OutboxArgs) -> Result<(), Comm
         };
         return match args.command {
             OutboxCommand::Stats => {
-                let report = offline
-                    .outbox()
-                    .report(false)
+                // A pause is saved with the outbox: a stopped server starts
+                // paused if it was paused when it stopped.
+                let outbox = offline.outbox();
+                let report = outbox
+                    .operator_holds()
+                    .and_then(|holds| outbox.report(holds.relay_paused))
                     .map_err(super::offline::OfflineError::from)?;
                 print_stats(&report, json, true);
                 Ok(())
@@ -211,7 +214,9 @@ fn print_stats(report: &OutboxReport, json: bool, offline: bool) {
         "outbox: {} tasks, {} of {} bytes, oldest {oldest}",
         report.depth, report.bytes, report.max_bytes
     );
-    if offline {
+    if offline && report.paused {
+        println!("relay: not running (offline); paused by an operator, a server starts paused");
+    } else if offline {
         println!("relay: not running (offline)");
     } else {
         println!("relay: {}", if report.paused { "paused" } else { "running" });

@@ -53,8 +53,8 @@ pub struct OutboxReport {
     pub max_bytes: u64,
     pub oldest_age_seconds: Option<f64>,
     pub dead_letters: u64,
-    /// Whether the relay is paused by an operator (always false offline,
-    /// where nothing relays).
+    /// Whether the relay is paused by an operator (offline: whether a
+    /// server started on this outbox would start paused).
     pub paused: bool,
     pub queues: BTreeMap<String, QueueReport>,
 }
