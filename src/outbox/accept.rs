@@ -132,6 +132,8 @@ struct GroupBatch<'a> {
     additions: Vec<(&'a Lane, &'a Task, u64)>,
     added_bytes: u64,
     journaled: u64,
+    /// Accepted without a journal entry: the journal was full.
+    not_journaled: u64,
     ids: HashSet<TaskId>,
     idempotency: HashMap<&'a str, &'a [Acceptance]>,
 }
@@ -173,6 +175,9 @@ impl AcceptWriter {
         match written {
             Ok(()) => {
                 self.journal_depth.fetch_add(group.journaled, Ordering::SeqCst);
+                if group.not_journaled > 0 {
+                    metrics::counter!("taskgate_tracking_journal_skipped_total").increment(group.not_journaled);
+                }
             }
             Err(ref error) => {
                 *sequences = before;
@@ -267,7 +272,7 @@ impl AcceptWriter {
         if journaled {
             group.journaled += request.tasks.len() as u64;
         } else {
-            metrics::counter!("taskgate_tracking_journal_skipped_total").increment(request.tasks.len() as u64);
+            group.not_journaled += request.tasks.len() as u64;
         }
         Ok(Staged::Accepted(request.acceptances.clone()))
     }
