@@ -503,15 +503,7 @@ async fn probes_and_metrics_answer() {
     }
     let (status, _) = post(&app, &json!({"task": "export.project", "args": [1]})).await;
     assert_eq!(status, 202);
-    let metrics = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics().await;
     assert!(metrics.contains("taskgate_outbox_depth"), "{metrics}");
     assert!(metrics.contains("taskgate_tasks_accepted_total"), "{metrics}");
     let missing = app.client.get(app.url("/nope")).send().await.unwrap();

@@ -110,16 +110,7 @@ impl SqsTest {
     /// `SendMessageBatch` calls made for one of this test's queues so far
     /// (the counter is labelled by SQS queue, so parallel tests do not mix).
     async fn batch_calls(&self, queue: &str) -> u64 {
-        let text = self
-            .app
-            .client
-            .get(self.app.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = self.app.metrics().await;
         let label = format!("queue=\"{}\"", self.sqs_name(queue));
         text.lines()
             .find(|line| line.starts_with(BATCH_CALLS_METRIC) && line.contains(&label))

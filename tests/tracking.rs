@@ -833,12 +833,21 @@ async fn the_list_pages_and_filters_on_postgres() {
 
 // ------------------------------------------------------------ start-up
 
-#[tokio::test]
-async fn start_up_does_not_wait_for_an_absent_database_and_migrates_once_it_answers() {
-    let database = TestDatabase::create().await;
+/// A proxy to PostgreSQL that accepts connections and never answers (the
+/// database "away"), until a test passes traffic again.
+fn blackholed_postgres() -> FaultProxy {
     let proxy = FaultProxy::start(postgres_address()).unwrap();
     proxy.set_mode(FaultMode::Blackhole);
-    let dir = tempfile::tempdir().unwrap();
+    proxy
+}
+
+#[tokio::test]
+async fn start_up_does_not_wait_for_an_absent_database_and_migrates_once_it_answers() {
+    let (database, proxy, dir) = (
+        TestDatabase::create().await,
+        blackholed_postgres(),
+        tempfile::tempdir().unwrap(),
+    );
     let mut settings = test_settings(dir.path(), &refused_broker_url(), &[("export", "export")]);
     track_into(&mut settings, &database.url_via(&proxy));
     let started = Instant::now();
@@ -871,10 +880,11 @@ async fn start_up_does_not_wait_for_an_absent_database_and_migrates_once_it_answ
 /// once the database answers.
 #[tokio::test]
 async fn a_full_journal_warns_and_later_tasks_are_accepted_unrecorded() {
-    let database = TestDatabase::create().await;
-    let proxy = FaultProxy::start(postgres_address()).unwrap();
-    proxy.set_mode(FaultMode::Blackhole);
-    let dir = tempfile::tempdir().unwrap();
+    let (database, proxy, dir) = (
+        TestDatabase::create().await,
+        blackholed_postgres(),
+        tempfile::tempdir().unwrap(),
+    );
     let mut settings = test_settings(dir.path(), &refused_broker_url(), &[("export", "export")]);
     track_into(&mut settings, &database.url_via(&proxy));
     settings.outbox.max_journal_entries = 2;
@@ -892,15 +902,7 @@ async fn a_full_journal_warns_and_later_tasks_are_accepted_unrecorded() {
     );
     assert!(check["output"].as_str().unwrap().contains("not recorded"), "{health:#}");
     assert_eq!(health["status"], "warn");
-    let metrics = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics().await;
     assert!(
         metrics
             .lines()

@@ -113,6 +113,12 @@ impl Outbox {
         self.journal_depth.load(Ordering::SeqCst)
     }
 
+    /// Whether the journal holds `outbox.max_journal_entries`: new tasks are
+    /// then accepted without an entry (invariant 5).
+    pub fn journal_is_full(&self) -> bool {
+        self.journal_depth() >= self.settings.max_journal_entries
+    }
+
     /// When the oldest unrecorded task was accepted (one key read).
     pub fn journal_oldest_accepted_at(&self) -> Result<Option<DateTime<Utc>>, OutboxError> {
         Ok(self

@@ -264,7 +264,7 @@ impl Tracking {
             database: self.shared.database.borrow().clone(),
             journal_depth: outbox.journal_depth(),
             journal_oldest_age_seconds,
-            journal_full: outbox.journal_depth() >= outbox.settings().max_journal_entries,
+            journal_full: outbox.journal_is_full(),
             consumer: self.shared.consumer.borrow().clone(),
         }
     }

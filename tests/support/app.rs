@@ -121,6 +121,18 @@ impl TestApp {
         }
     }
 
+    /// `GET /metrics`, the Prometheus text.
+    pub async fn metrics(&self) -> String {
+        self.client
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("metrics are text")
+    }
+
     pub async fn outbox_depth(&self) -> u64 {
         self.health().await["checks"]["outbox:depth"][0]["observedValue"]
             .as_u64()
