@@ -287,6 +287,33 @@ async fn idempotency_key_and_batches() {
     assert!(ids.iter().all(|id| id == &ids[0]), "same key, same id: {ids:?}");
     assert_eq!(app.outbox_depth().await, 1);
 
+    // The same request with its keys in another order is the same request.
+    let reordered: Value = serde_json::from_str(r#"{"args": ["a", "b"], "task": "export.project"}"#).unwrap();
+    let response = app
+        .client
+        .post(app.url("/v1/tasks"))
+        .header("Idempotency-Key", "order-42")
+        .json(&reordered)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    // The key reused for another request: refused, naming the header, and
+    // nothing of it written (it used to answer 202 with the first task).
+    let response = app
+        .client
+        .post(app.url("/v1/tasks"))
+        .header("Idempotency-Key", "order-42")
+        .json(&json!({"task": "export.project", "args": ["a", "other"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 422);
+    assert_eq!(response.headers()["content-type"], "application/problem+json");
+    let problem: Value = response.json().await.unwrap();
+    assert_eq!(problem["field"], "Idempotency-Key", "{problem}");
+    assert_eq!(app.outbox_depth().await, 1);
+
     let batch = json!({"tasks": [
         {"task": "export.project", "args": ["a", "1"]},
         {"task": "export.project", "args": ["a", "2"]},

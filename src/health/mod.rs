@@ -23,6 +23,7 @@
 //! changes: that is one server-sent event per health change.
 
 use crate::broker::BrokerStatus;
+use crate::outbox::failure::RecordedFailure;
 use crate::outbox::Outbox;
 use crate::relay::breaker::{BreakerSnapshot, BreakerState};
 use crate::tracking::{Tracking, TrackingHealth};
@@ -83,6 +84,30 @@ fn check_status(status: HealthStatus) -> &'static str {
     }
 }
 
+/// Whether the outbox's store still takes writes. After a failed write or
+/// flush it does not until a restart, and this check says why.
+fn storage_check(failure: Option<&RecordedFailure>, now: &str) -> serde_json::Value {
+    match failure {
+        None => json!({
+            "componentType": "datastore",
+            "status": "pass",
+            "observedValue": "writable",
+            "time": now,
+        }),
+        Some(failure) => json!({
+            "componentType": "datastore",
+            "status": "fail",
+            "observedValue": "failed",
+            "output": format!(
+                "{}; nothing is accepted or published until taskgate is restarted (free disk space or fix \
+                 the disk first: every task that got a 202 is kept)",
+                failure.error
+            ),
+            "time": failure.at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        }),
+    }
+}
+
 /// Computes the report from its inputs.
 pub fn compute(
     broker: &BrokerStatus,
@@ -109,6 +134,7 @@ pub fn compute(
             Some(error.to_string()),
         ),
     };
+    let failed_store = outbox.storage_failure();
     let has_room = outbox.has_room() && storage_error.is_none();
     let breaker_closed = breaker.state.is_closed();
     let stale_backlog = oldest_age.is_some_and(|age| age > warn_backlog_age_seconds);
@@ -155,6 +181,8 @@ pub fn compute(
     });
     if let Some(error) = &storage_error {
         depth_check["output"] = json!(error);
+    } else if failed_store.is_some() {
+        depth_check["output"] = json!("the outbox store failed: new tasks are refused (see outbox:storage)");
     } else if !has_room {
         depth_check["output"] = json!("the outbox is full: new tasks are refused");
     }
@@ -175,6 +203,7 @@ pub fn compute(
         }]),
     );
     checks.insert("outbox:depth".into(), json!([depth_check]));
+    checks.insert("outbox:storage".into(), json!([storage_check(failed_store, &time)]));
     checks.insert(
         "outbox:oldestAge".into(),
         json!([{
@@ -187,7 +216,7 @@ pub fn compute(
     );
     HealthReport {
         status,
-        async_available: broker.connected && breaker_closed,
+        async_available: broker.connected && breaker_closed && failed_store.is_none(),
         version: env!("CARGO_PKG_VERSION"),
         release_id: env!("CARGO_PKG_VERSION"),
         description: "taskgate broker gateway",

@@ -25,9 +25,13 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
     if state.outbox.has_room() {
         (StatusCode::OK, axum::Json(json!({"status": "ready"}))).into_response()
     } else {
+        let reason = match state.outbox.storage_failure() {
+            Some(failure) => format!("the outbox store failed: {}", failure.error),
+            None => "the outbox is full".to_owned(),
+        };
         let mut response = (
             StatusCode::SERVICE_UNAVAILABLE,
-            axum::Json(json!({"status": "not ready", "reason": "the outbox is full"})),
+            axum::Json(json!({"status": "not ready", "reason": reason})),
         )
             .into_response();
         response

@@ -8,7 +8,7 @@
 
 use super::problem::Problem;
 use super::AppState;
-use crate::outbox::{AcceptOutcome, Acceptance, OutboxError, TaskState};
+use crate::outbox::{AcceptOutcome, Acceptance, IdempotencyKey, OutboxError, TaskState};
 use crate::task::intake::{self, IntakeErrorKind};
 use crate::task::{TaskId, TaskRequest};
 use crate::tracking::store::{ListCursor, TaskFilter, MAX_PAGE};
@@ -61,6 +61,30 @@ fn decode<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T,
     Ok(value)
 }
 
+/// A fingerprint of what a request asks for: the decoded tasks with every
+/// object's keys sorted (so key order and white space do not count), and
+/// the route, hashed. Two requests with one `Idempotency-Key` must match.
+fn request_fingerprint(route: &str, requests: &[TaskRequest]) -> String {
+    use sha2::Digest;
+    fn sort_keys(value: &mut Value) {
+        match value {
+            Value::Object(map) => {
+                map.sort_keys();
+                map.values_mut().for_each(sort_keys);
+            }
+            Value::Array(items) => items.iter_mut().for_each(sort_keys),
+            _ => {}
+        }
+    }
+    let mut value = serde_json::to_value(requests).expect("task requests serialize");
+    sort_keys(&mut value);
+    let mut hasher = sha2::Sha256::new();
+    hasher.update(route.as_bytes());
+    hasher.update([0]);
+    hasher.update(value.to_string().as_bytes());
+    hasher.finalize().iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Problem> {
     let Some(value) = headers.get(IDEMPOTENCY_HEADER) else {
         return Ok(None);
@@ -107,6 +131,16 @@ pub(super) fn outbox_problem(error: OutboxError) -> Problem {
             format!("task id {id} was already accepted; use an Idempotency-Key to retry safely"),
         )
         .with_field(Some("id".into())),
+        OutboxError::IdempotencyKeyReused { key } => Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "idempotency-key-reused",
+            "Idempotency-Key reused for a different request",
+            format!(
+                "the Idempotency-Key {key:?} was already used within 24 h for a request with other content; \
+                 nothing was accepted: send the same request to retry it, or use a new key for a new request"
+            ),
+        )
+        .with_field(Some("Idempotency-Key".into())),
         other => {
             tracing::error!(error = %other, "outbox write failed");
             Problem::new(
@@ -132,11 +166,12 @@ fn acceptance_body(acceptance: &Acceptance) -> serde_json::Value {
 
 async fn accept(
     state: &AppState,
+    route: &str,
     requests: Vec<TaskRequest>,
     headers: &HeaderMap,
     field_prefix: impl Fn(usize) -> String,
 ) -> Result<Vec<Acceptance>, Problem> {
-    let key = idempotency_key(headers)?;
+    let key = idempotency_key(headers)?.map(|key| IdempotencyKey::new(key, request_fingerprint(route, &requests)));
     let now = chrono::Utc::now();
     let mut tasks = Vec::with_capacity(requests.len());
     for (index, request) in requests.into_iter().enumerate() {
@@ -146,11 +181,7 @@ async fn accept(
         tasks.push((task, lanes));
     }
     let count = tasks.len() as u64;
-    let outcome = state
-        .outbox
-        .accept(tasks, key.as_deref())
-        .await
-        .map_err(outbox_problem)?;
+    let outcome = state.outbox.accept(tasks, key).await.map_err(outbox_problem)?;
     Ok(match outcome {
         AcceptOutcome::Accepted(acceptances) => {
             metrics::counter!("taskgate_tasks_accepted_total").increment(count);
@@ -170,7 +201,7 @@ pub async fn post_task(
 ) -> Response {
     let result = async {
         let request: TaskRequest = decode(body)?;
-        let acceptances = accept(&state, vec![request], &headers, |_| String::new()).await?;
+        let acceptances = accept(&state, "task", vec![request], &headers, |_| String::new()).await?;
         Ok::<_, Problem>(acceptances.into_iter().next().expect("one acceptance per task"))
     }
     .await;
@@ -206,7 +237,10 @@ pub async fn post_batch(
                 format!("a batch holds 1 to {MAX_BATCH} tasks, not {}", batch.tasks.len()),
             ));
         }
-        accept(&state, batch.tasks, &headers, |index| format!("tasks[{index}].")).await
+        accept(&state, "batch", batch.tasks, &headers, |index| {
+            format!("tasks[{index}].")
+        })
+        .await
     }
     .await;
     match result {

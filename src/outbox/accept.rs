@@ -19,10 +19,11 @@
 //! - The expensive, request-local work (JSON encoding) is done by the
 //!   caller in [`PreparedAccept::prepare`], off the committer thread.
 
+use super::group_commit::Visibility;
 use super::storage::{OutboxStorage, StorageError, WriteOperation};
 use super::{
     apply_counted, idempotency_key, journal, pending_key, status_key, AcceptOutcome, Acceptance, Counters,
-    IdempotencyRecord, Lane, OutboxError, SequenceState, TaskState, TaskStatus, IDEMPOTENCY_WINDOW,
+    IdempotencyKey, IdempotencyRecord, Lane, OutboxError, SequenceState, TaskState, TaskStatus, IDEMPOTENCY_WINDOW,
 };
 use crate::task::{Task, TaskId};
 use chrono::{DateTime, Utc};
@@ -44,12 +45,15 @@ pub(super) struct PreparedTask {
 /// One accept request (a single task or a whole batch), ready to stage.
 pub(super) struct PreparedAccept {
     tasks: Vec<PreparedTask>,
-    idempotency: Option<String>,
+    idempotency: Option<IdempotencyKey>,
     acceptances: Vec<Acceptance>,
 }
 
 impl PreparedAccept {
-    pub(super) fn prepare(tasks: Vec<(Task, Vec<Lane>)>, idempotency: Option<&str>) -> Result<Self, OutboxError> {
+    pub(super) fn prepare(
+        tasks: Vec<(Task, Vec<Lane>)>,
+        idempotency: Option<IdempotencyKey>,
+    ) -> Result<Self, OutboxError> {
         let mut prepared = Vec::with_capacity(tasks.len());
         let mut acceptances = Vec::with_capacity(tasks.len());
         for (task, lanes) in tasks {
@@ -80,7 +84,7 @@ impl PreparedAccept {
         }
         Ok(Self {
             tasks: prepared,
-            idempotency: idempotency.map(str::to_owned),
+            idempotency,
             acceptances,
         })
     }
@@ -108,6 +112,8 @@ pub(super) struct AcceptWriter {
     pub(super) journal_skipping: AtomicBool,
     /// When a group of at least [`CROWDED_GROUP`] requests was last written.
     pub(super) last_crowded_group: Arc<Mutex<Option<Instant>>>,
+    /// Hides a group's tasks until its flush returns.
+    pub(super) visibility: Arc<Visibility>,
 }
 
 /// A group this large means writers are queueing for the disk: the outbox
@@ -135,14 +141,19 @@ struct GroupBatch<'a> {
     /// Accepted without a journal entry: the journal was full.
     not_journaled: u64,
     ids: HashSet<TaskId>,
-    idempotency: HashMap<&'a str, &'a [Acceptance]>,
+    /// Keys first used in this group: the request's fingerprint and answer.
+    idempotency: HashMap<&'a str, (&'a str, &'a [Acceptance])>,
 }
 
 impl AcceptWriter {
     /// Stages `requests` in order and writes them as one atomic batch.
-    /// Returns each request's outcome; a storage failure fails every
-    /// request that would have written something.
-    pub(super) fn write_group(&self, requests: &[&PreparedAccept]) -> Vec<Result<AcceptOutcome, OutboxError>> {
+    /// Returns each request's outcome and the ids of the tasks written,
+    /// which stay hidden until the group's flush returns; a storage
+    /// failure fails every request that would have written something.
+    pub(super) fn write_group(
+        &self,
+        requests: &[&PreparedAccept],
+    ) -> (Vec<Result<AcceptOutcome, OutboxError>>, Vec<TaskId>) {
         if requests.len() >= CROWDED_GROUP {
             *self.last_crowded_group.lock().expect("crowded group lock poisoned") = Some(Instant::now());
         }
@@ -157,9 +168,11 @@ impl AcceptWriter {
                 Err(error) => Staged::Refused(error),
             });
         }
+        let staged_ids: Vec<TaskId> = group.ids.iter().copied().collect();
         let written = if group.operations.is_empty() {
             Ok(())
         } else {
+            self.visibility.hide(&staged_ids);
             let operations = std::mem::take(&mut group.operations);
             apply_counted(self.storage.as_ref(), &self.counters, operations, |counters| {
                 for (lane, task, bytes) in &group.additions {
@@ -185,7 +198,7 @@ impl AcceptWriter {
             }
         }
         drop(sequences);
-        staged
+        let outcomes = staged
             .into_iter()
             .map(|outcome| match (outcome, &written) {
                 (Staged::Refused(error), _) => Err(error),
@@ -196,7 +209,8 @@ impl AcceptWriter {
                     Err(OutboxError::Storage(error.clone()))
                 }
             })
-            .collect()
+            .collect();
+        (outcomes, staged_ids)
     }
 
     fn stage<'a>(
@@ -206,12 +220,17 @@ impl AcceptWriter {
         sequences: &mut SequenceState,
         group: &mut GroupBatch<'a>,
     ) -> Result<Staged, OutboxError> {
-        if let Some(key) = request.idempotency.as_deref() {
-            if let Some(acceptances) = group.idempotency.get(key) {
+        if let Some(idempotency) = &request.idempotency {
+            let key = idempotency.key.as_str();
+            if let Some((fingerprint, acceptances)) = group.idempotency.get(key) {
+                idempotency.check_same_request(fingerprint)?;
                 return Ok(Staged::ReplayedInGroup(acceptances.to_vec()));
             }
-            if let Some(acceptances) = self.stored_idempotency(key, now)? {
-                return Ok(Staged::Replayed(acceptances));
+            if let Some(record) = self.stored_idempotency(key, now)? {
+                if let Some(fingerprint) = &record.fingerprint {
+                    idempotency.check_same_request(fingerprint)?;
+                }
+                return Ok(Staged::Replayed(record.acceptances));
             }
         }
         let added_bytes = request.pending_bytes();
@@ -258,15 +277,18 @@ impl AcceptWriter {
             }
             group.ids.insert(prepared.task.id);
         }
-        if let Some(key) = request.idempotency.as_deref() {
+        if let Some(idempotency) = &request.idempotency {
             let record = IdempotencyRecord {
                 acceptances: request.acceptances.clone(),
                 created_at: now,
+                fingerprint: Some(idempotency.fingerprint.clone()),
             };
             group
                 .operations
-                .push((idempotency_key(key), Some(serde_json::to_vec(&record)?)));
-            group.idempotency.insert(key, &request.acceptances);
+                .push((idempotency_key(&idempotency.key), Some(serde_json::to_vec(&record)?)));
+            group
+                .idempotency
+                .insert(&idempotency.key, (&idempotency.fingerprint, &request.acceptances));
         }
         group.added_bytes += added_bytes;
         if journaled {
@@ -297,16 +319,15 @@ impl AcceptWriter {
         room
     }
 
-    /// The answer stored for `key`, if it is still within its window.
-    fn stored_idempotency(&self, key: &str, now: DateTime<Utc>) -> Result<Option<Vec<Acceptance>>, StorageError> {
+    /// The record stored for `key`, if it is still within its window.
+    fn stored_idempotency(&self, key: &str, now: DateTime<Utc>) -> Result<Option<IdempotencyRecord>, StorageError> {
         let Some(bytes) = self.storage.get(&idempotency_key(key))? else {
             return Ok(None);
         };
         let window = chrono::Duration::from_std(IDEMPOTENCY_WINDOW).unwrap_or_default();
         Ok(serde_json::from_slice::<IdempotencyRecord>(&bytes)
             .ok()
-            .filter(|record| now - record.created_at < window)
-            .map(|record| record.acceptances))
+            .filter(|record| now - record.created_at < window))
     }
 }
 
@@ -327,11 +348,17 @@ mod tests {
             max_journal_entries: 1_000_000,
             journal_skipping: AtomicBool::new(false),
             last_crowded_group: Arc::new(Mutex::new(None)),
+            visibility: Arc::new(Visibility::new(1)),
         }
     }
 
     fn request(n: i64, key: &str) -> PreparedAccept {
-        PreparedAccept::prepare(vec![(task("a.b", n), vec![Lane::new("task_exchange")])], Some(key)).unwrap()
+        let idempotency = IdempotencyKey::new(key, "same request");
+        PreparedAccept::prepare(
+            vec![(task("a.b", n), vec![Lane::new("task_exchange")])],
+            Some(idempotency),
+        )
+        .unwrap()
     }
 
     #[test]
@@ -340,7 +367,7 @@ mod tests {
         let storage = Arc::new(SledStorage::open(&dir.path().join("o"), 1 << 20).unwrap());
         let writer = writer(storage);
         let (first, repeat) = (request(1, "k"), request(2, "k"));
-        let outcomes = writer.write_group(&[&first, &repeat]);
+        let (outcomes, _) = writer.write_group(&[&first, &repeat]);
         let [Ok(AcceptOutcome::Accepted(accepted)), Ok(AcceptOutcome::Replayed(replayed))] = &outcomes[..] else {
             panic!("expected accepted then replayed: {outcomes:?}");
         };
@@ -358,7 +385,7 @@ mod tests {
         faulty.fail_writes(true);
         let writer = writer(faulty);
         let (first, repeat) = (request(1, "k"), request(2, "k"));
-        let outcomes = writer.write_group(&[&first, &repeat]);
+        let (outcomes, _) = writer.write_group(&[&first, &repeat]);
         assert!(
             outcomes
                 .iter()

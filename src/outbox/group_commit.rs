@@ -9,6 +9,17 @@
 //! only after a flush that *started after* its writes were applied, so an
 //! `Ok` means on disk.
 //!
+//! Invariant: nothing is seen before it is durable. sled makes a batch
+//! visible as soon as it is applied, before the flush that makes it
+//! durable; [`Visibility`] hides it until then. Pending and journal entries
+//! are read only below the sequence that was allocated when the last
+//! successful flush started, and the statuses of a group's tasks are hidden
+//! until its flush returned. When a flush fails, the group stays hidden for
+//! the life of the process (the store refuses every later write, see
+//! [`super::failure`]), so a 503 task is never published, never answered
+//! by `GET /v1/tasks/{id}`, never tracked, and its idempotency key is free
+//! after the restart.
+//!
 //! Under concurrent load the committer lingers up to [`LINGER`] after the
 //! first request of a group so that more writers join it: every sled flush
 //! wakes sled's whole I/O thread pool, so fewer, larger flushes are what
@@ -24,9 +35,12 @@
 
 use super::accept::{AcceptWriter, PreparedAccept};
 use super::storage::{OutboxStorage, StorageError};
-use super::{AcceptOutcome, OutboxError};
+use super::{AcceptOutcome, OutboxError, SequenceState};
+use crate::task::TaskId;
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
@@ -44,6 +58,56 @@ struct Request {
     answer: oneshot::Sender<Answer>,
 }
 
+/// What readers may see of the store: see the module comment.
+pub(super) struct Visibility {
+    /// Every sequence below it was applied before a flush that succeeded.
+    durable_below: AtomicU64,
+    /// Tasks whose group is applied but not (or never) made durable.
+    not_yet_durable: Mutex<HashSet<TaskId>>,
+}
+
+impl Visibility {
+    /// At open everything in the store is durable: it was read from disk.
+    pub(super) fn new(next_sequence: u64) -> Self {
+        Self {
+            durable_below: AtomicU64::new(next_sequence),
+            not_yet_durable: Mutex::new(HashSet::new()),
+        }
+    }
+
+    pub(super) fn is_durable(&self, sequence: u64) -> bool {
+        sequence < self.durable_below.load(Ordering::Acquire)
+    }
+
+    /// Whether the status of `id` must not be shown yet.
+    pub(super) fn hides(&self, id: &TaskId) -> bool {
+        self.not_yet_durable
+            .lock()
+            .expect("visibility lock poisoned")
+            .contains(id)
+    }
+
+    /// Called before a group's batch is applied.
+    pub(super) fn hide(&self, ids: &[TaskId]) {
+        if !ids.is_empty() {
+            self.not_yet_durable
+                .lock()
+                .expect("visibility lock poisoned")
+                .extend(ids.iter().copied());
+        }
+    }
+
+    fn made_durable(&self, below: u64, ids: &[TaskId]) {
+        self.durable_below.fetch_max(below, Ordering::AcqRel);
+        if !ids.is_empty() {
+            let mut hidden = self.not_yet_durable.lock().expect("visibility lock poisoned");
+            for id in ids {
+                hidden.remove(id);
+            }
+        }
+    }
+}
+
 pub struct GroupCommitter {
     /// `None` only while dropping, so the thread sees the channel close.
     requests: Option<mpsc::Sender<Request>>,
@@ -52,7 +116,12 @@ pub struct GroupCommitter {
 
 impl GroupCommitter {
     /// Starts the committer thread. It ends when the committer is dropped.
-    pub(super) fn start(storage: Arc<dyn OutboxStorage>, writer: AcceptWriter) -> Result<Self, StorageError> {
+    pub(super) fn start(
+        storage: Arc<dyn OutboxStorage>,
+        writer: AcceptWriter,
+        sequences: Arc<Mutex<SequenceState>>,
+        visibility: Arc<Visibility>,
+    ) -> Result<Self, StorageError> {
         let (requests, receiver) = mpsc::channel::<Request>();
         let thread = std::thread::Builder::new()
             .name("outbox-commit".into())
@@ -74,7 +143,7 @@ impl GroupCommitter {
                         }
                     }
                     busy = group.len() > 1;
-                    write_group(storage.as_ref(), &writer, &mut group);
+                    write_group(storage.as_ref(), &writer, &sequences, &visibility, &mut group);
                 }
             })
             .map_err(|error| StorageError::Io(format!("cannot start the outbox committer thread: {error}")))?;
@@ -107,13 +176,27 @@ impl GroupCommitter {
     }
 }
 
-/// Writes one group: its accepts as one batch, then one flush for all.
-fn write_group(storage: &dyn OutboxStorage, writer: &AcceptWriter, group: &mut Vec<Request>) {
+/// Writes one group: its accepts as one batch, then one flush for all, and
+/// makes what the flush covered visible.
+fn write_group(
+    storage: &dyn OutboxStorage,
+    writer: &AcceptWriter,
+    sequences: &Mutex<SequenceState>,
+    visibility: &Visibility,
+    group: &mut Vec<Request>,
+) {
     let accepts: Vec<&PreparedAccept> = group.iter().filter_map(|request| request.accept.as_ref()).collect();
     let started = Instant::now();
-    let mut outcomes = writer.write_group(&accepts).into_iter();
+    let (outcomes, staged_ids) = writer.write_group(&accepts);
+    let mut outcomes = outcomes.into_iter();
+    // Sequences are allocated and their batches applied under this lock,
+    // so everything below `next` is applied: the flush below covers it.
+    let applied_below = sequences.lock().expect("insert lock poisoned").next;
     let written = Instant::now();
     let flushed = storage.flush();
+    if flushed.is_ok() {
+        visibility.made_durable(applied_below, &staged_ids);
+    }
     // Accept latency is these two plus the wait for the group before: the
     // flush time is the disk's, and what an operator compares first.
     metrics::histogram!("taskgate_outbox_write_seconds").record(written.duration_since(started).as_secs_f64());

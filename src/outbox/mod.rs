@@ -44,10 +44,22 @@
 //! | `m/counters` | [`PersistedCounters`] (JSON): pending depth and bytes per lane, depth per queue, dead letters |
 //! | `j/{sequence:u64}` | accepted [`Task`] (JSON) not yet recorded in the tracking database ([`journal`]) |
 //! | `m/operator_holds` | [`OperatorHolds`] (JSON): a pause or forced breaker state that outlives a restart; absent = none |
+//! | `m/sent/{lane}` | u64: the highest sequence of the lane ever handed to the broker; a later send of an entry at or below it is a re-send ([`Outbox::mark_sending`]) |
+//!
+//! # What makes a batch durable
+//!
+//! sled's `flush()` alone is not (it ends in `sync_file_range`); a flush
+//! here is sled's `flush()` followed by `fdatasync` of sled's log file, of
+//! any new blob file, and `fsync` of the directories whose names changed
+//! ([`durable_files`] says which and why that is enough). Nothing is
+//! readable before the flush that covers it returned ([`group_commit`]),
+//! and a failed write or flush stops the store ([`failure`]).
 //!
 //! Lane names never contain `\0` (they are exchange or queue names).
 
 mod accept;
+mod durable_files;
+pub mod failure;
 pub mod group_commit;
 pub mod journal;
 pub mod operations;
@@ -74,6 +86,7 @@ const SEQUENCE_RESERVED: &[u8] = b"m/sequence_reserved";
 const COUNTERS: &[u8] = b"m/counters";
 const JOURNAL: &[u8] = b"j/";
 const OPERATOR_HOLDS: &[u8] = b"m/operator_holds";
+const SENT_MARK: &[u8] = b"m/sent/";
 /// Sequences are reserved in blocks so that a normal accept writes no
 /// metadata; a crash only leaves a gap.
 const SEQUENCE_BLOCK: u64 = 1 << 20;
@@ -128,6 +141,8 @@ pub enum OutboxError {
     Full { used: u64, limit: u64 },
     #[error("task id {0} was already accepted")]
     DuplicateTaskId(TaskId),
+    #[error("the Idempotency-Key {key:?} was already used for a different request")]
+    IdempotencyKeyReused { key: String },
     #[error(transparent)]
     Storage(#[from] StorageError),
     #[error("outbox record could not be encoded: {0}")]
@@ -235,6 +250,37 @@ pub struct Acceptance {
 pub struct IdempotencyRecord {
     pub acceptances: Vec<Acceptance>,
     pub created_at: DateTime<Utc>,
+    /// What the first request was ([`IdempotencyKey::fingerprint`]);
+    /// absent in records written before it was kept (never compared).
+    #[serde(default)]
+    pub fingerprint: Option<String>,
+}
+
+/// A client's `Idempotency-Key` with a fingerprint of the request it came
+/// with: a repeat with the same key must be the same request, or it is
+/// refused ([`OutboxError::IdempotencyKeyReused`]) rather than answered
+/// with the first request's tasks while its own are dropped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdempotencyKey {
+    pub key: String,
+    pub fingerprint: String,
+}
+
+impl IdempotencyKey {
+    pub fn new(key: impl Into<String>, fingerprint: impl Into<String>) -> Self {
+        Self {
+            key: key.into(),
+            fingerprint: fingerprint.into(),
+        }
+    }
+
+    fn check_same_request(&self, stored_fingerprint: &str) -> Result<(), OutboxError> {
+        if self.fingerprint == stored_fingerprint {
+            Ok(())
+        } else {
+            Err(OutboxError::IdempotencyKeyReused { key: self.key.clone() })
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -432,6 +478,10 @@ impl SequenceState {
 pub struct Outbox {
     storage: Arc<dyn OutboxStorage>,
     committer: GroupCommitter,
+    /// The first failed write or flush, after which the store refuses all.
+    failure: Arc<failure::StorageFailure>,
+    /// What may be read yet: only what a successful flush covered.
+    visibility: Arc<group_commit::Visibility>,
     /// Held while sequences are assigned and the batch applied (invariant 2).
     insert_lock: Arc<Mutex<SequenceState>>,
     /// Serialises read-modify-write of status records.
@@ -453,6 +503,18 @@ pub struct Outbox {
     last_completion: Mutex<Option<std::time::Instant>>,
     /// When accepts last queued up for the disk (see [`accept`]).
     last_crowded_group: Arc<Mutex<Option<std::time::Instant>>>,
+    /// Each lane's `m/sent/{lane}` as last written (read on first use).
+    sent_marks: Mutex<HashMap<Lane, Option<u64>>>,
+}
+
+/// What [`Outbox::mark_sending`] found about a window about to be sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SendMark {
+    /// Entries of the window that were handed to the broker before.
+    pub resent: u64,
+    /// The lane's mark moved: flush before sending, so that a crash during
+    /// the send still finds it.
+    pub moved: bool,
 }
 
 /// Readiness returns once pending bytes fall below this share of the limit.
@@ -585,6 +647,8 @@ impl Outbox {
 
     /// Opens an outbox over any storage (tests inject faults this way).
     pub fn with_storage(storage: Arc<dyn OutboxStorage>, settings: OutboxSettings) -> Result<Arc<Self>, OutboxError> {
+        let failure = Arc::new(failure::StorageFailure::default());
+        let storage: Arc<dyn OutboxStorage> = Arc::new(failure::GuardedStorage::new(storage, failure.clone()));
         let stored = storage
             .get(COUNTERS)?
             .and_then(|bytes| serde_json::from_slice::<PersistedCounters>(&bytes).ok());
@@ -618,6 +682,7 @@ impl Outbox {
         let refusing = Arc::new(AtomicBool::new(false));
         let journal_depth = Arc::new(AtomicU64::new(journal_depth));
         let last_crowded_group = Arc::new(Mutex::new(None));
+        let visibility = Arc::new(group_commit::Visibility::new(next));
         let writer = accept::AcceptWriter {
             storage: storage.clone(),
             insert_lock: insert_lock.clone(),
@@ -628,11 +693,14 @@ impl Outbox {
             max_journal_entries: settings.max_journal_entries,
             journal_skipping: AtomicBool::new(false),
             last_crowded_group: last_crowded_group.clone(),
+            visibility: visibility.clone(),
         };
-        let committer = GroupCommitter::start(storage.clone(), writer)?;
+        let committer = GroupCommitter::start(storage.clone(), writer, insert_lock.clone(), visibility.clone())?;
         Ok(Arc::new(Self {
             storage,
             committer,
+            failure,
+            visibility,
             insert_lock,
             status_lock: Mutex::new(()),
             counters,
@@ -643,6 +711,7 @@ impl Outbox {
             new_journal: Notify::new(),
             last_completion: Mutex::new(None),
             last_crowded_group,
+            sent_marks: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -669,7 +738,7 @@ impl Outbox {
     pub async fn accept(
         &self,
         tasks: Vec<(Task, Vec<Lane>)>,
-        idempotency: Option<&str>,
+        idempotency: Option<IdempotencyKey>,
     ) -> Result<AcceptOutcome, OutboxError> {
         let prepared = accept::PreparedAccept::prepare(tasks, idempotency)?;
         let outcome = self.committer.accept(prepared).await?;
@@ -725,6 +794,11 @@ impl Outbox {
                 let Some((lane, sequence)) = parse_pending_key(&key) else {
                     continue;
                 };
+                // Keys sort by sequence: everything after this one is
+                // newer still, and not durable either (group_commit).
+                if !self.visibility.is_durable(sequence) {
+                    return Ok(entries);
+                }
                 match serde_json::from_slice::<Task>(&value) {
                     Ok(task) => entries.push(PendingEntry {
                         lane,
@@ -774,8 +848,9 @@ impl Outbox {
     }
 
     /// Removes confirmed entries; a task whose every lane confirmed becomes
-    /// `published`. Not flushed here: sled's periodic flush persists it, and
-    /// a crash before that only re-publishes (at-least-once).
+    /// `published`. Not flushed here: the relay flushes before it sends the
+    /// next window and when it ends a round, so a crash re-sends at most
+    /// the window being settled and the one in flight (at-least-once).
     pub fn complete(&self, entries: &[&PendingEntry]) -> Result<(), OutboxError> {
         if entries.is_empty() {
             return Ok(());
@@ -821,6 +896,45 @@ impl Outbox {
         })?;
         *self.last_completion.lock().expect("completion lock poisoned") = Some(std::time::Instant::now());
         Ok(())
+    }
+
+    /// Called before `entries` (a window of `lane`, in sequence order) are
+    /// sent: counts those handed to the broker before (after a failed
+    /// window, or by a process that crashed before their completion was
+    /// durable) and moves the lane's mark past the window. The mark is
+    /// written, not flushed: the caller flushes before sending when it
+    /// moved. Re-sends are counted in `taskgate_republished_total`.
+    pub fn mark_sending(&self, lane: &Lane, entries: &[PendingEntry]) -> Result<SendMark, OutboxError> {
+        let Some(last) = entries.last().map(|entry| entry.sequence) else {
+            return Ok(SendMark {
+                resent: 0,
+                moved: false,
+            });
+        };
+        let mut marks = self.sent_marks.lock().expect("sent marks poisoned");
+        let mark = match marks.get(lane) {
+            Some(mark) => *mark,
+            None => {
+                let key = prefixed(SENT_MARK, lane.as_str().as_bytes());
+                let stored = self.storage.get(&key)?;
+                stored.and_then(|bytes| bytes.try_into().ok().map(u64::from_be_bytes))
+            }
+        };
+        let resent = mark.map_or(0, |mark| {
+            entries.iter().filter(|entry| entry.sequence <= mark).count() as u64
+        });
+        let moved = mark.is_none_or(|mark| last > mark);
+        if moved {
+            let key = prefixed(SENT_MARK, lane.as_str().as_bytes());
+            self.storage.apply(vec![(key, Some(last.to_be_bytes().to_vec()))])?;
+            marks.insert(lane.clone(), Some(last));
+        } else {
+            marks.insert(lane.clone(), mark);
+        }
+        if resent > 0 {
+            metrics::counter!("taskgate_republished_total").increment(resent);
+        }
+        Ok(SendMark { resent, moved })
     }
 
     /// Notes a failure on each task's status: the last error, and, when
@@ -875,7 +989,12 @@ impl Outbox {
         Ok(())
     }
 
+    /// The task's status; `None` for an unknown id, and for one whose
+    /// accept has not become durable (or never will: its flush failed).
     pub fn status(&self, id: &TaskId) -> Result<Option<TaskStatus>, OutboxError> {
+        if self.visibility.hides(id) {
+            return Ok(None);
+        }
         match self.storage.get(&status_key(id))? {
             Some(bytes) => Ok(Some(serde_json::from_slice(&bytes)?)),
             None => Ok(None),
@@ -902,7 +1021,11 @@ impl Outbox {
 
     /// False from the moment a task was refused for lack of room until the
     /// outbox drained below 90% of its limit.
+    /// Always false once the store has failed ([`Outbox::storage_failure`]).
     pub fn has_room(&self) -> bool {
+        if self.failure.error().is_some() {
+            return false;
+        }
         let bytes = self.bytes();
         if bytes >= self.settings.max_bytes {
             return false;
@@ -1034,9 +1157,18 @@ impl Outbox {
         Ok(())
     }
 
-    /// Makes every write so far durable (used at shutdown).
+    /// Makes every write so far durable (and visible: a requeued entry is
+    /// published only once it is durable, so the relay is woken).
     pub async fn flush(&self) -> Result<(), OutboxError> {
-        self.committer.commit().await
+        self.committer.commit().await?;
+        self.new_work.notify_one();
+        Ok(())
+    }
+
+    /// The write or flush failure that stopped the store, if one did: the
+    /// outbox then accepts and publishes nothing until taskgate restarts.
+    pub fn storage_failure(&self) -> Option<&failure::RecordedFailure> {
+        self.failure.error()
     }
 }
 

@@ -717,6 +717,8 @@ mod tests {
         );
 
         let requeued = outbox.requeue_dead_letter(id).unwrap();
+        // Read once durable, as the admin API and the CLI flush first.
+        outbox.flush().await.unwrap();
         assert_eq!(requeued.task_id, Some(tasks[0].id));
         assert!(matches!(
             outbox.requeue_dead_letter(id),
@@ -764,6 +766,7 @@ mod tests {
         assert!(outbox.delete_dead_letter(ids[0]).unwrap().is_none());
 
         let outcome = outbox.requeue_all_dead_letters().unwrap();
+        outbox.flush().await.unwrap();
         assert_eq!(
             outcome,
             RequeueOutcome {

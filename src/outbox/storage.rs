@@ -10,6 +10,8 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use super::durable_files::DurableFiles;
+
 /// A storage failure. Always reported, never retried here: the caller knows
 /// whether the operation can be repeated.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -20,6 +22,10 @@ pub enum StorageError {
     Locked { path: String },
     #[error("outbox storage is corrupt: {0}")]
     Corrupt(String),
+    /// An earlier write or flush failed; the store refuses writes until
+    /// taskgate restarts ([`super::failure`]).
+    #[error("the outbox store failed earlier and refuses writes until taskgate is restarted: {0}")]
+    Failed(String),
 }
 
 /// One write of an atomic batch: `Some(value)` inserts, `None` removes.
@@ -46,9 +52,10 @@ pub trait OutboxStorage: Send + Sync + 'static {
 /// How long [`SledStorage::open`] waits for a lock held a moment too long.
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// The production store: one sled tree.
+/// The production store: one sled tree, made durable by [`DurableFiles`].
 pub struct SledStorage {
     db: sled::Db,
+    files: DurableFiles,
 }
 
 impl SledStorage {
@@ -85,7 +92,9 @@ impl SledStorage {
                 sled::Error::Corruption { .. } => StorageError::Corrupt(error.to_string()),
                 other => StorageError::Io(other.to_string()),
             })?;
-        Ok(Self { db })
+        let files =
+            DurableFiles::open(path).map_err(|error| StorageError::Io(format!("{}: {error}", path.display())))?;
+        Ok(Self { db, files })
     }
 }
 
@@ -126,7 +135,12 @@ impl OutboxStorage for SledStorage {
     }
 
     fn flush(&self) -> Result<(), StorageError> {
-        self.db.flush().map(|_| ()).map_err(io_error)
+        // sled's own flush writes its buffers out (pwrite) but ends in
+        // sync_file_range, which is not durable; the sync that is follows.
+        self.db.flush().map_err(io_error)?;
+        self.files
+            .sync()
+            .map_err(|error| StorageError::Io(format!("syncing the outbox files failed: {error}")))
     }
 
     fn size_on_disk(&self) -> Result<u64, StorageError> {

@@ -16,6 +16,16 @@
 //!   first one's results are written to the outbox. The broker thus never
 //!   waits for sled, and order holds: a window starts only after the one
 //!   before it was accepted in full.
+//! - Completions are made durable in groups: before a window is sent, one
+//!   flush covers the completion of the window before the previous one
+//!   and the lane's sent mark ([`Outbox::mark_sending`]); a round ends
+//!   with a flush. A crash therefore re-sends at most two windows per lane
+//!   (the one being settled and the one in flight), a failed window at
+//!   most itself, and every re-send is counted in
+//!   `taskgate_republished_total`.
+//! - Once the outbox store has failed ([`Outbox::storage_failure`])
+//!   nothing more is sent: a window that could not be completed would be
+//!   sent again and again.
 //! - While the breaker is open nothing is sent; tasks keep spooling.
 //! - Shutdown is observed only between rounds, so a round in flight
 //!   finishes (bounded by the publisher's own timeouts).
@@ -199,7 +209,7 @@ impl Relay {
     }
 
     async fn round(&self) -> RoundOutcome {
-        if self.is_paused() {
+        if self.is_paused() || self.outbox.storage_failure().is_some() {
             return RoundOutcome::Blocked;
         }
         let lanes = self.outbox.lanes();
@@ -243,6 +253,10 @@ impl Relay {
             return RoundOutcome::Idle;
         }
         let mut last_in_flight = entries.last().map(|entry| entry.sequence);
+        if let Err(error) = self.prepare_send(lane, &entries).await {
+            tracing::error!(%lane, %error, "cannot record the window about to be sent");
+            return RoundOutcome::Blocked;
+        }
         let mut publishing = self.spawn_publish(lane, entries);
         let mut windows = 1;
         loop {
@@ -275,8 +289,9 @@ impl Relay {
                 && !next.is_empty()
                 && !self.is_paused()
                 && matches!(self.breaker.permit(), Permit::Normal);
-            if !go_on {
-                return self.finish_window(lane, permit, &published, results);
+            if !go_on || self.prepare_send(lane, &next).await.is_err() {
+                let outcome = self.finish_window(lane, permit, &published, results);
+                return self.end_round(lane, outcome).await;
             }
             last_in_flight = next.last().map(|entry| entry.sequence);
             publishing = self.spawn_publish(lane, next);
@@ -288,7 +303,26 @@ impl Relay {
                 if let Ok((published, results)) = publishing.await {
                     self.finish_window(lane, permit, &published, results);
                 }
-                return RoundOutcome::Blocked;
+                return self.end_round(lane, RoundOutcome::Blocked).await;
+            }
+        }
+    }
+
+    /// Before `entries` are sent: counts re-sends and moves the lane's sent
+    /// mark; then one flush makes the mark and every completion settled so
+    /// far durable (see the module's invariants).
+    async fn prepare_send(&self, lane: &Lane, entries: &[PendingEntry]) -> Result<(), OutboxError> {
+        self.outbox.mark_sending(lane, entries)?;
+        self.outbox.flush().await
+    }
+
+    /// Makes the round's completions durable before the relay waits.
+    async fn end_round(&self, lane: &Lane, outcome: RoundOutcome) -> RoundOutcome {
+        match self.outbox.flush().await {
+            Ok(()) => outcome,
+            Err(error) => {
+                tracing::error!(%lane, %error, "cannot make the published tasks' completion durable");
+                RoundOutcome::Blocked
             }
         }
     }
@@ -452,6 +486,15 @@ mod tests {
     }
 
     impl Scripted {
+        /// Opens the outbox again over the same store, with a new relay, as
+        /// a restart does (a store that failed a write refuses every write
+        /// until then).
+        fn restart(&mut self) {
+            self.outbox =
+                Outbox::with_storage(self.storage.clone(), OutboxSettings::for_test(self._dir.path())).unwrap();
+            self.relay = self.rebuilt_relay();
+        }
+
         /// Another relay over the same outbox and publisher, as a restart
         /// builds it.
         fn rebuilt_relay(&self) -> Arc<Relay> {
@@ -585,8 +628,8 @@ mod tests {
     /// one that could not be saved is not taken.
     #[tokio::test]
     async fn operator_holds_are_saved_before_they_take_effect() {
-        let scripted = scripted(1..4, None, false).await;
-        let relay = &scripted.relay;
+        let mut scripted = scripted(1..4, None, false).await;
+        let relay = scripted.relay.clone();
         relay
             .change_holds(|holds| {
                 holds.relay_paused = true;
@@ -607,8 +650,11 @@ mod tests {
         assert!(matches!(error, OutboxError::Storage(_)), "{error}");
         assert!(restarted.is_paused());
         scripted.storage.fail_writes(false);
+        scripted.restart();
+        assert!(scripted.relay.is_paused());
 
-        restarted
+        scripted
+            .relay
             .change_holds(|holds| {
                 holds.relay_paused = false;
                 holds.breaker = None;

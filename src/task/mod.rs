@@ -140,7 +140,7 @@ impl fmt::Display for QueueName {
 }
 
 /// The JSON body of `POST /v1/tasks` (and each element of a batch), as sent.
-#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TaskRequest {
     pub task: String,
