@@ -10,6 +10,15 @@
 //! (c) taskgate accept rate with the broker down (outbox only), p50/p99;
 //! (d) drain rate of a 100,000-task backlog when the broker returns;
 //! (e) peak RSS of the taskgate process in each;
+//! (f) one sequential producer, as a Django view sends: one keep-alive
+//!     HTTP/1.1 connection, one `POST /v1/tasks` at a time, broker up,
+//!     p50/p99/mean of the 202; beside it (f-celery) stock Celery's
+//!     `send_task` with `confirm_publish` to the same RabbitMQ, the same task
+//!     one at a time (`benches/celery_send.py`, run by the virtualenv's
+//!     python), and (f-fsync) this filesystem's 1 KiB append + `fdatasync`
+//!     (`File::sync_data`) beside the outboxes. Target: (f) p50 ≤ 3 × the
+//!     (f-fsync) p50. Sizes: `BENCH_SEQUENTIAL_TASKS` (2,000) measured after
+//!     `BENCH_SEQUENTIAL_WARMUP` (200); each row stops after 120 s;
 //! and the CPU time taskgate and RabbitMQ spent per task in each, steadier
 //! than rates when the three share two cores.
 //!
@@ -17,8 +26,8 @@
 //! nothing about speed; it reports.
 //!
 //! For side-by-side comparisons while working on a change,
-//! `BENCH_ONLY=a,b` runs only the named measurements ((d) brings (c), the
-//! backlog it drains) and `TASKGATE_BIN=path` measures another build; such
+//! `BENCH_ONLY=a,b` runs only the named measurements (a, b, c, d, f; (d)
+//! brings (c), the backlog it drains) and `TASKGATE_BIN=path` measures another build; such
 //! partial runs print their rows and leave `docs/benchmarks.md` alone.
 
 use lapin::options::{
@@ -116,6 +125,18 @@ impl Gateway {
     }
 }
 
+/// A bench that fails mid-measurement (a panic unwinds through `main`)
+/// must not leave its taskgate running, publishing into the bench's
+/// exchange: kill it. After [`Gateway::stop`] it has exited already.
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 /// CPU seconds (user and system) process `pid` has used so far, from
 /// `/proc/{pid}/stat`; NaN when it cannot be read.
 fn cpu_seconds(pid: u32) -> f64 {
@@ -175,6 +196,9 @@ async fn wait_for_idle_broker() {
 struct CpuMeter {
     rabbitmq: Option<u32>,
     rabbitmq_start: f64,
+    /// taskgate's CPU seconds before the measurement: 0 when its whole
+    /// life counts.
+    taskgate_start: f64,
 }
 
 impl CpuMeter {
@@ -183,18 +207,32 @@ impl CpuMeter {
         Self {
             rabbitmq,
             rabbitmq_start: rabbitmq.map_or(f64::NAN, cpu_seconds),
+            taskgate_start: 0.0,
+        }
+    }
+
+    /// As [`CpuMeter::start`], leaving out what `gateway` used so far (its
+    /// start-up): for the short (f) rows, where it would weigh.
+    fn start_after_startup(gateway: &Gateway) -> Self {
+        Self {
+            taskgate_start: cpu_seconds(gateway.child.id()),
+            ..Self::start()
         }
     }
 
     /// "taskgate X µs, RabbitMQ Y µs" per task; taskgate's CPU is its whole
-    /// life so far (`gateway` is started for the measurement).
+    /// life so far (`gateway` is started for the measurement) unless the
+    /// meter started after its start-up.
     fn per_task(&self, gateway: Option<&Gateway>, tasks: usize) -> String {
         let micros = |seconds: f64| seconds / tasks as f64 * 1e6;
         let rabbitmq = self
             .rabbitmq
             .map_or(f64::NAN, |pid| micros(cpu_seconds(pid) - self.rabbitmq_start));
         match gateway {
-            Some(gateway) => format!("{:.0} / {rabbitmq:.0} µs", micros(cpu_seconds(gateway.child.id()))),
+            Some(gateway) => format!(
+                "{:.0} / {rabbitmq:.0} µs",
+                micros(cpu_seconds(gateway.child.id()) - self.taskgate_start)
+            ),
             None => format!("n/a / {rabbitmq:.0} µs"),
         }
     }
@@ -205,8 +243,10 @@ fn write_config(dir: &Path, broker_url: &str, queue: &str, exchange: &str) -> Pa
     let text = format!(
         "[http]\nlisten = \"127.0.0.1:0\"\n\n[broker]\nurl = \"{broker_url}\"\nconnect_timeout_ms = 1000\n\n\
          [routing]\nexchange = \"{exchange}\"\n\n[[routing.queues]]\nname = \"{queue}\"\nbinding_key = \"#\"\n\n\
-         [outbox]\npath = \"{}\"\nmax_bytes = 4294967296\n\n[breaker]\nopen_min_ms = 200\nopen_max_ms = 1000\n",
-        dir.join("outbox").display()
+         [outbox]\npath = \"{}\"\nmax_bytes = 4294967296\n\n[breaker]\nopen_min_ms = 200\nopen_max_ms = 1000\n\n\
+         [tracking]\ndatabase_url = \"sqlite://{}\"\n",
+        dir.join("outbox").display(),
+        dir.join("tracking.db").display()
     );
     std::fs::write(&path, text).unwrap();
     path
@@ -431,11 +471,237 @@ async fn http_load(base_url: &str, total: usize) -> LoadResult {
     }
 }
 
+fn met(target_met: bool) -> &'static str {
+    if target_met {
+        "met"
+    } else {
+        "NOT met"
+    }
+}
+
 fn refused_url() -> String {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let address = listener.local_addr().unwrap();
     drop(listener);
     format!("amqp://guest:guest@{address}/%2f")
+}
+
+/// Latencies of one sequential measurement, in milliseconds.
+struct Latencies {
+    count: usize,
+    p50_ms: f64,
+    p99_ms: f64,
+    mean_ms: f64,
+}
+
+impl Latencies {
+    fn of(mut samples: Vec<Duration>) -> Latencies {
+        assert!(!samples.is_empty(), "no samples");
+        samples.sort();
+        let count = samples.len();
+        let percentile = |p: f64| samples[((count as f64 * p) as usize).min(count - 1)].as_secs_f64() * 1000.0;
+        Latencies {
+            count,
+            p50_ms: percentile(0.50),
+            p99_ms: percentile(0.99),
+            mean_ms: samples.iter().sum::<Duration>().as_secs_f64() * 1000.0 / count as f64,
+        }
+    }
+
+    fn summary(&self) -> String {
+        format!(
+            "p50 {:.2} ms, p99 {:.2} ms, mean {:.2} ms",
+            self.p50_ms, self.p99_ms, self.mean_ms
+        )
+    }
+}
+
+/// How long the measured part of each (f) row may take before it stops
+/// and reports the samples it has (the row shows the count).
+const SEQUENTIAL_LIMIT: Duration = Duration::from_secs(120);
+
+/// (f-fsync): what one durable append costs on this filesystem. Appends a
+/// 1 KiB record to a new file in `dir` and `fdatasync`s it (std's
+/// `File::sync_data`), `warmup` times unmeasured, then up to `total` times
+/// measured (bounded by [`SEQUENTIAL_LIMIT`]). Each append grows the file,
+/// so each `fdatasync` also commits the new size, as a log's append does.
+fn fdatasync_latency(dir: &Path, warmup: usize, total: usize) -> Latencies {
+    use std::io::Write;
+    let path = dir.join("fdatasync-probe");
+    let mut file = std::fs::OpenOptions::new()
+        .create_new(true)
+        .append(true)
+        .open(&path)
+        .expect("create the fdatasync probe file");
+    let record = [b'x'; 1024];
+    let mut samples = Vec::with_capacity(total);
+    let deadline = Instant::now() + SEQUENTIAL_LIMIT;
+    for n in 0..warmup + total {
+        let started = Instant::now();
+        file.write_all(&record).expect("append to the probe file");
+        file.sync_data().expect("fdatasync the probe file");
+        if n >= warmup {
+            samples.push(started.elapsed());
+            if Instant::now() > deadline {
+                break;
+            }
+        }
+    }
+    drop(file);
+    let _ = std::fs::remove_file(&path);
+    Latencies::of(samples)
+}
+
+/// The filesystem `path` is on ("ext4 on /dev/vda", from /proc/mounts: the
+/// longest mount point that contains it).
+fn filesystem_of(path: &Path) -> String {
+    let path = path.canonicalize().unwrap_or_else(|_| path.to_owned());
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    mounts
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (device, mount_point, kind) = (fields.first()?, fields.get(1)?, fields.get(2)?);
+            path.starts_with(mount_point)
+                .then(|| (mount_point.len(), format!("{kind} on {device}")))
+        })
+        .max_by_key(|(length, _)| *length)
+        .map_or_else(|| "unknown filesystem".to_owned(), |(_, description)| description)
+}
+
+/// (f): one producer as a Django view sends: one keep-alive HTTP/1.1
+/// connection, one `POST /v1/tasks` at a time, the next sent once the 202
+/// is read. `warmup` requests first, unmeasured; then up to `total`
+/// (bounded by [`SEQUENTIAL_LIMIT`]), each given 10 s. `between_warmup`
+/// runs after the warm-up (to wait for the broker to have it).
+async fn sequential_posts<F: std::future::Future<Output = ()>>(
+    base_url: &str,
+    warmup: usize,
+    total: usize,
+    between_warmup: F,
+) -> Latencies {
+    let address = base_url.trim_start_matches("http://").to_owned();
+    let stream = tokio::net::TcpStream::connect(&address)
+        .await
+        .expect("connect to taskgate");
+    stream.set_nodelay(true).unwrap();
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+        .await
+        .expect("HTTP handshake");
+    tokio::spawn(connection);
+    let mut post = async |n: usize| {
+        let body = serde_json::to_vec(&sample_task(n)).unwrap();
+        let request = hyper::Request::post("/v1/tasks")
+            .header("host", address.as_str())
+            .header("content-type", "application/json")
+            .body(http_body_util::Full::new(hyper::body::Bytes::from(body)))
+            .unwrap();
+        // The connection takes the next request once its task has seen the
+        // last response end (immediate on a keep-alive connection; an error
+        // if taskgate closed it).
+        sender
+            .ready()
+            .await
+            .unwrap_or_else(|error| panic!("the keep-alive connection closed before request {n}: {error}"));
+        let started = Instant::now();
+        let exchange = async {
+            let response = sender
+                .send_request(request)
+                .await
+                .unwrap_or_else(|error| panic!("POST {n}: {error}"));
+            let status = response.status();
+            let body = http_body_util::BodyExt::collect(response.into_body())
+                .await
+                .expect("response body")
+                .to_bytes();
+            assert_eq!(status, 202, "{}", String::from_utf8_lossy(&body));
+        };
+        tokio::time::timeout(Duration::from_secs(10), exchange)
+            .await
+            .expect("a sequential POST took over 10 s");
+        started.elapsed()
+    };
+    for n in 0..warmup {
+        post(n).await;
+    }
+    between_warmup.await;
+    let mut samples = Vec::with_capacity(total);
+    let deadline = Instant::now() + SEQUENTIAL_LIMIT;
+    for n in warmup..warmup + total {
+        samples.push(post(n).await);
+        if Instant::now() > deadline {
+            break;
+        }
+    }
+    Latencies::of(samples)
+}
+
+/// The virtualenv's python (`TASKGATE_VENV`, as `scripts/test` makes it).
+fn venv_python() -> PathBuf {
+    let venv = std::env::var("TASKGATE_VENV").unwrap_or_else(|_| "/var/tmp/taskgate-venv".to_owned());
+    Path::new(&venv).join("bin/python")
+}
+
+/// (f-celery): stock Celery's `send_task` with `confirm_publish`, one at a
+/// time, through `benches/celery_send.py` (the JSON it prints). The same
+/// task as (f) (name, args, kwargs; `{n}` numbered as (f) numbers them),
+/// the same routing key, a durable topic exchange bound with `#` to a
+/// durable queue, as taskgate's relay publishes. The script's own deadline
+/// is [`SEQUENTIAL_LIMIT`] plus start-up; the process is killed 30 s after.
+/// Returns the latencies, the Celery version and what reached the queue.
+async fn celery_send(warmup: usize, total: usize) -> Result<(Latencies, String, u64), String> {
+    let mut request = sample_task(0);
+    request["args"][1] = json!("project-{n}");
+    let routing_key = {
+        let parsed: taskgate::task::TaskRequest = serde_json::from_value(sample_task(0)).unwrap();
+        let router = taskgate::task::routing::Router::from_settings(&Default::default()).unwrap();
+        taskgate::task::intake::accept(parsed, &Default::default(), &router, chrono::Utc::now())
+            .unwrap()
+            .routing_key
+    };
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/celery_send.py");
+    let deadline = SEQUENTIAL_LIMIT + Duration::from_secs(30);
+    let python = venv_python();
+    let child = tokio::process::Command::new(&python)
+        .arg(&script)
+        .args(["--broker", "amqp://guest:guest@127.0.0.1:5672//"])
+        .args(["--queue", &format!("bench-celery-{}", std::process::id())])
+        .args(["--exchange", &format!("bench-celery-exchange-{}", std::process::id())])
+        .args(["--routing-key", &routing_key])
+        .args(["--count", &total.to_string(), "--warmup", &warmup.to_string()])
+        .args(["--request", &request.to_string()])
+        .args(["--deadline", &deadline.as_secs().to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|error| {
+            format!(
+                "cannot run {}: {error} (run scripts/test --setup-only)",
+                python.display()
+            )
+        })?;
+    let output = tokio::time::timeout(deadline + Duration::from_secs(30), child.wait_with_output())
+        .await
+        .map_err(|_| "celery_send.py did not finish in time (killed)".to_owned())?
+        .map_err(|error| format!("celery_send.py: {error}"))?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    if !output.status.success() {
+        let last = stderr.lines().last().unwrap_or("").to_owned();
+        return Err(format!("celery_send.py exited with {}: {last}", output.status));
+    }
+    let report: Value = serde_json::from_slice(&output.stdout)
+        .map_err(|error| format!("celery_send.py printed no JSON ({error}): {stderr}"))?;
+    let field = |name: &str| report[name].as_f64().unwrap_or(f64::NAN);
+    let latencies = Latencies {
+        count: report["count"].as_u64().unwrap_or(0) as usize,
+        p50_ms: field("p50_ms"),
+        p99_ms: field("p99_ms"),
+        mean_ms: field("mean_ms"),
+    };
+    let version = report["celery"].as_str().unwrap_or("?").to_owned();
+    Ok((latencies, version, report["in_queue"].as_u64().unwrap_or(0)))
 }
 
 fn machine() -> String {
@@ -472,6 +738,8 @@ async fn main() {
     }
     let e2e_total = count("BENCH_E2E_TASKS", 50_000);
     let accept_total = count("BENCH_ACCEPT_TASKS", 100_000);
+    let seq_total = count("BENCH_SEQUENTIAL_TASKS", 2_000).max(1);
+    let seq_warmup = count("BENCH_SEQUENTIAL_WARMUP", 200);
     let only = std::env::var("BENCH_ONLY").ok();
     let runs = |step: &str| {
         only.as_deref().is_none_or(|list| {
@@ -551,8 +819,13 @@ async fn main() {
         let accept_cpu = cpu.per_task(Some(&gateway), accept_total);
         let accept_rss = gateway.peak_rss_mib();
         gateway.stop();
+        let accept_met = met(accept.rate >= 10_000.0 && accept.p99_ms < 10.0);
+        eprintln!(
+            "(c) {:.0} tasks/s, p50 {:.2} ms, p99 {:.2} ms: target (≥ 10,000/s, p99 < 10 ms) {accept_met}",
+            accept.rate, accept.p50_ms, accept.p99_ms
+        );
         rows.push(format!(
-            "| (c) taskgate accept, broker down ({CONNECTIONS} connections) | {:.0} tasks/s (p50 {:.2} ms, p99 {:.2} ms) | {:.2} | ≥ 10,000/s, p99 < 10 ms | {accept_rss:.1} MiB | {accept_cpu} |",
+            "| (c) taskgate accept, broker down ({CONNECTIONS} connections) | {:.0} tasks/s (p50 {:.2} ms, p99 {:.2} ms) | {:.2} | ≥ 10,000/s, p99 < 10 ms: {accept_met} | {accept_rss:.1} MiB | {accept_cpu} |",
             accept.rate,
             accept.p50_ms,
             accept.p99_ms,
@@ -587,6 +860,113 @@ async fn main() {
             .queue_delete(spool_queue.as_str().into(), QueueDeleteOptions::default())
             .await;
     }
+    if runs("f") {
+        eprintln!("(f-fsync) {seq_total} appends of 1 KiB + fdatasync beside the outboxes…");
+        let fsync = fdatasync_latency(dir.path(), seq_warmup, seq_total);
+        let filesystem = filesystem_of(dir.path());
+        let fsync_target_ms = 3.0 * fsync.p50_ms;
+
+        eprintln!("(f) taskgate, one sequential producer, {seq_total} POSTs after {seq_warmup}, broker up…");
+        let seq_dir = dir.path().join("sequential");
+        std::fs::create_dir_all(&seq_dir).unwrap();
+        let seq_queue = format!("bench-sequential-{}", std::process::id());
+        wait_for_idle_broker().await;
+        // Its own exchange, deleted with the queue: a queue left by a failed
+        // run, bound with `#`, would otherwise collect every later run's tasks.
+        let seq_exchange = format!("bench-sequential-exchange-{}", std::process::id());
+        let gateway = Gateway::start(&write_config(&seq_dir, RABBITMQ, &seq_queue, &seq_exchange));
+        // The warm-up is measured out: a connection, then until the relay
+        // has the broker (the warm-up tasks confirmed in the queue).
+        let cpu = CpuMeter::start_after_startup(&gateway);
+        let sequential = sequential_posts(&gateway.base_url, seq_warmup, seq_total, async {
+            wait_for_depth(&inspector, &seq_queue, seq_warmup as u32, Duration::from_secs(60)).await;
+        })
+        .await;
+        let sequential_cpu = cpu.per_task(Some(&gateway), seq_warmup + sequential.count);
+        wait_for_depth(
+            &inspector,
+            &seq_queue,
+            (seq_warmup + sequential.count) as u32,
+            Duration::from_secs(60),
+        )
+        .await;
+        let sequential_rss = gateway.peak_rss_mib();
+        gateway.stop();
+        let _ = inspect
+            .queue_delete(seq_queue.as_str().into(), QueueDeleteOptions::default())
+            .await;
+        let _ = inspect
+            .exchange_delete(seq_exchange.as_str().into(), ExchangeDeleteOptions::default())
+            .await;
+        let sequential_met = met(sequential.p50_ms <= fsync_target_ms);
+        eprintln!(
+            "(f) {}; (f-fsync) p50 {:.2} ms: target (f) p50 ≤ {fsync_target_ms:.2} ms {sequential_met}",
+            sequential.summary(),
+            fsync.p50_ms
+        );
+
+        eprintln!("(f-celery) stock Celery send_task with confirm_publish, {seq_total} after {seq_warmup}…");
+        wait_for_idle_broker().await;
+        let cpu = CpuMeter::start();
+        let celery = celery_send(seq_warmup, seq_total).await;
+        let celery_row = match celery {
+            Ok((latencies, version, in_queue)) => {
+                let celery_cpu = cpu.per_task(None, seq_warmup + latencies.count);
+                assert_eq!(
+                    in_queue,
+                    (seq_warmup + latencies.count) as u64,
+                    "(f-celery): confirmed messages missing from the queue"
+                );
+                eprintln!("(f-celery) {}", latencies.summary());
+                format!(
+                    "| (f-celery) stock Celery {version} `send_task`, `confirm_publish`, same RabbitMQ, one at a time, {} tasks | {} | n/a | for comparison | n/a | {celery_cpu} |",
+                    latencies.count,
+                    latencies.summary()
+                )
+            }
+            Err(error) => {
+                eprintln!("(f-celery) not measured: {error}");
+                format!("| (f-celery) stock Celery `send_task`, `confirm_publish` | not measured: {error} | n/a | for comparison | n/a | n/a |")
+            }
+        };
+        rows.push(format!(
+            "| (f) taskgate, one sequential producer (one keep-alive connection, one POST at a time, broker up), {} tasks | {} | n/a | p50 ≤ 3 × (f-fsync) p50 = {fsync_target_ms:.2} ms: {sequential_met} | {sequential_rss:.1} MiB | {sequential_cpu} |",
+            sequential.count,
+            sequential.summary()
+        ));
+
+        // The same producer with the broker refused: nothing is published
+        // or settled (the relay only retries behind its breaker), so this
+        // is HTTP, intake and the outbox's write and flush, plus those
+        // retries. Not a target; it helps tell (f)'s time apart.
+        eprintln!("(f, broker down) the same {seq_total} sequential POSTs, broker refused…");
+        let down_dir = dir.path().join("sequential-down");
+        std::fs::create_dir_all(&down_dir).unwrap();
+        wait_for_idle_broker().await;
+        let gateway = Gateway::start(&write_config(
+            &down_dir,
+            &refused_url(),
+            "bench-sequential-down",
+            "bench_exchange",
+        ));
+        let cpu = CpuMeter::start_after_startup(&gateway);
+        let down = sequential_posts(&gateway.base_url, seq_warmup, seq_total, async {}).await;
+        let down_cpu = cpu.per_task(Some(&gateway), seq_warmup + down.count);
+        let down_rss = gateway.peak_rss_mib();
+        gateway.stop();
+        eprintln!("(f, broker down) {}", down.summary());
+        rows.push(format!(
+            "| (f, broker down) the same producer, broker refused (nothing published; the relay retries behind its breaker), {} tasks | {} | n/a | n/a (helps tell (f) apart) | {down_rss:.1} MiB | {down_cpu} |",
+            down.count,
+            down.summary()
+        ));
+        rows.push(celery_row);
+        rows.push(format!(
+            "| (f-fsync) append 1 KiB + `fdatasync` (`File::sync_data`), {} times, beside the outboxes ({filesystem}) | {} | n/a | n/a | n/a | n/a |",
+            fsync.count,
+            fsync.summary()
+        ));
+    }
     let _ = inspector.close(200, "bench done".into()).await;
 
     let table = format!(
@@ -604,9 +984,15 @@ async fn main() {
          Celery task (≈ 0.9 KiB with headers) in every row but \"(a, bare)\". (a) uses the same confirm window as \
          taskgate's relay (`relay.publish_window`), the same properties and headers, and a durable topic exchange \
          like taskgate's. CPU per task is user and system time from `/proc` over the measurement, divided by its \
-         tasks: taskgate's whole process, and RabbitMQ's Erlang VM (the load generator's share is neither).\n\n{table}\n",
+         tasks: taskgate's whole process, and RabbitMQ's Erlang VM (the load generator's share is neither). \
+         (f) is one producer sending one task at a time over one keep-alive connection (latency of each 202); \
+         (f-celery) the same task sent by stock Celery with `confirm_publish`, from the virtualenv; (f-fsync) a \
+         1 KiB append + `fdatasync` on the outbox's filesystem, the floor a durable 202 cannot go under \
+         (method: \"Sequential producer (f)\" below).\n\n{table}\n",
         chrono::Utc::now().format("%Y-%m-%d %H:%M UTC"),
-        format_args!("{e2e_total} tasks for (a)/(b), {accept_total} for (c)/(d)"),
+        format_args!(
+            "{e2e_total} tasks for (a)/(b), {accept_total} for (c)/(d), {seq_total} after {seq_warmup} unmeasured for (f)"
+        ),
         machine()
     );
     let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/benchmarks.md");
