@@ -157,7 +157,7 @@ pub struct Health {
     release_id: String,
     description: String,
     /// `broker:connection`, `breaker:state`, `outbox:depth`,
-    /// `outbox:oldestAge`, ...: arrays of check results.
+    /// `outbox:storage`, `outbox:oldestAge`, ...: arrays of check results.
     checks: BTreeMap<String, Vec<serde_json::Value>>,
 }
 
@@ -237,8 +237,9 @@ fn idempotency_key() -> utoipa::openapi::path::Parameter {
         .parameter_in(ParameterIn::Header)
         .required(Required::False)
         .description(Some(
-            "1 to 255 visible ASCII characters. A retry with the same key within 24 hours gets the \
-             first answer again instead of a second task.",
+            "1 to 255 visible ASCII characters. A retry of the same request with the same key within \
+             24 hours gets the first answer again instead of a second task; the key sent with a \
+             different request is refused with 422.",
         ))
         .schema(Some(string_schema(None)))
         .build()
@@ -252,11 +253,17 @@ fn accept_errors(operation: OperationBuilder) -> OperationBuilder {
         .response("413", problem("The body exceeds http.max_body_bytes"))
         .response(
             "422",
-            problem("Wrong types, unknown task, arguments that do not bind, or unroutable; `field` names the field"),
+            problem(
+                "Wrong types, unknown task, arguments that do not bind, unroutable, or an Idempotency-Key \
+                 reused for a different request; `field` names the field (or the header)",
+            ),
         )
         .response(
             "503",
-            retry_after_problem("The outbox is full (or cannot be written); retry after Retry-After"),
+            retry_after_problem(
+                "Not accepted: the outbox is full, or its store failed (then nothing is accepted until a \
+                 restart; health says so in outbox:storage); retry after Retry-After",
+            ),
         )
 }
 
