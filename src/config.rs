@@ -16,6 +16,10 @@ use std::path::{Path, PathBuf};
 
 /// Exit status for a configuration error (sysexits.h `EX_USAGE`).
 pub const CONFIG_ERROR_EXIT_CODE: i32 = 64;
+/// Exit status when the outbox is damaged (sysexits.h `EX_DATAERR`):
+/// `serve` and every `--offline` command, with the path and the way out
+/// (`taskgate outbox salvage`). A service manager should not restart on it.
+pub const DAMAGED_OUTBOX_EXIT_CODE: i32 = 65;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

@@ -1,7 +1,9 @@
 //! The command line: argument parsing and dispatch.
 //!
 //! `--config` is global, so it works before or after the subcommand.
-//! Configuration errors exit with status 64 and name the key.
+//! Configuration errors exit with status 64 and name the key; a damaged
+//! outbox makes `serve` (and every `--offline` command) exit 65 with its
+//! path and the way out.
 //!
 //! Operator commands (`send`, `health`, `outbox`, `dead-letters`,
 //! `breaker`) live in [`operator`] and its siblings: [`admin_client`] talks
@@ -9,7 +11,8 @@
 //! [`output`] prints tables, JSON and progress bars.
 
 use crate::app::{shutdown_signal, Application};
-use crate::config::{self, ConfigError, CONFIG_ERROR_EXIT_CODE};
+use crate::config::{self, ConfigError, CONFIG_ERROR_EXIT_CODE, DAMAGED_OUTBOX_EXIT_CODE};
+use crate::outbox::{OutboxError, StorageError};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -88,6 +91,10 @@ pub fn run(cli: Cli) -> ExitCode {
             });
             match outcome {
                 Ok(()) => ExitCode::SUCCESS,
+                Err(error) if is_damaged_outbox(&error) => {
+                    eprintln!("taskgate: {error:#}");
+                    ExitCode::from(DAMAGED_OUTBOX_EXIT_CODE as u8)
+                }
                 Err(error) => {
                     eprintln!("taskgate: {error:#}");
                     ExitCode::FAILURE
@@ -95,6 +102,16 @@ pub fn run(cli: Cli) -> ExitCode {
             }
         }
     }
+}
+
+/// Whether `serve` stopped because its outbox is damaged (exit 65).
+fn is_damaged_outbox(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<OutboxError>(),
+            Some(OutboxError::Storage(StorageError::Corrupt(_)))
+        ) || matches!(cause.downcast_ref::<StorageError>(), Some(StorageError::Corrupt(_)))
+    })
 }
 
 /// `taskgate migrate`: exit 0 once every migration is applied, 1 with the

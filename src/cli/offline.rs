@@ -4,7 +4,8 @@
 //! Invariants: a directory that holds no outbox is never created (a typo in
 //! `outbox.path` must not look like an empty outbox); a directory a running
 //! server holds is refused with [`OfflineError::InUse`], naming the way out,
-//! never opened twice (sled's file lock guarantees the "never").
+//! never opened twice (sled's file lock guarantees the "never"); a damaged
+//! one is [`OfflineError::Damaged`] (exit 65), never a panic.
 
 use crate::config::Settings;
 use crate::outbox::{Outbox, OutboxError, StorageError};
@@ -20,6 +21,9 @@ pub enum OfflineError {
          run the command without --offline to go through the server's admin API, or stop the server first"
     )]
     InUse { path: PathBuf },
+    /// The outbox is damaged: the message says what to do (exit 65).
+    #[error("{0}")]
+    Damaged(StorageError),
     #[error("cannot open the outbox at {path}: {source}")]
     Open { path: PathBuf, source: OutboxError },
     #[error("cannot start the runtime for the outbox: {0}")]
@@ -50,6 +54,7 @@ impl OfflineOutbox {
             let _entered = runtime.enter();
             Outbox::open(&settings.outbox).map_err(|error| match error {
                 OutboxError::Storage(StorageError::Locked { .. }) => OfflineError::InUse { path: path.clone() },
+                OutboxError::Storage(damaged @ StorageError::Corrupt(_)) => OfflineError::Damaged(damaged),
                 source => OfflineError::Open {
                     path: path.clone(),
                     source,

@@ -7,7 +7,10 @@
 //! Exit statuses: 0 success; 1 the operation failed (server unreachable,
 //! refused, bad input), with a message on stderr; `health` answers 0 pass,
 //! 1 warn, 2 fail (an unreachable server is a fail); `outbox drain` exits
-//! [`EXIT_DRAIN_TIMED_OUT`] when tasks were still waiting at `--timeout`.
+//! [`EXIT_DRAIN_TIMED_OUT`] when tasks were still waiting at `--timeout`;
+//! `outbox salvage` exits [`EXIT_SALVAGE_INCOMPLETE`] when some records
+//! could not be read; an `--offline` command on a damaged outbox exits
+//! [`crate::config::DAMAGED_OUTBOX_EXIT_CODE`] (65).
 
 use super::admin_client::{AdminClient, ClientError, DEFAULT_REQUEST_TIMEOUT};
 use super::offline::OfflineError;
@@ -25,6 +28,9 @@ pub const EXIT_FAILED: u8 = 1;
 pub const EXIT_HEALTH_WARN: u8 = 1;
 pub const EXIT_HEALTH_FAIL: u8 = 2;
 pub const EXIT_DRAIN_TIMED_OUT: u8 = 3;
+/// `outbox salvage` wrote what it could read, but some records of the
+/// damaged store were unreadable (or its completeness could not be shown).
+pub const EXIT_SALVAGE_INCOMPLETE: u8 = 4;
 
 /// How to reach the server; shared by every command that talks to it.
 #[derive(Debug, Clone, Args)]
@@ -139,12 +145,16 @@ pub enum CommandError {
     NeedsServer(&'static str),
     #[error("{message}")]
     DrainTimedOut { message: String },
+    #[error("{message}")]
+    SalvageIncomplete { message: String },
 }
 
 impl CommandError {
     pub fn exit_code(&self) -> ExitCode {
         match self {
             Self::DrainTimedOut { .. } => ExitCode::from(EXIT_DRAIN_TIMED_OUT),
+            Self::SalvageIncomplete { .. } => ExitCode::from(EXIT_SALVAGE_INCOMPLETE),
+            Self::Offline(OfflineError::Damaged(_)) => ExitCode::from(crate::config::DAMAGED_OUTBOX_EXIT_CODE as u8),
             _ => ExitCode::from(EXIT_FAILED),
         }
     }

@@ -1,22 +1,28 @@
-//! `taskgate outbox stats|list|drain|export|import|purge|pause|resume`.
+//! `taskgate outbox stats|list|drain|export|import|purge|salvage|pause|resume`.
 //!
 //! Online, each goes through the admin API; `--offline` opens a stopped
 //! server's data directory for stats, list, export and purge. Exports are
 //! written to a temporary file renamed into place only when complete, so a
 //! failed export never leaves a file that looks whole. Imports are sent in
 //! chunks (bounded memory on both sides) and are idempotent by task id, so
-//! a failed import can simply be run again.
+//! a failed import can simply be run again. `salvage` (offline only) copies
+//! what is readable out of a damaged outbox ([`crate::outbox::salvage`]).
 
 use super::admin_client::{AdminClient, ClientError};
 use super::offline::OfflineOutbox;
 use super::operator::{describe_breaker, CommandError, ServerArgs};
 use super::output::{self, print_json};
+use crate::config::BrokerKind;
 use crate::config::Settings;
 use crate::http::admin::{
     import_body_limit, BreakerView, DrainStarted, Purged, RelayPause, TaskPage, DEPTH_HEADER, MAX_PAGE,
 };
 use crate::http::status_page::duration_text;
-use crate::outbox::operations::{ImportOutcome, OutboxRecord, OutboxReport, PendingCursor};
+use crate::outbox::operations::{DeadLetterEntry, ImportOutcome, OutboxRecord, OutboxReport, PendingCursor};
+use crate::outbox::salvage::{self, OutboxSink, SalvageError, SalvageReport, SalvageSink};
+use crate::outbox::{DeadLetter, Lane, OutboxSettings};
+use crate::task::routing::Router;
+use crate::task::Task;
 use clap::{Args, Subcommand};
 use serde_json::json;
 use std::fs::File;
@@ -82,6 +88,38 @@ pub enum OutboxCommand {
         #[arg(long)]
         yes: bool,
     },
+    /// Copy every readable task out of a damaged outbox (server stopped;
+    /// needs --offline) into a new outbox or an NDJSON export. The damaged
+    /// store is only read, never written. Exits 0 when everything was
+    /// read, 4 when some records could not be.
+    Salvage {
+        /// A new (or empty) outbox directory to write the tasks into,
+        /// through the normal import path; dead letters stay dead letters.
+        #[arg(
+            long,
+            value_name = "DIR",
+            required_unless_present = "to_ndjson",
+            conflicts_with = "to_ndjson"
+        )]
+        to_outbox: Option<PathBuf>,
+        /// An NDJSON file in the format of `outbox export` (for `outbox
+        /// import`); dead letters go to FILE.dead-letters.ndjson.
+        #[arg(long, value_name = "FILE")]
+        to_ndjson: Option<PathBuf>,
+        /// The damaged outbox [default: outbox.path from the configuration].
+        #[arg(long, value_name = "DIR")]
+        from: Option<PathBuf>,
+        /// Where copies of the damaged store are tried (as big as the store;
+        /// removed afterwards) [default: DEST.salvage-work next to the destination].
+        #[arg(long, value_name = "DIR")]
+        work_dir: Option<PathBuf>,
+        /// Also recover the task records a raw scan of the log finds that
+        /// sled did not return although it read the store as a whole
+        /// (tasks sled's recovery dropped, or long-published ones: those
+        /// are delivered again).
+        #[arg(long)]
+        include_unmatched: bool,
+    },
     /// Stop publishing; tasks keep being accepted and spool.
     Pause,
     /// Publish again after a pause.
@@ -97,6 +135,7 @@ impl OutboxCommand {
             Self::Export { .. } => "outbox export",
             Self::Import { .. } => "outbox import",
             Self::Purge { .. } => "outbox purge",
+            Self::Salvage { .. } => "outbox salvage",
             Self::Pause => "outbox pause",
             Self::Resume => "outbox resume",
         }
@@ -104,6 +143,28 @@ impl OutboxCommand {
 }
 
 pub fn run(settings: &Settings, json: bool, args: OutboxArgs) -> Result<(), CommandError> {
+    if let OutboxCommand::Salvage {
+        to_outbox,
+        to_ndjson,
+        from,
+        work_dir,
+        include_unmatched,
+    } = args.command
+    {
+        if !args.offline {
+            return Err(CommandError::Invalid(
+                "`outbox salvage` reads a stopped server's outbox directory: run it with --offline".into(),
+            ));
+        }
+        let target = SalvageTarget {
+            to_outbox,
+            to_ndjson,
+            from,
+            work_dir,
+            include_unmatched,
+        };
+        return salvage(settings, json, target);
+    }
     if args.offline {
         let offline = match &args.command {
             OutboxCommand::Stats
@@ -199,6 +260,7 @@ pub fn run(settings: &Settings, json: bool, args: OutboxArgs) -> Result<(), Comm
             print_purged(purged.purged, json);
             Ok(())
         }
+        OutboxCommand::Salvage { .. } => unreachable!("salvage is handled above"),
         OutboxCommand::Pause => pause_or_resume(&client, "/v1/outbox/pause", json),
         OutboxCommand::Resume => pause_or_resume(&client, "/v1/outbox/resume", json),
     }
@@ -640,4 +702,224 @@ fn with_progress(error: CommandError, total: &ImportOutcome) -> CommandError {
          so run it again once the problem is fixed",
         total.imported, total.skipped
     ))
+}
+
+/// An NDJSON salvage: pending tasks as `outbox export` lines, dead letters
+/// as `dead-letters list --json` entries in a second file. Both are written
+/// aside and renamed when complete.
+struct NdjsonSink {
+    tasks: Option<ExportSink>,
+    letters: Option<ExportSink>,
+    letters_path: PathBuf,
+}
+
+impl NdjsonSink {
+    fn write(sink: &mut Option<ExportSink>, value: &impl serde::Serialize) -> Result<(), SalvageError> {
+        let line = serde_json::to_vec(value).expect("records serialize");
+        sink.as_mut()
+            .expect("an open sink")
+            .write_line(&line)
+            .map_err(|error| SalvageError::Sink(error.to_string()))
+    }
+
+    fn finish(mut self) -> Result<Option<PathBuf>, CommandError> {
+        self.tasks.take().expect("an open sink").finish()?;
+        match self.letters.take() {
+            Some(letters) => letters.finish(),
+            None => Ok(None),
+        }
+    }
+
+    fn abandon(mut self) {
+        if let Some(tasks) = self.tasks.take() {
+            tasks.abandon();
+        }
+        if let Some(letters) = self.letters.take() {
+            letters.abandon();
+        }
+    }
+}
+
+impl SalvageSink for NdjsonSink {
+    fn pending(&mut self, record: OutboxRecord, _lanes: Vec<Lane>) -> Result<(), SalvageError> {
+        Self::write(&mut self.tasks, &record)
+    }
+
+    fn dead_letter(&mut self, letter: DeadLetter) -> Result<(), SalvageError> {
+        if self.letters.is_none() {
+            self.letters = Some(
+                ExportSink::open(Some(&self.letters_path)).map_err(|error| SalvageError::Sink(error.to_string()))?,
+            );
+        }
+        Self::write(&mut self.letters, &DeadLetterEntry::from(letter))
+    }
+}
+
+/// `FILE` -> `FILE.suffix`.
+fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(suffix);
+    path.with_file_name(name)
+}
+
+/// The arguments of `outbox salvage`.
+struct SalvageTarget {
+    to_outbox: Option<PathBuf>,
+    to_ndjson: Option<PathBuf>,
+    from: Option<PathBuf>,
+    work_dir: Option<PathBuf>,
+    include_unmatched: bool,
+}
+
+/// `outbox salvage --offline`.
+fn salvage(settings: &Settings, json: bool, target: SalvageTarget) -> Result<(), CommandError> {
+    let SalvageTarget {
+        to_outbox,
+        to_ndjson,
+        from,
+        work_dir,
+        include_unmatched,
+    } = target;
+    let source = from.unwrap_or_else(|| settings.outbox.path.clone());
+    if !source.join("db").is_file() {
+        return Err(super::offline::OfflineError::Missing { path: source }.into());
+    }
+    let destination = to_outbox.clone().or(to_ndjson.clone()).expect("clap requires one");
+    if destination == source {
+        return Err(CommandError::Invalid(
+            "salvage writes into a new destination, never into the damaged outbox".into(),
+        ));
+    }
+    let work = work_dir.unwrap_or_else(|| with_suffix(&destination, ".salvage-work"));
+    // A task found only by the raw scan goes where this configuration
+    // would send it.
+    let router = Router::from_settings(&settings.routing).map_err(|error| CommandError::Invalid(error.to_string()))?;
+    let exchange = Lane::new(router.exchange());
+    let kind = settings.broker.kind;
+    let lanes_for = move |task: &Task| -> Vec<Lane> {
+        match kind {
+            BrokerKind::Amqp => vec![exchange.clone()],
+            BrokerKind::Sqs => task.queues.iter().map(|queue| Lane::new(queue.as_str())).collect(),
+        }
+    };
+    let failed =
+        |error: SalvageError| CommandError::Invalid(format!("salvage of {} failed: {error}", source.display()));
+    let (report, skipped) = if let Some(directory) = &to_outbox {
+        let mut sink = OutboxSink::create(&OutboxSettings {
+            path: directory.clone(),
+            ..settings.outbox.clone()
+        })
+        .map_err(failed)?;
+        let report = salvage::salvage(&source, &work, &lanes_for, include_unmatched, &mut sink).map_err(failed)?;
+        let skipped = sink.finish().map_err(failed)?;
+        (report, skipped)
+    } else {
+        let file = to_ndjson.as_deref().expect("clap requires one");
+        let mut sink = NdjsonSink {
+            tasks: Some(ExportSink::open(Some(file))?),
+            letters: None,
+            letters_path: with_suffix(file, ".dead-letters.ndjson"),
+        };
+        match salvage::salvage(&source, &work, &lanes_for, include_unmatched, &mut sink) {
+            Ok(report) => {
+                sink.finish()?;
+                (report, 0)
+            }
+            Err(error) => {
+                sink.abandon();
+                return Err(failed(error));
+            }
+        }
+    };
+    print_salvage(&report, &destination, to_outbox.is_some(), skipped, json);
+    if report.complete {
+        Ok(())
+    } else {
+        let what = if report.unreadable > 0 {
+            format!(
+                "{} records of {} could not be read",
+                report.unreadable,
+                source.display()
+            )
+        } else if report.damaged_regions > 0 {
+            format!(
+                "{} damaged regions of {} were skipped (the raw scan may not have found all they held)",
+                report.damaged_regions,
+                source.display()
+            )
+        } else {
+            format!(
+                "{} could not be read as a whole ({}), so the salvage cannot show that it found everything",
+                source.display(),
+                report.method
+            )
+        };
+        Err(CommandError::SalvageIncomplete {
+            message: format!(
+                "the salvage is incomplete: {what}; what was readable is in {}",
+                destination.display()
+            ),
+        })
+    }
+}
+
+fn print_salvage(report: &SalvageReport, destination: &Path, into_outbox: bool, skipped: u64, json: bool) {
+    if json {
+        let mut value = serde_json::to_value(report).expect("the report serializes");
+        value["destination"] = json!(destination);
+        value["skipped_duplicates"] = json!(skipped);
+        print_json(&value);
+        return;
+    }
+    println!(
+        "salvaged {} pending tasks ({} entries) and {} dead letters from {} into {} {}",
+        report.pending_tasks,
+        report.pending_entries,
+        report.dead_letters,
+        report.source.display(),
+        if into_outbox {
+            "the new outbox"
+        } else {
+            "the NDJSON file"
+        },
+        destination.display()
+    );
+    println!("read with: {}", report.method);
+    if report.raw_scan_tasks > 0 || report.raw_scan_published_skipped > 0 {
+        println!(
+            "raw scan of the log: {} tasks recovered, {} published ones left out",
+            report.raw_scan_tasks, report.raw_scan_published_skipped
+        );
+    }
+    if report.raw_scan_unmatched > 0 {
+        println!(
+            "raw scan of the log: {} more task records sled did not return (not written; see the note)",
+            report.raw_scan_unmatched
+        );
+    }
+    match (report.expected_pending_entries, report.expected_dead_letters) {
+        (Some(entries), Some(dead)) => println!("the store's counters record: {entries} entries, {dead} dead letters"),
+        _ => println!("the store's counters record: not readable"),
+    }
+    println!(
+        "could not read: {} records{}",
+        report.unreadable,
+        if report.damaged_regions > 0 {
+            format!(" ({} damaged regions skipped)", report.damaged_regions)
+        } else {
+            String::new()
+        }
+    );
+    if report.relay_paused {
+        println!("the relay was paused by an operator: the new outbox keeps the pause");
+    }
+    if skipped > 0 {
+        println!("{skipped} tasks were found twice and written once");
+    }
+    for attempt in &report.attempts {
+        println!("  tried {}: {}", attempt.copy, attempt.outcome);
+    }
+    for note in &report.notes {
+        println!("note: {note}");
+    }
 }

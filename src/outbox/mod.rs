@@ -63,6 +63,7 @@ pub mod failure;
 pub mod group_commit;
 pub mod journal;
 pub mod operations;
+pub mod salvage;
 pub mod storage;
 
 use crate::task::{QueueName, Task, TaskId, TaskName};

@@ -20,7 +20,10 @@ pub enum StorageError {
     Io(String),
     #[error("the outbox directory {path} is in use by another process (is a taskgate server running?)")]
     Locked { path: String },
-    #[error("outbox storage is corrupt: {0}")]
+    /// The store is damaged (sled panicked or found corruption while
+    /// recovering it): the message names the path and the way out.
+    /// `serve` and `--offline` exit 65.
+    #[error("{0}")]
     Corrupt(String),
     /// An earlier write or flush failed; the store refuses writes until
     /// taskgate restarts ([`super::failure`]).
@@ -78,20 +81,68 @@ impl SledStorage {
         }
     }
 
+    /// sled panics on some damaged stores (a log cut short: `segment.rs:556`,
+    /// `serialization.rs:662`) and reports others as `Corruption` or
+    /// `Unsupported`; all are [`StorageError::Corrupt`] here, never a panic
+    /// ([`super::salvage`] has what sled does with each kind of damage).
     fn open_once(path: &Path, cache_bytes: u64) -> Result<Self, StorageError> {
-        let db = sled::Config::new()
-            .path(path)
-            .cache_capacity(cache_bytes)
-            .mode(sled::Mode::HighThroughput)
-            .flush_every_ms(Some(500))
-            .open()
-            .map_err(|error| match error {
-                sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => StorageError::Locked {
-                    path: path.display().to_string(),
-                },
-                sled::Error::Corruption { .. } => StorageError::Corrupt(error.to_string()),
-                other => StorageError::Io(other.to_string()),
-            })?;
+        /// A log longer than this that holds no record at all is a damaged
+        /// store (two of sled's default 512 KiB segments; a new store's log
+        /// is one).
+        const EMPTY_LOG_LIMIT: u64 = 2 * super::salvage::DEFAULT_SEGMENT_BYTES;
+        /// The store at `path` cannot be used: what was found, and what to do.
+        fn damaged(path: &Path, found: impl std::fmt::Display) -> StorageError {
+            StorageError::Corrupt(format!(
+                "the outbox at {} is damaged: {found}. taskgate cannot use it, and restarting will not help: \
+                 stop the service, copy the directory aside, and recover its tasks into a new outbox with \
+                 `taskgate outbox salvage --offline --to-outbox NEW_DIR` (docs/operations.md, \"A damaged outbox\")",
+                path.display()
+            ))
+        }
+        // How much log there was before sled's recovery touched it.
+        let log_bytes = std::fs::metadata(path.join("db")).map_or(0, |metadata| metadata.len());
+        let db = super::salvage::catch_sled_panic(|| {
+            sled::Config::new()
+                .path(path)
+                .cache_capacity(cache_bytes)
+                .mode(sled::Mode::HighThroughput)
+                .flush_every_ms(Some(500))
+                .open()
+        })
+        .map_err(|panic| damaged(path, format!("sled stopped while recovering it ({panic})")))?
+        .map_err(|error| match error {
+            sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => StorageError::Locked {
+                path: path.display().to_string(),
+            },
+            sled::Error::Corruption { .. } => damaged(path, format!("sled found it corrupt ({error})")),
+            sled::Error::Unsupported(why) => damaged(path, format!("sled cannot read it ({why})")),
+            other => StorageError::Io(other.to_string()),
+        })?;
+        // Every outbox holds its `m/` records once it was opened, and a new
+        // store's log is one segment: more log than two segments and no
+        // record at all means sled's recovery discarded everything (it
+        // does so, silently, when segments in the middle are gone).
+        if log_bytes > EMPTY_LOG_LIMIT {
+            match super::salvage::catch_sled_panic(|| db.first()) {
+                Ok(Ok(Some(_))) => {}
+                Ok(Ok(None)) => {
+                    return Err(damaged(
+                        path,
+                        format!("sled recovered no record at all from its {log_bytes}-byte log"),
+                    ))
+                }
+                Ok(Err(error @ sled::Error::Corruption { .. })) => {
+                    return Err(damaged(path, format!("its first record is corrupt ({error})")))
+                }
+                Ok(Err(error)) => return Err(StorageError::Io(error.to_string())),
+                Err(panic) => {
+                    return Err(damaged(
+                        path,
+                        format!("sled stopped reading its first record ({panic})"),
+                    ))
+                }
+            }
+        }
         let files =
             DurableFiles::open(path).map_err(|error| StorageError::Io(format!("{}: {error}", path.display())))?;
         Ok(Self { db, files })
