@@ -315,21 +315,7 @@ async fn a_damaged_outbox_never_panics_and_salvage_recovers_its_intact_tasks() {
             let tasks: Vec<Value> = (0..BATCH)
                 .map(|n| json!({"task": "export.batch", "args": [life, batch, n]}))
                 .collect();
-            let response = client
-                .post(gateway.url("/v1/tasks/batch"))
-                .json(&json!({ "tasks": tasks }))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(response.status(), 202);
-            let body: Value = response.json().await.unwrap();
-            batched.extend(
-                body["tasks"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|task| task["id"].as_str().unwrap().to_owned()),
-            );
+            batched.extend(gateway.post_batch(&client, tasks).await);
         }
         accepted.extend(batched.iter().cloned());
         sequences.push(batched);

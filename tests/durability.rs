@@ -253,21 +253,7 @@ async fn kill_9_while_draining_loses_nothing_and_counts_every_resend() {
         let tasks: Vec<Value> = (0..100)
             .map(|n| json!({"task": "drain.kill", "args": [chunk, n]}))
             .collect();
-        let response = client
-            .post(spooling.url("/v1/tasks/batch"))
-            .json(&json!({ "tasks": tasks }))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 202);
-        let body: Value = response.json().await.unwrap();
-        accepted.extend(
-            body["tasks"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|task| task["id"].as_str().unwrap().to_owned()),
-        );
+        accepted.extend(spooling.post_batch(&client, tasks).await);
     }
     drop(spooling);
 

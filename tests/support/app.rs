@@ -364,6 +364,25 @@ impl GatewayProcess {
         format!("{}{path}", self.base_url)
     }
 
+    /// Posts `tasks` as one `POST /v1/tasks/batch`, which must be accepted;
+    /// returns the ids in order.
+    pub async fn post_batch(&self, client: &reqwest::Client, tasks: Vec<Value>) -> Vec<String> {
+        let response = client
+            .post(self.url("/v1/tasks/batch"))
+            .json(&serde_json::json!({ "tasks": tasks }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 202);
+        let body: Value = response.json().await.unwrap();
+        body["tasks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|task| task["id"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
     pub fn signal(&self, signal: &str) {
         let status = Command::new("kill")
             .arg(format!("-{signal}"))
