@@ -8,9 +8,6 @@
 
 mod support;
 
-use lapin::options::QueueDeclareOptions;
-use lapin::types::FieldTable;
-use lapin::{Connection, ConnectionProperties};
 use serde_json::{json, Value};
 use std::collections::{HashMap, HashSet};
 use std::panic::AssertUnwindSafe;
@@ -18,7 +15,9 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use support::app::{consume, delete_queues, test_settings, unique, write_config, GatewayProcess, RABBITMQ_URL};
+use support::app::{
+    consume, delete_queues, ready_messages, test_settings, unique, write_config, GatewayProcess, RABBITMQ_URL,
+};
 use support::crashfs::CrashFs;
 
 const ROUNDS: usize = 5;
@@ -188,7 +187,7 @@ async fn run_round() -> Round {
         }
     };
     let drained = wait_until_drained(&restarted.url("/v1/health"), Duration::from_secs(60)).await;
-    let waiting = queue_depth(&queue).await;
+    let waiting = ready_messages(&queue).await as usize;
     let messages = consume(&queue, waiting, Duration::from_secs(30)).await;
     let mut counts: HashMap<String, usize> = HashMap::new();
     for message in &messages {
@@ -236,26 +235,6 @@ async fn wait_until_drained(health_url: &str, timeout: Duration) -> bool {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     false
-}
-
-/// Messages waiting in `queue` (which has no consumer).
-async fn queue_depth(queue: &str) -> usize {
-    let connection = Connection::connect(RABBITMQ_URL, ConnectionProperties::default())
-        .await
-        .expect("RabbitMQ must be running on 127.0.0.1:5672 (scripts/test starts it)");
-    let channel = connection.create_channel().await.unwrap();
-    let declared = channel
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await;
-    let _ = connection.close(200, "done".into()).await;
-    declared.map(|queue| queue.message_count() as usize).unwrap_or(0)
 }
 
 fn log_tail(log: &Path) -> String {

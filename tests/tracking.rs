@@ -19,14 +19,12 @@
 
 mod support;
 
-use lapin::options::QueueDeclareOptions;
-use lapin::types::FieldTable;
 use serde_json::{json, Value};
 use sqlx::postgres::PgPool;
 use sqlx::Connection as _;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
-use support::app::{delete_queues, spawn_app, test_settings, unique, TestApp, RABBITMQ_URL};
+use support::app::{delete_queues, ready_messages, spawn_app, test_settings, unique, TestApp, RABBITMQ_URL};
 use support::celery::{delete_amqp_entities, send_task_with_celery, CeleryWorker, CeleryWorkerOptions};
 use support::fault_proxy::{FaultMode, FaultProxy};
 use support::moto;
@@ -192,27 +190,6 @@ async fn rows_present(pool: &PgPool, ids: &[String]) -> i64 {
         .fetch_one(pool)
         .await
         .expect("count rows")
-}
-
-/// Ready messages in an AMQP queue (unacknowledged ones are not counted).
-async fn amqp_ready_messages(queue: &str) -> u32 {
-    let connection = lapin::Connection::connect(RABBITMQ_URL, lapin::ConnectionProperties::default())
-        .await
-        .expect("RabbitMQ must be running on 127.0.0.1:5672");
-    let channel = connection.create_channel().await.unwrap();
-    let declared = channel
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .expect("the queue exists");
-    let _ = connection.close(200, "done".into()).await;
-    declared.message_count()
 }
 
 fn send_with_celery(options: &CeleryWorkerOptions, task: &str, args: Value, send_options: Value) -> String {
@@ -412,7 +389,7 @@ async fn tasks_celery_sends_to_the_exchange_are_recorded_from_the_amqp_tracking_
     // The pickled message was refused and acknowledged: never recorded,
     // and not left in the queue to loop.
     wait_for("the tracking queue to drain", Duration::from_secs(15), || async {
-        (amqp_ready_messages(&platform).await == 0).then_some(())
+        (ready_messages(&platform).await == 0).then_some(())
     })
     .await;
     let (status, _) = get(&app, &format!("/v1/tasks/{pickled}")).await;
@@ -692,7 +669,7 @@ async fn tracking_queue_messages_stay_unacknowledged_until_their_rows_are_writte
     // Stopping hands every unwritten message back: none was acknowledged.
     app.stop().await.unwrap();
     assert_eq!(
-        amqp_ready_messages(&platform).await as usize,
+        ready_messages(&platform).await as usize,
         MESSAGES,
         "every message is back in the queue"
     );
@@ -707,7 +684,7 @@ async fn tracking_queue_messages_stay_unacknowledged_until_their_rows_are_writte
     })
     .await;
     wait_for("the tracking queue to drain", Duration::from_secs(15), || async {
-        (amqp_ready_messages(&platform).await == 0).then_some(())
+        (ready_messages(&platform).await == 0).then_some(())
     })
     .await;
     app.stop().await.unwrap();
@@ -1221,7 +1198,7 @@ async fn the_amqp_tracking_consumer_reconnects_after_the_broker_drops_it() {
     .await;
     assert_eq!(recorded["tracking"]["input"]["args"], json!(["while away"]));
     wait_for("the tracking queue to drain", Duration::from_secs(15), || async {
-        (amqp_ready_messages(&platform).await == 0).then_some(())
+        (ready_messages(&platform).await == 0).then_some(())
     })
     .await;
     app.stop().await.unwrap();

@@ -288,6 +288,28 @@ async fn consume_until(
     received
 }
 
+/// Ready messages in `queue` (unacknowledged ones are not counted); the
+/// queue must exist.
+pub async fn ready_messages(queue: &str) -> u32 {
+    let connection = Connection::connect(RABBITMQ_URL, ConnectionProperties::default())
+        .await
+        .expect("RabbitMQ must be running on 127.0.0.1:5672 (scripts/test starts it)");
+    let channel = connection.create_channel().await.unwrap();
+    let declared = channel
+        .queue_declare(
+            queue.into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..lapin::options::QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("the queue exists");
+    let _ = connection.close(200, "done".into()).await;
+    declared.message_count()
+}
+
 /// Deletes test queues (best effort) so RabbitMQ does not fill up.
 pub async fn delete_queues(queues: &[&str]) {
     if let Ok(connection) = Connection::connect(RABBITMQ_URL, ConnectionProperties::default()).await {
