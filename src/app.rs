@@ -7,7 +7,8 @@
 //! Shutdown, on one signal (SIGTERM, SIGINT, or the future given to
 //! [`Application::run_until_stopped`]):
 //! 1. stop accepting: the HTTP server stops taking connections and lets
-//!    requests in flight finish;
+//!    requests in flight finish (within `http.shutdown_grace_ms`; what is
+//!    still open then, such as event streams, is closed);
 //! 2. finish in-flight publishes: the relay completes its current round
 //!    (bounded by `http.shutdown_grace_ms`) and stops;
 //! 3. stop tracking: the journal writer and the tracking-queue consumer
@@ -20,7 +21,7 @@
 use crate::broker::amqp::AmqpPublisher;
 use crate::broker::sqs::SqsPublisher;
 use crate::broker::Publisher;
-use crate::config::{BrokerKind, Settings};
+use crate::config::{BrokerKind, Environment, Settings};
 use crate::health::HealthMonitor;
 use crate::http::{self, AppState};
 use crate::outbox::Outbox;
@@ -64,6 +65,12 @@ pub struct Application {
 impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let settings = Arc::new(settings);
+        if settings.environment == Environment::Production && !settings.registry.strict {
+            tracing::warn!(
+                "registry.strict is off in production: any task name is accepted and published, \
+                 so a typo or a forged name reaches the workers; list the tasks and set registry.strict = true"
+            );
+        }
         let router = Arc::new(Router::from_settings(&settings.routing).context("routing settings")?);
         let registry = Arc::new(Registry::from_settings(&settings.registry).context("registry settings")?);
         let outbox_settings = settings.outbox.clone();
@@ -148,23 +155,26 @@ impl Application {
         let _watchdog = notifier.start_watchdog();
         notifier.ready(&format!("listening on {address}"));
         let stopping_notifier = notifier.clone();
-        // Peer addresses let the admin API tell loopback callers apart.
-        let app = app.into_make_service_with_connect_info::<SocketAddr>();
-        let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        // Our own accept loop (src/http/server.rs): connection cap, header,
+        // idle and request timeouts, the peer address for the admin API.
+        let limits = http::server::Limits::from_settings(&state.settings.http);
+        let server = http::server::serve(listener, app, limits, async move {
             stop.await;
             stopping.cancel();
         });
         // Streams (SSE) would keep graceful shutdown waiting forever: give
         // requests in flight the grace period, then move on.
         let server = async move {
-            let serve = tokio::spawn(async move { server.await });
+            let mut serve = tokio::spawn(server);
             stop_accepting.cancelled().await;
             stopping_notifier.stopping("shutting down: finishing in-flight publishes");
             tracing::info!("shutting down: no longer accepting tasks");
-            match tokio::time::timeout(grace, serve).await {
+            match tokio::time::timeout(grace, &mut serve).await {
                 Ok(joined) => joined.map_err(anyhow::Error::from)?.map_err(anyhow::Error::from),
                 Err(_) => {
                     tracing::warn!("requests still open after the grace period; closing them");
+                    // Dropping the server closes its remaining connections.
+                    serve.abort();
                     Ok(())
                 }
             }

@@ -90,6 +90,30 @@ pub struct HttpSettings {
     pub shutdown_grace_ms: u64,
     /// Backlog age after which health turns `warn` even with the broker up.
     pub warn_backlog_age_seconds: f64,
+    /// Host names (without port) accepted in the `Host` header besides the
+    /// loopback names (`localhost`, `127.0.0.1`, `[::1]`); anything else is
+    /// refused before a handler runs, so a DNS-rebinding page cannot reach
+    /// the API through a browser on this machine.
+    pub allowed_hosts: Vec<String>,
+    /// Bearer token required on `POST /v1/tasks` and `/v1/tasks/batch`
+    /// when set (empty means unset): for hosts where other local processes
+    /// must not submit tasks.
+    #[serde(deserialize_with = "string_or_number")]
+    pub submit_token: String,
+    /// A connection that has not sent a whole request header in this time
+    /// is closed (slow or stalled clients).
+    pub header_read_timeout_ms: u64,
+    /// A keep-alive connection idle this long between requests is closed.
+    pub idle_timeout_ms: u64,
+    /// Longest a request may take from its header to its response (event
+    /// streams excepted); past it the client gets a 408 problem.
+    pub request_timeout_ms: u64,
+    /// Open client connections; past it a new connection is answered 503
+    /// and closed at once.
+    pub max_connections: usize,
+    /// Concurrent `text/event-stream` subscribers (`/v1/health/stream`);
+    /// past it a new one is answered 503.
+    pub max_event_subscribers: usize,
 }
 
 impl Default for HttpSettings {
@@ -100,6 +124,13 @@ impl Default for HttpSettings {
             admin_token: String::new(),
             shutdown_grace_ms: 10_000,
             warn_backlog_age_seconds: 60.0,
+            allowed_hosts: Vec::new(),
+            submit_token: String::new(),
+            header_read_timeout_ms: 5_000,
+            idle_timeout_ms: 60_000,
+            request_timeout_ms: 30_000,
+            max_connections: 1_024,
+            max_event_subscribers: 64,
         }
     }
 }
@@ -155,6 +186,14 @@ pub struct BrokerSettings {
     /// Reconnect backoff bounds.
     pub reconnect_min_ms: u64,
     pub reconnect_max_ms: u64,
+    /// `amqps://` only: PEM file of certificate authorities trusted for the
+    /// broker's certificate, in addition to the system roots.
+    pub tls_ca_file: Option<PathBuf>,
+    /// `amqps://` only: client certificate chain (PEM) for mutual TLS;
+    /// given together with `tls_key_file`.
+    pub tls_cert_file: Option<PathBuf>,
+    /// `amqps://` only: the client certificate's private key (PEM, PKCS#8).
+    pub tls_key_file: Option<PathBuf>,
 }
 
 impl Default for BrokerSettings {
@@ -173,6 +212,9 @@ impl Default for BrokerSettings {
             quorum_queues: false,
             reconnect_min_ms: 200,
             reconnect_max_ms: 10_000,
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
         }
     }
 }
@@ -216,9 +258,10 @@ impl Default for BreakerSettings {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct RelaySettings {
-    /// Unconfirmed messages in flight per publish round. 500 drains as
-    /// fast as 1000 against a local RabbitMQ and holds 25 MiB less while
-    /// doing it (docs/benchmarks.md); a remote broker may want more.
+    /// Most unconfirmed messages per lane: the relay's sliding window,
+    /// topped up slice by slice as confirms arrive. 500 drains as fast as
+    /// 1000 against a local RabbitMQ and holds 25 MiB less while doing it
+    /// (docs/benchmarks.md); a remote broker may want more.
     pub publish_window: usize,
 }
 
@@ -358,6 +401,7 @@ fn validate(settings: &Settings, explicit: &Figment) -> Result<(), ConfigError> 
     if settings.http.max_body_bytes < 1024 {
         return Err(ConfigError::key("http.max_body_bytes", "must be at least 1024"));
     }
+    validate_http_limits(&settings.http)?;
     if settings.outbox.max_bytes < 4096 {
         return Err(ConfigError::key("outbox.max_bytes", "must be at least 4096"));
     }
@@ -411,6 +455,9 @@ fn validate(settings: &Settings, explicit: &Figment) -> Result<(), ConfigError> 
             "an AMQP broker URL must start with amqp:// or amqps://",
         ));
     }
+    if broker.kind == BrokerKind::Amqp {
+        validate_amqp_tls(broker)?;
+    }
     if broker.kind == BrokerKind::Sqs {
         validate_sqs(broker, &settings.routing)?;
     }
@@ -420,6 +467,24 @@ fn validate(settings: &Settings, explicit: &Figment) -> Result<(), ConfigError> 
             return Err(ConfigError::key(
                 "http.admin_token",
                 "production requires an admin token (or TASKGATE_HTTP__ADMIN_TOKEN)",
+            ));
+        }
+        if settings.http.admin_token.len() < MIN_PRODUCTION_TOKEN_BYTES {
+            return Err(ConfigError::key(
+                "http.admin_token",
+                format!(
+                    "is {} bytes; production requires at least {MIN_PRODUCTION_TOKEN_BYTES} (e.g. `openssl rand -hex 32`)",
+                    settings.http.admin_token.len()
+                ),
+            ));
+        }
+        if !settings.http.submit_token.is_empty() && settings.http.submit_token.len() < MIN_PRODUCTION_TOKEN_BYTES {
+            return Err(ConfigError::key(
+                "http.submit_token",
+                format!(
+                    "is {} bytes; production requires at least {MIN_PRODUCTION_TOKEN_BYTES} when it is set",
+                    settings.http.submit_token.len()
+                ),
             ));
         }
         if !given("broker.kind") {
@@ -454,6 +519,98 @@ fn validate(settings: &Settings, explicit: &Figment) -> Result<(), ConfigError> 
     }
     // Last, so the broker and token keys are named first in production.
     validate_tracking(&settings.tracking, settings.environment)?;
+    Ok(())
+}
+
+/// Shortest admin (and submit) token accepted in production: 32 bytes, so
+/// a token cannot be guessed in any number of local attempts.
+pub const MIN_PRODUCTION_TOKEN_BYTES: usize = 32;
+
+fn validate_http_limits(http: &HttpSettings) -> Result<(), ConfigError> {
+    for (key, value) in [
+        ("http.header_read_timeout_ms", http.header_read_timeout_ms),
+        ("http.idle_timeout_ms", http.idle_timeout_ms),
+        ("http.request_timeout_ms", http.request_timeout_ms),
+        ("http.max_connections", http.max_connections as u64),
+        ("http.max_event_subscribers", http.max_event_subscribers as u64),
+    ] {
+        if value == 0 {
+            return Err(ConfigError::key(key, "must be positive"));
+        }
+    }
+    for (index, host) in http.allowed_hosts.iter().enumerate() {
+        let valid = !host.is_empty()
+            && host
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | ':' | '[' | ']'));
+        if !valid || host.contains("://") {
+            return Err(ConfigError::key(
+                &format!("http.allowed_hosts[{index}]"),
+                format!("{host:?} is not a host name (give the name as in the Host header, without scheme or path)"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// TLS files for `amqps://`: readable, and holding what they claim, so a
+/// wrong path is a start-up error rather than a background connect loop.
+fn validate_amqp_tls(broker: &BrokerSettings) -> Result<(), ConfigError> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let files = [
+        ("broker.tls_ca_file", &broker.tls_ca_file),
+        ("broker.tls_cert_file", &broker.tls_cert_file),
+        ("broker.tls_key_file", &broker.tls_key_file),
+    ];
+    if !broker.url.starts_with("amqps://") {
+        if let Some((key, _)) = files.iter().find(|(_, file)| file.is_some()) {
+            return Err(ConfigError::key(
+                key,
+                "is set but broker.url is a plain amqp:// URL; use amqps:// for TLS",
+            ));
+        }
+        return Ok(());
+    }
+    if broker.tls_cert_file.is_some() != broker.tls_key_file.is_some() {
+        return Err(ConfigError::key(
+            if broker.tls_cert_file.is_some() {
+                "broker.tls_key_file"
+            } else {
+                "broker.tls_cert_file"
+            },
+            "mutual TLS needs both broker.tls_cert_file and broker.tls_key_file",
+        ));
+    }
+    let read = |key: &str, path: &Path| {
+        std::fs::read(path).map_err(|error| ConfigError::key(key, format!("cannot read {}: {error}", path.display())))
+    };
+    for (key, file) in [
+        ("broker.tls_ca_file", &broker.tls_ca_file),
+        ("broker.tls_cert_file", &broker.tls_cert_file),
+    ] {
+        if let Some(path) = file {
+            let pem = read(key, path)?;
+            let certificates = CertificateDer::pem_slice_iter(&pem)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|error| ConfigError::key(key, format!("{}: {error}", path.display())))?;
+            if certificates.is_empty() {
+                return Err(ConfigError::key(
+                    key,
+                    format!("{} holds no PEM certificate", path.display()),
+                ));
+            }
+        }
+    }
+    if let Some(path) = &broker.tls_key_file {
+        let pem = read("broker.tls_key_file", path)?;
+        PrivateKeyDer::from_pem_slice(&pem).map_err(|error| {
+            ConfigError::key(
+                "broker.tls_key_file",
+                format!("{} holds no usable PEM private key: {error}", path.display()),
+            )
+        })?;
+    }
     Ok(())
 }
 
@@ -560,6 +717,9 @@ impl Settings {
         let mut masked = self.clone();
         if !masked.http.admin_token.is_empty() {
             masked.http.admin_token = "********".into();
+        }
+        if !masked.http.submit_token.is_empty() {
+            masked.http.submit_token = "********".into();
         }
         masked.broker.url = mask_url_password(&masked.broker.url);
         masked.tracking.database_url = mask_url_password(&masked.tracking.database_url);
@@ -719,20 +879,20 @@ mod tests {
 
     #[test]
     fn production_requires_explicit_settings() {
-        let file = write("environment = \"production\"\n[http]\nadmin_token = \"t\"\n[broker]\nkind = \"amqp\"\n");
+        let file = write("environment = \"production\"\n[http]\nadmin_token = \"0123456789abcdef0123456789abcdef\"\n[broker]\nkind = \"amqp\"\n");
         let error = load_with_env(Some(file.path()), no_env()).unwrap_err().to_string();
         assert!(error.contains("broker.url"), "{error}");
         let file = write("environment = \"production\"\n[broker]\nkind = \"amqp\"\nurl = \"amqp://h/%2f\"\n");
         let error = load_with_env(Some(file.path()), no_env()).unwrap_err().to_string();
         assert!(error.contains("http.admin_token"), "{error}");
-        let file = write("environment = \"production\"\n[http]\nadmin_token = \"t\"\n[broker]\nkind = \"sqs\"\nregion = \"us-west-2\"\n");
+        let file = write("environment = \"production\"\n[http]\nadmin_token = \"0123456789abcdef0123456789abcdef\"\n[broker]\nkind = \"sqs\"\nregion = \"us-west-2\"\n");
         let error = load_with_env(Some(file.path()), no_env()).unwrap_err().to_string();
         assert!(error.contains("broker.queue_name_prefix"), "{error}");
     }
 
     #[test]
     fn production_sqs_requires_prefix_and_region() {
-        let base = "environment = \"production\"\n[http]\nadmin_token = \"t\"\n[broker]\nkind = \"sqs\"\n";
+        let base = "environment = \"production\"\n[http]\nadmin_token = \"0123456789abcdef0123456789abcdef\"\n[broker]\nkind = \"sqs\"\n";
         let file = write(&format!("{base}queue_name_prefix = \"prod-\"\n"));
         let error = load_with_env(Some(file.path()), no_env()).unwrap_err().to_string();
         assert!(error.contains("broker.region"), "{error}");
@@ -793,7 +953,7 @@ mod tests {
 
     #[test]
     fn production_requires_a_postgres_tracking_database() {
-        let base = "environment = \"production\"\n[http]\nadmin_token = \"t\"\n[broker]\nkind = \"amqp\"\nurl = \"amqp://h/%2f\"\n";
+        let base = "environment = \"production\"\n[http]\nadmin_token = \"0123456789abcdef0123456789abcdef\"\n[broker]\nkind = \"amqp\"\nurl = \"amqp://h/%2f\"\n";
         let error = load_with_env(Some(write(base).path()), no_env())
             .unwrap_err()
             .to_string();
@@ -806,6 +966,110 @@ mod tests {
         let postgres = format!("{base}[tracking]\ndatabase_url = \"postgres://taskgate@db/platform\"\n");
         let settings = load_with_env(Some(write(&postgres).path()), no_env()).unwrap();
         assert!(settings.tracking.is_postgres());
+    }
+
+    #[test]
+    fn production_admin_and_submit_tokens_must_be_at_least_32_bytes() {
+        let settings = |token: &str, submit: &str| {
+            format!(
+                "environment = \"production\"\n[http]\nadmin_token = \"{token}\"\nsubmit_token = \"{submit}\"\n\
+                 [broker]\nkind = \"amqp\"\nurl = \"amqp://h/%2f\"\n[tracking]\ndatabase_url = \"postgres://db/p\"\n"
+            )
+        };
+        let long = "0123456789abcdef0123456789abcdef";
+        let error = load_with_env(Some(write(&settings(&long[..31], "")).path()), no_env())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("http.admin_token") && error.contains("31 bytes"),
+            "{error}"
+        );
+        let error = load_with_env(Some(write(&settings(long, "short")).path()), no_env())
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("http.submit_token"), "{error}");
+        load_with_env(Some(write(&settings(long, "")).path()), no_env()).unwrap();
+        load_with_env(Some(write(&settings(long, long)).path()), no_env()).unwrap();
+        // Development accepts a short token.
+        load_with_env(Some(write("[http]\nadmin_token = \"t\"\n").path()), no_env()).unwrap();
+    }
+
+    #[test]
+    fn http_limits_and_allowed_hosts_are_validated_by_key() {
+        for (toml, key) in [
+            ("[http]\nheader_read_timeout_ms = 0\n", "http.header_read_timeout_ms"),
+            ("[http]\nidle_timeout_ms = 0\n", "http.idle_timeout_ms"),
+            ("[http]\nrequest_timeout_ms = 0\n", "http.request_timeout_ms"),
+            ("[http]\nmax_connections = 0\n", "http.max_connections"),
+            ("[http]\nmax_event_subscribers = 0\n", "http.max_event_subscribers"),
+            (
+                "[http]\nallowed_hosts = [\"http://x.example\"]\n",
+                "http.allowed_hosts[0]",
+            ),
+            (
+                "[http]\nallowed_hosts = [\"ok.example\", \"a b\"]\n",
+                "http.allowed_hosts[1]",
+            ),
+        ] {
+            let error = load_with_env(Some(write(toml).path()), no_env())
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains(key), "{toml}: {error}");
+        }
+        let settings = load_with_env(
+            Some(write("[http]\nallowed_hosts = [\"taskgate.internal\", \"10.0.0.5\"]\n").path()),
+            no_env(),
+        )
+        .unwrap();
+        assert_eq!(settings.http.allowed_hosts, ["taskgate.internal", "10.0.0.5"]);
+    }
+
+    #[test]
+    fn amqp_tls_files_are_checked_at_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let garbage = dir.path().join("garbage.pem");
+        std::fs::write(&garbage, "not pem\n").unwrap();
+        let missing = dir.path().join("missing.pem");
+        let amqps = "[broker]\nurl = \"amqps://h/%2f\"\n";
+        for (extra, key) in [
+            (
+                format!("tls_ca_file = {:?}\n", missing.display().to_string()),
+                "broker.tls_ca_file",
+            ),
+            (
+                format!("tls_ca_file = {:?}\n", garbage.display().to_string()),
+                "broker.tls_ca_file",
+            ),
+            (
+                format!("tls_cert_file = {:?}\n", garbage.display().to_string()),
+                "broker.tls_key_file",
+            ),
+            (
+                format!(
+                    "tls_cert_file = {:?}\ntls_key_file = {:?}\n",
+                    garbage.display().to_string(),
+                    missing.display().to_string()
+                ),
+                "broker.tls_cert_file",
+            ),
+        ] {
+            let error = load_with_env(Some(write(&format!("{amqps}{extra}")).path()), no_env())
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains(key), "{extra}: {error}");
+        }
+        // TLS files with a plain amqp:// URL are a mistake worth naming.
+        let plain = format!(
+            "[broker]\nurl = \"amqp://h/%2f\"\ntls_ca_file = {:?}\n",
+            missing.display().to_string()
+        );
+        let error = load_with_env(Some(write(&plain).path()), no_env())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("broker.tls_ca_file") && error.contains("amqps://"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -9,7 +9,9 @@
 //!
 //! - [`config`]: typed settings (defaults, TOML, environment) and validation.
 //! - [`http`]: the axum API, problem+json errors, probes, metrics, the
-//!   token-guarded admin API and the operator status page.
+//!   token-guarded admin API and the operator status page; the edge guard
+//!   (Host, Origin, Content-Type, submit token) and the bounded accept loop
+//!   (connection cap, header, idle and request timeouts).
 //! - [`task`]: request and task types, newtypes, intake, registry binding,
 //!   topic routing.
 //! - [`outbox`]: the sled-backed durable outbox, group commit, dead letters,

@@ -11,7 +11,7 @@ use std::time::Duration;
 use support::app::{binary_path, test_settings, unique};
 use support::operator::{refused_amqp_url, start_gateway};
 
-const TOKEN: &str = "admin-secret-token";
+const TOKEN: &str = "admin-secret-token-of-at-least-32-bytes";
 
 /// Every admin route, as (method, path).
 const ADMIN_ROUTES: &[(&str, &str)] = &[
@@ -225,7 +225,9 @@ async fn refusals_are_problems_naming_the_field() {
             .request(method.parse().unwrap(), gateway.url(path))
             .bearer_auth(TOKEN);
         if let Some(body) = body {
-            request = request.body(body.to_owned());
+            request = request
+                .header("content-type", "application/x-ndjson")
+                .body(body.to_owned());
         }
         request.send()
     };
@@ -318,6 +320,7 @@ async fn listing_pages_with_a_cursor_and_export_streams_what_import_reads() {
         .client
         .post(gateway.url("/v1/outbox/import"))
         .bearer_auth(TOKEN)
+        .header("content-type", "application/x-ndjson")
         .body(body)
         .send()
         .await

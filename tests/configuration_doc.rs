@@ -316,7 +316,7 @@ fn production_example_is_valid_for_rabbitmq_and_for_sqs() {
     figment::Jail::expect_with(|jail| {
         jail.clear_env();
         // Secrets come from the unit's EnvironmentFile, as the example says.
-        jail.set_env("TASKGATE_HTTP__ADMIN_TOKEN", "a-long-random-token");
+        jail.set_env("TASKGATE_HTTP__ADMIN_TOKEN", "a-long-random-token-of-at-least-32-bytes");
         jail.create_file("amqp.toml", &text)?;
         jail.create_file("sqs.toml", &sqs)?;
 

@@ -8,8 +8,18 @@
 //! waits for it; publishing without a connection fails at once as
 //! transient, so the breaker, not the caller, absorbs outages.
 //!
-//! Publishing sends a whole window with `mandatory` and persistent delivery
-//! before waiting for any confirm, then collects the confirms in order
+//! Every AMQP connection taskgate opens (this publisher and the tracking
+//! consumer) goes through [`open_connection`]: heartbeats on, and for
+//! `amqps://` TLS through rustls with the broker's certificate and host
+//! name verified against the system roots plus `broker.tls_ca_file`, and an
+//! optional client certificate. lapin is built with its rustls feature, so
+//! `amqps://` can never quietly become a plain stream; a failed handshake is
+//! an error that names TLS, in the log and in `broker:connection`.
+//!
+//! Publishing sends a whole slice with `mandatory` and persistent delivery
+//! before waiting for any confirm, tells the relay it was handed over (so
+//! the next slice follows it on the channel while this one is confirmed:
+//! the relay's sliding window), then collects the confirms in order
 //! against one deadline. An entry is `Ok` only on `basic.ack` without a
 //! return; a returned message is permanent (dead-lettered by the relay).
 
@@ -35,6 +45,80 @@ use std::task::Poll;
 use std::time::Duration;
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
+
+/// Why an AMQP connection could not be opened, worded for an operator.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// A `broker.tls_*` file could not be read or parsed (check-config
+    /// refuses these at start-up; this catches a file changed since).
+    #[error("TLS settings: {0}")]
+    TlsSettings(String),
+    /// The TCP connection or the TLS handshake of an `amqps://` URL failed:
+    /// never retried in plain text.
+    #[error("TLS connection to {endpoint} failed: {reason}")]
+    Tls { endpoint: String, reason: String },
+    #[error("{0}")]
+    Amqp(#[from] lapin::Error),
+}
+
+/// Opens a connection to `broker.url` with the configured heartbeat and,
+/// for `amqps://`, verified TLS (see the module documentation).
+pub async fn open_connection(broker: &BrokerSettings, name: &str) -> Result<Connection, ConnectError> {
+    let url = with_heartbeat(broker);
+    let properties = ConnectionProperties::default().with_connection_name(name.into());
+    if !broker.url.starts_with("amqps://") {
+        return Ok(Connection::connect(&url, properties).await?);
+    }
+    let tls = tls_config(broker)?;
+    let runtime = lapin::runtime::default_runtime()?;
+    Connection::connect_with_config(&url, properties, tls, runtime)
+        .await
+        .map_err(|error| {
+            // lapin reports the handshake (and TCP) failure as an I/O error;
+            // an AMQP-level refusal (credentials, vhost) comes after TLS.
+            if error.is_io_error() {
+                ConnectError::Tls {
+                    endpoint: mask_password(&broker.url),
+                    reason: error.to_string(),
+                }
+            } else {
+                ConnectError::Amqp(error)
+            }
+        })
+}
+
+/// The broker URL with the configured heartbeat: without heartbeats a
+/// connection that went silent is never noticed.
+fn with_heartbeat(broker: &BrokerSettings) -> String {
+    let url = &broker.url;
+    if url.contains("heartbeat=") {
+        return url.clone();
+    }
+    let separator = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{separator}heartbeat={}", broker.heartbeat_seconds)
+}
+
+/// Read at every connect, so renewed certificates are picked up without a
+/// restart.
+fn tls_config(broker: &BrokerSettings) -> Result<lapin::tcp::OwnedTLSConfig, ConnectError> {
+    let read = |key: &str, path: &std::path::Path| {
+        std::fs::read(path).map_err(|error| ConnectError::TlsSettings(format!("{key} {}: {error}", path.display())))
+    };
+    let cert_chain = match &broker.tls_ca_file {
+        Some(path) => Some(String::from_utf8(read("broker.tls_ca_file", path)?).map_err(|_| {
+            ConnectError::TlsSettings(format!("broker.tls_ca_file {} is not PEM text", path.display()))
+        })?),
+        None => None,
+    };
+    let identity = match (&broker.tls_cert_file, &broker.tls_key_file) {
+        (Some(cert), Some(key)) => Some(lapin::tcp::OwnedIdentity::PKCS8 {
+            pem: read("broker.tls_cert_file", cert)?,
+            key: read("broker.tls_key_file", key)?,
+        }),
+        _ => None,
+    };
+    Ok(lapin::tcp::OwnedTLSConfig { identity, cert_chain })
+}
 
 struct LiveConnection {
     connection: Connection,
@@ -77,15 +161,6 @@ impl AmqpPublisher {
         mask_password(&self.settings.url)
     }
 
-    fn connection_url(&self) -> String {
-        let url = &self.settings.url;
-        if url.contains("heartbeat=") {
-            return url.clone();
-        }
-        let separator = if url.contains('?') { '&' } else { '?' };
-        format!("{url}{separator}heartbeat={}", self.settings.heartbeat_seconds)
-    }
-
     fn set_status(&self, connected: bool, error: Option<String>) {
         metrics::gauge!("taskgate_broker_connected").set(if connected { 1.0 } else { 0.0 });
         self.status.send_if_modified(|status| {
@@ -95,11 +170,79 @@ impl AmqpPublisher {
                     connected,
                     endpoint: self.endpoint(),
                     last_error: error.clone(),
+                    // A new connection (or none) starts unblocked; the
+                    // broker says again if its alarm is still on.
+                    blocked: None,
+                    queue_errors: status.queue_errors.clone(),
                     changed_at: chrono::Utc::now(),
                 };
             }
             changed
         });
+    }
+
+    /// `connection.blocked` / `unblocked`: shown in health, and while
+    /// blocked nothing new is sent and windows in flight wait for their
+    /// confirms instead of timing out into a reconnect and a re-send.
+    fn set_blocked(&self, reason: Option<String>) {
+        match &reason {
+            Some(reason) => tracing::warn!(
+                endpoint = %self.endpoint(),
+                reason,
+                "the broker blocked the connection: nothing is published until it unblocks; tasks keep spooling"
+            ),
+            None => tracing::info!(endpoint = %self.endpoint(), "the broker unblocked the connection"),
+        }
+        metrics::gauge!("taskgate_broker_blocked").set(if reason.is_some() { 1.0 } else { 0.0 });
+        self.status.send_if_modified(|status| {
+            let changed = status.blocked != reason;
+            if changed {
+                status.blocked = reason.clone();
+                status.changed_at = chrono::Utc::now();
+            }
+            changed
+        });
+    }
+
+    /// The broker's reason while it blocks this connection.
+    fn blocked_reason(&self) -> Option<String> {
+        self.status.borrow().blocked.clone()
+    }
+
+    /// After a deadline passed: if the broker blocks the connection, waits
+    /// until it unblocks (true: give the operation a new deadline) or the
+    /// connection is gone (false). Not blocked: false, a real timeout.
+    async fn outwait_block(&self) -> bool {
+        if self.blocked_reason().is_none() {
+            return false;
+        }
+        let mut status = self.status.subscribe();
+        tokio::select! {
+            unblocked = status.wait_for(|status| status.blocked.is_none() || !status.connected) => {
+                unblocked.is_ok_and(|status| status.connected)
+            }
+            _ = self.stop.cancelled() => false,
+        }
+    }
+
+    /// `future` within `deadline`, extended while the broker blocks the
+    /// connection; `None` on a real timeout.
+    async fn within_deadline<F: Future>(
+        &self,
+        future: F,
+        deadline: &mut tokio::time::Instant,
+        timeout: Duration,
+    ) -> Option<F::Output> {
+        let mut future = std::pin::pin!(future);
+        loop {
+            match tokio::time::timeout_at(*deadline, future.as_mut()).await {
+                Ok(output) => return Some(output),
+                Err(_) if self.outwait_block().await => {
+                    *deadline = tokio::time::Instant::now() + timeout;
+                }
+                Err(_) => return None,
+            }
+        }
     }
 
     async fn manage_connection(self: Arc<Self>) {
@@ -112,6 +255,9 @@ impl AmqpPublisher {
             ..backoff::ExponentialBackoff::default()
         };
         let connect_timeout = Duration::from_millis(self.settings.connect_timeout_ms);
+        // The cause last logged at warn: the first failed attempt and every
+        // change of cause are logged, not each retry of the same one.
+        let mut logged_cause: Option<String> = None;
         loop {
             if self.stop.is_cancelled() {
                 return;
@@ -124,6 +270,7 @@ impl AmqpPublisher {
             match outcome {
                 Ok(Ok(live)) => {
                     backoff.reset();
+                    logged_cause = None;
                     let live = Arc::new(live);
                     let mut events = live.connection.events_listener();
                     *self.live.lock().expect("live lock") = Some(live.clone());
@@ -133,6 +280,8 @@ impl AmqpPublisher {
                         tokio::select! {
                             event = events.next() => match event {
                                 Some(lapin::Event::Error(error)) => break format!("connection error: {error}"),
+                                Some(lapin::Event::ConnectionBlocked(reason)) => self.set_blocked(Some(reason)),
+                                Some(lapin::Event::ConnectionUnblocked) => self.set_blocked(None),
                                 Some(_) => continue,
                                 None => break "connection closed".to_owned(),
                             },
@@ -153,12 +302,14 @@ impl AmqpPublisher {
                     });
                 }
                 Ok(Err(error)) => {
-                    self.set_status(false, Some(error.to_string()));
-                    tracing::debug!(%error, "AMQP connection attempt failed");
+                    let cause = error.to_string();
+                    self.log_connect_failure(&mut logged_cause, &cause);
+                    self.set_status(false, Some(cause));
                 }
                 Err(_) => {
-                    let error = format!("connecting timed out after {} ms", connect_timeout.as_millis());
-                    self.set_status(false, Some(error));
+                    let cause = format!("connecting timed out after {} ms", connect_timeout.as_millis());
+                    self.log_connect_failure(&mut logged_cause, &cause);
+                    self.set_status(false, Some(cause));
                 }
             }
             let delay = backoff
@@ -172,9 +323,12 @@ impl AmqpPublisher {
         }
     }
 
-    async fn connect_and_declare(&self) -> Result<LiveConnection, lapin::Error> {
-        let properties = ConnectionProperties::default().with_connection_name("taskgate".into());
-        let connection = Connection::connect(&self.connection_url(), properties).await?;
+    async fn connect_and_declare(&self) -> Result<LiveConnection, ConnectError> {
+        let connection = open_connection(&self.settings, "taskgate").await?;
+        self.declare(connection).await.map_err(ConnectError::Amqp)
+    }
+
+    async fn declare(&self, connection: Connection) -> Result<LiveConnection, lapin::Error> {
         let channel = connection.create_channel().await?;
         channel.confirm_select(ConfirmSelectOptions::default()).await?;
         let exchange = self.router.exchange();
@@ -189,39 +343,105 @@ impl AmqpPublisher {
                 FieldTable::default(),
             )
             .await?;
+        // Each queue on a channel of its own: a queue that cannot be
+        // declared as configured (PRECONDITION_FAILED: it exists with other
+        // arguments; ACCESS_REFUSED) closes only that channel, so the other
+        // queues are still declared and keep receiving. The failure is
+        // named in health (`broker:topology`).
+        let mut queue_errors = Vec::new();
         for binding in self.router.queues() {
-            let mut arguments = FieldTable::default();
-            if self.settings.quorum_queues {
-                arguments.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+            if let Err(error) = self.declare_queue(&connection, binding, exchange).await {
+                let problem = format!("queue {}: {error}", binding.queue().as_str());
+                tracing::warn!(queue = binding.queue().as_str(), %error, "cannot declare a configured queue");
+                queue_errors.push(problem);
             }
-            channel
-                .queue_declare(
-                    binding.queue().as_str().into(),
-                    QueueDeclareOptions {
-                        durable: true,
-                        ..QueueDeclareOptions::default()
-                    },
-                    arguments,
-                )
-                .await?;
-            channel
+        }
+        self.status.send_if_modified(|status| {
+            let changed = status.queue_errors != queue_errors;
+            status.queue_errors = queue_errors;
+            changed
+        });
+        Ok(LiveConnection { connection, channel })
+    }
+
+    /// Declares and binds one queue on a channel of its own (closed after).
+    /// A queue that exists with other arguments is still bound as it is,
+    /// so its tasks reach it; the error says so.
+    async fn declare_queue(
+        &self,
+        connection: &Connection,
+        binding: &crate::task::routing::QueueBinding,
+        exchange: &str,
+    ) -> Result<(), String> {
+        let mut arguments = FieldTable::default();
+        if self.settings.quorum_queues {
+            arguments.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+        }
+        let queue = binding.queue().as_str();
+        let bind = |channel: Channel| async move {
+            let bound = channel
                 .queue_bind(
-                    binding.queue().as_str().into(),
+                    queue.into(),
                     exchange.into(),
                     binding.binding_key().into(),
                     QueueBindOptions::default(),
                     FieldTable::default(),
                 )
-                .await?;
+                .await;
+            let _ = channel.close(200, "declared".into()).await;
+            bound
+        };
+        let channel = connection.create_channel().await.map_err(|error| error.to_string())?;
+        let declared = channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..QueueDeclareOptions::default()
+                },
+                arguments,
+            )
+            .await;
+        match declared {
+            Ok(_) => bind(channel).await.map_err(|error| format!("binding failed: {error}")),
+            Err(declare_error) => {
+                // The broker closed the channel; bind the queue as it is
+                // on a fresh one if it exists at all.
+                let channel = connection.create_channel().await.map_err(|error| error.to_string())?;
+                match bind(channel).await {
+                    Ok(()) => Err(format!(
+                        "exists with other arguments than taskgate declares and is used as it is \
+                         (make them match): {declare_error}"
+                    )),
+                    Err(_) => Err(format!(
+                        "cannot be declared, so its tasks are refused as unroutable: {declare_error}"
+                    )),
+                }
+            }
         }
-        Ok(LiveConnection { connection, channel })
+    }
+
+    fn log_connect_failure(&self, logged_cause: &mut Option<String>, cause: &str) {
+        if logged_cause.as_deref() == Some(cause) {
+            tracing::debug!(endpoint = %self.endpoint(), cause, "AMQP connection attempt failed again");
+            return;
+        }
+        tracing::warn!(endpoint = %self.endpoint(), cause, "cannot connect to the AMQP broker");
+        *logged_cause = Some(cause.to_owned());
     }
 
     fn live(&self) -> Option<Arc<LiveConnection>> {
         self.live.lock().expect("live lock").clone()
     }
 
-    async fn publish_window(&self, entries: &[PendingEntry]) -> Vec<PublishResult> {
+    /// Publishes `entries` and collects their confirms; `handed_over` is
+    /// resolved once every publish was handed to lapin (their order on
+    /// the channel is then fixed), before any confirm is awaited.
+    async fn publish_window(
+        &self,
+        entries: &[PendingEntry],
+        handed_over: Option<tokio::sync::oneshot::Sender<()>>,
+    ) -> Vec<PublishResult> {
         let Some(live) = self.live() else {
             let detail = self.status.borrow().last_error.clone();
             return entries
@@ -229,8 +449,18 @@ impl AmqpPublisher {
                 .map(|_| Err(PublishError::not_connected(detail.as_deref())))
                 .collect();
         };
+        if let Some(reason) = self.blocked_reason() {
+            return entries
+                .iter()
+                .map(|_| {
+                    Err(PublishError::Unsent(format!(
+                        "the broker blocked the connection: {reason}"
+                    )))
+                })
+                .collect();
+        }
         let timeout = Duration::from_millis(self.settings.publish_timeout_ms);
-        let deadline = tokio::time::Instant::now() + timeout;
+        let mut deadline = tokio::time::Instant::now() + timeout;
         let exchange = self.router.exchange();
         let mut results: Vec<Option<PublishResult>> = vec![None; entries.len()];
         let mut confirms = Vec::with_capacity(entries.len());
@@ -248,6 +478,10 @@ impl AmqpPublisher {
         // starts on the first one while the rest are encoded.
         let mut sending = Vec::with_capacity(entries.len());
         for (index, entry) in entries.iter().enumerate() {
+            if PublishError::has_expired(&entry.task, chrono::Utc::now()) {
+                results[index] = Some(Err(PublishError::expired()));
+                continue;
+            }
             let message = celery::encode(&entry.task, &self.origin);
             let properties = basic_properties(&message);
             let channel = live.channel.clone();
@@ -281,41 +515,56 @@ impl AmqpPublisher {
             if connection_broken {
                 break;
             }
-            match tokio::time::timeout_at(deadline, publish).await {
-                Ok(Ok(confirm)) => confirms.push((index, confirm)),
-                Ok(Err(error)) => {
+            match self.within_deadline(publish, &mut deadline, timeout).await {
+                Some(Ok(confirm)) => confirms.push((index, confirm)),
+                Some(Err(error)) => {
                     connection_broken = true;
                     results[index] = Some(Err(PublishError::from_amqp(&error)));
                 }
-                Err(_) => connection_broken = true,
+                None => connection_broken = true,
             }
+        }
+        if let Some(handed_over) = handed_over {
+            let _ = handed_over.send(());
         }
         confirms.sort_by_key(|(index, _)| *index);
         for (index, confirm) in confirms {
             let entry = &entries[index];
-            results[index] = Some(match tokio::time::timeout_at(deadline, confirm).await {
-                Ok(Ok(Confirmation::Ack(None))) => Ok(()),
-                Ok(Ok(Confirmation::Ack(Some(returned)))) | Ok(Ok(Confirmation::Nack(Some(returned)))) => {
+            results[index] = Some(match self.within_deadline(confirm, &mut deadline, timeout).await {
+                Some(Ok(Confirmation::Ack(None))) => Ok(()),
+                Some(Ok(Confirmation::Ack(Some(returned)))) | Some(Ok(Confirmation::Nack(Some(returned)))) => {
+                    // One readable line (lapin's own, which prints the whole
+                    // message as bytes, is filtered out by
+                    // the CLI's default log filter).
+                    tracing::warn!(
+                        task_id = %entry.task.id,
+                        task = %entry.task.task,
+                        exchange,
+                        routing_key = %entry.task.routing_key,
+                        reply_code = returned.reply_code,
+                        reply_text = %returned.reply_text,
+                        "the broker returned the message: no queue is bound for its routing key"
+                    );
                     Err(PublishError::unroutable(
                         exchange,
                         &entry.task.routing_key,
                         &format!("{} {}", returned.reply_code, returned.reply_text),
                     ))
                 }
-                Ok(Ok(Confirmation::Nack(None))) => {
+                Some(Ok(Confirmation::Nack(None))) => {
                     Err(PublishError::Transient("the broker nacked the message".into()))
                 }
-                Ok(Ok(Confirmation::NotRequested)) => {
+                Some(Ok(Confirmation::NotRequested)) => {
                     connection_broken = true;
                     Err(PublishError::Transient(
                         "publisher confirms are not enabled on the channel".into(),
                     ))
                 }
-                Ok(Err(error)) => {
+                Some(Err(error)) => {
                     connection_broken = true;
                     Err(PublishError::from_amqp(&error))
                 }
-                Err(_) => {
+                None => {
                     connection_broken = true;
                     Err(PublishError::timed_out("waiting for the broker's confirm", timeout))
                 }
@@ -341,7 +590,16 @@ impl Publisher for AmqpPublisher {
     }
 
     fn publish<'a>(&'a self, _lane: &'a Lane, entries: &'a [PendingEntry]) -> BoxFuture<'a, Vec<PublishResult>> {
-        Box::pin(self.publish_window(entries))
+        Box::pin(self.publish_window(entries, None))
+    }
+
+    fn publish_pipelined<'a>(
+        &'a self,
+        _lane: &'a Lane,
+        entries: &'a [PendingEntry],
+        handed_over: tokio::sync::oneshot::Sender<()>,
+    ) -> BoxFuture<'a, Vec<PublishResult>> {
+        Box::pin(self.publish_window(entries, Some(handed_over)))
     }
 
     fn status(&self) -> watch::Receiver<BrokerStatus> {

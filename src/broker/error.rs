@@ -18,6 +18,10 @@
 
 use aws_sdk_sqs::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 
+/// The dead-letter reason of a task whose `expires` passed before it could
+/// be published (`GET /v1/tasks/{id}`'s `last_error`, `taskgate dead-letters`).
+pub const EXPIRED: &str = "expired";
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PublishError {
     #[error("{0}")]
@@ -64,6 +68,20 @@ impl PublishError {
         Self::Permanent(format!(
             "unroutable: exchange {exchange:?} has no queue bound for routing key {routing_key:?} ({reply})"
         ))
+    }
+
+    /// A task whose `expires` passed before it was encoded: never sent
+    /// (RabbitMQ would drop it at once with `expiration: "0"`).
+    pub fn expired() -> Self {
+        Self::Permanent(EXPIRED.to_owned())
+    }
+
+    /// Whether `task` expired by `now` and must not be sent.
+    /// Less than a millisecond left counts: Celery's `expiration` would
+    /// round it to `"0"`.
+    pub fn has_expired(task: &crate::task::Task, now: chrono::DateTime<chrono::Utc>) -> bool {
+        task.expires
+            .is_some_and(|expires| expires < now + chrono::Duration::milliseconds(1))
     }
 
     pub fn too_large(size: usize, limit: usize) -> Self {

@@ -30,6 +30,14 @@ pub struct BrokerStatus {
     /// Where we connect, with any password masked.
     pub endpoint: String,
     pub last_error: Option<String>,
+    /// AMQP `connection.blocked`: the broker's reason (a memory or disk
+    /// alarm). Connected, but it takes no messages until it unblocks.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub blocked: Option<String>,
+    /// Configured queues the broker would not declare as configured (one
+    /// line each, naming the queue); the other queues are unaffected.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub queue_errors: Vec<String>,
     pub changed_at: DateTime<Utc>,
 }
 
@@ -51,6 +59,8 @@ impl BrokerStatus {
             connected: false,
             endpoint,
             last_error: error,
+            blocked: None,
+            queue_errors: Vec::new(),
             changed_at: Utc::now(),
         }
     }
@@ -63,6 +73,25 @@ pub trait Publisher: Send + Sync + 'static {
     /// Publishes `entries` (all from `lane`, in order) and waits for the
     /// broker's confirmation of each, within the configured timeout.
     fn publish<'a>(&'a self, lane: &'a Lane, entries: &'a [PendingEntry]) -> BoxFuture<'a, Vec<PublishResult>>;
+
+    /// [`Publisher::publish`] for a sliding window: resolves `handed_over`
+    /// as soon as every entry was handed to the broker connection, in
+    /// order, so the relay may send the next slice of the lane before this
+    /// one is confirmed. The default hands over only once the broker
+    /// answered for every entry (no overlap: for publishers whose requests
+    /// could overtake each other).
+    fn publish_pipelined<'a>(
+        &'a self,
+        lane: &'a Lane,
+        entries: &'a [PendingEntry],
+        handed_over: tokio::sync::oneshot::Sender<()>,
+    ) -> BoxFuture<'a, Vec<PublishResult>> {
+        Box::pin(async move {
+            let results = self.publish(lane, entries).await;
+            let _ = handed_over.send(());
+            results
+        })
+    }
 
     /// Connection state, updated by the background connection manager.
     fn status(&self) -> watch::Receiver<BrokerStatus>;

@@ -21,9 +21,12 @@
 //!   `entity_name(prefix + name)`.
 //! - **Order within a lane**: a window is sent as consecutive
 //!   `SendMessageBatch` calls (at most [`MAX_BATCH_ENTRIES`] entries and
-//!   [`MAX_BATCH_BYTES`] bytes each), one call at a time; after a transient
-//!   failure the rest of the window is not sent, since it would overtake
-//!   the entries that will be retried.
+//!   [`MAX_BATCH_BYTES`] bytes each): one call at a time on a FIFO queue
+//!   (SQS orders by arrival), up to [`BATCHES_IN_FLIGHT`] at once on a
+//!   standard queue (whose order SQS only attempts), so a backlog drains
+//!   at the API's pace. After a transient failure the rest of the window
+//!   is not sent, since it would overtake the entries that will be
+//!   retried; the relay completes nothing behind the first failure.
 //! - **Poison messages go alone**: a message over [`MAX_MESSAGE_BYTES`] is
 //!   dead-lettered without being sent; when SQS refuses a whole batch for
 //!   its content, the batch is re-sent entry by entry so that only the
@@ -54,6 +57,7 @@ use aws_sdk_sqs::types::{QueueAttributeName, SendMessageBatchRequestEntry};
 use aws_sdk_sqs::Client;
 use backoff::backoff::Backoff;
 use futures_util::future::BoxFuture;
+use futures_util::StreamExt;
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -193,6 +197,9 @@ fn message_group_id(task: &Task, default: &str) -> Result<String, PublishError> 
 /// Whether a message of `size` bytes still fits a batch that holds
 /// `entries` messages of `bytes` bytes in all. An empty batch takes any
 /// message up to [`MAX_MESSAGE_BYTES`].
+/// `SendMessageBatch` calls in flight per standard queue.
+const BATCHES_IN_FLIGHT: usize = 4;
+
 fn batch_has_room(entries: usize, bytes: usize, size: usize) -> bool {
     entries == 0 || (entries < MAX_BATCH_ENTRIES && bytes + size <= MAX_BATCH_BYTES)
 }
@@ -304,6 +311,8 @@ impl SqsPublisher {
                     connected,
                     endpoint: status.endpoint.clone(),
                     last_error: error.clone(),
+                    blocked: None,
+                    queue_errors: Vec::new(),
                     changed_at: chrono::Utc::now(),
                 };
             }
@@ -610,6 +619,9 @@ impl SqsPublisher {
 
     /// Encodes an entry as kombu would send it to `sqs_name`.
     fn prepare(&self, index: usize, entry: &PendingEntry, sqs_name: &str) -> Result<OutgoingMessage, PublishError> {
+        if PublishError::has_expired(&entry.task, chrono::Utc::now()) {
+            return Err(PublishError::expired());
+        }
         let message = celery::encode(&entry.task, &self.origin);
         let body = celery::sqs_message_body(
             &message,
@@ -742,20 +754,11 @@ impl SqsPublisher {
                 .collect();
         };
         let mut results: Vec<Option<PublishResult>> = vec![None; entries.len()];
-        let mut sender = LaneSender {
-            publisher: self,
-            client,
-            sqs_name: self.queue_name(lane.as_str()),
-            queue_url: None,
-            batch: Vec::with_capacity(MAX_BATCH_ENTRIES),
-            batch_bytes: 0,
-            halted: None,
-        };
+        let sqs_name = self.queue_name(lane.as_str());
+        // Encoded first, a window at a time (about 1.3 KiB a task).
+        let mut batches: Vec<Vec<OutgoingMessage>> = Vec::new();
+        let mut batch_bytes = 0;
         for (index, entry) in entries.iter().enumerate() {
-            if let Some(error) = &sender.halted {
-                results[index] = Some(Err(error.clone()));
-                continue;
-            }
             if !entry.task.queues.iter().any(|queue| queue.as_str() == lane.as_str()) {
                 // Lanes are queues only under SQS; this entry was accepted
                 // with another broker's lanes (e.g. the AMQP exchange).
@@ -772,92 +775,85 @@ impl SqsPublisher {
                 ))));
                 continue;
             }
-            // Encoded one batch at a time: memory holds one batch of
-            // messages, not the whole window.
-            match self.prepare(index, entry, &sender.sqs_name) {
+            match self.prepare(index, entry, &sqs_name) {
                 Ok(message) => {
-                    if !batch_has_room(sender.batch.len(), sender.batch_bytes, message.body.len()) {
-                        sender.flush(&mut results).await;
-                    }
-                    match &sender.halted {
-                        Some(error) => results[index] = Some(Err(error.clone())),
-                        None => sender.push(message),
+                    let size = message.body.len();
+                    match batches.last_mut() {
+                        Some(batch) if batch_has_room(batch.len(), batch_bytes, size) => {
+                            batch_bytes += size;
+                            batch.push(message);
+                        }
+                        _ => {
+                            batch_bytes = size;
+                            batches.push(vec![message]);
+                        }
                     }
                 }
                 Err(error) => results[index] = Some(Err(error)),
             }
         }
-        sender.flush(&mut results).await;
-        results
-            .into_iter()
-            .map(|result| result.unwrap_or_else(|| Err(PublishError::Transient("not published".into()))))
-            .collect()
-    }
-}
-
-/// Sends one lane's window in order, one `SendMessageBatch` call at a
-/// time. After a transient failure it halts: the rest of the window would
-/// overtake the entries that will be retried.
-struct LaneSender<'a> {
-    publisher: &'a SqsPublisher,
-    client: &'a Client,
-    sqs_name: String,
-    /// Resolved before the first call.
-    queue_url: Option<String>,
-    batch: Vec<OutgoingMessage>,
-    batch_bytes: usize,
-    /// Once set, what every entry not yet sent gets instead.
-    halted: Option<PublishError>,
-}
-
-impl LaneSender<'_> {
-    fn push(&mut self, message: OutgoingMessage) {
-        self.batch_bytes += message.body.len();
-        self.batch.push(message);
-    }
-
-    /// Sends the batch being built and records its results.
-    async fn flush(&mut self, results: &mut [Option<PublishResult>]) {
-        let batch = std::mem::take(&mut self.batch);
-        self.batch_bytes = 0;
-        if batch.is_empty() {
-            return;
+        if batches.is_empty() {
+            return finish(results);
         }
-        if self.halted.is_none() && self.queue_url.is_none() {
-            match self.publisher.queue_url(self.client, &self.sqs_name).await {
-                Ok(url) => self.queue_url = Some(url),
-                Err(failure) => {
-                    self.halted = Some(failure.to_publish_error(&self.sqs_name, self.publisher.create_queues))
+        let queue_url = match self.queue_url(client, &sqs_name).await {
+            Ok(url) => url,
+            Err(failure) => {
+                let error = failure.to_publish_error(&sqs_name, self.create_queues);
+                for message in batches.iter().flatten() {
+                    results[message.index] = Some(Err(error.clone()));
                 }
+                return finish(results);
             }
-        }
-        let (Some(queue_url), None) = (&self.queue_url, &self.halted) else {
-            let error = self.halted.clone().expect("halted without a queue URL");
-            for message in &batch {
-                results[message.index] = Some(Err(error.clone()));
-            }
-            return;
         };
-        let messages: Vec<&OutgoingMessage> = batch.iter().collect();
-        let batch_results = self
-            .publisher
-            .send_batch(self.client, &self.sqs_name, queue_url, &messages)
-            .await;
-        for (message, result) in batch.iter().zip(batch_results) {
-            if let Err(error) = &result {
-                if error.is_retryable() {
-                    // What follows in this queue is not sent (order), so it
-                    // is not an attempt on those tasks.
-                    self.halted.get_or_insert_with(|| {
-                        PublishError::Unsent(format!(
-                            "held back to keep queue order after an earlier failure: {error}"
-                        ))
-                    });
+        // Several batches in flight on a standard queue, so a backlog
+        // drains at the API's pace rather than one round trip at a time;
+        // one at a time on a FIFO queue, whose order is the order SQS
+        // receives the calls in. After a retryable failure nothing more is
+        // sent (the relay completes nothing behind the first failure).
+        let in_flight = if is_fifo(&sqs_name) { 1 } else { BATCHES_IN_FLIGHT };
+        let halted: Mutex<Option<PublishError>> = Mutex::new(None);
+        let sent: Vec<(Vec<OutgoingMessage>, Vec<PublishResult>)> = futures_util::stream::iter(batches)
+            .map(|batch| {
+                let (halted, sqs_name, queue_url) = (&halted, &sqs_name, &queue_url);
+                async move {
+                    if let Some(error) = halted.lock().expect("halted lock").clone() {
+                        let results = vec![Err(error); batch.len()];
+                        return (batch, results);
+                    }
+                    let messages: Vec<&OutgoingMessage> = batch.iter().collect();
+                    let results = self.send_batch(client, sqs_name, queue_url, &messages).await;
+                    if let Some(error) = results.iter().find_map(|result| result.as_ref().err()) {
+                        if error.is_retryable() {
+                            // What follows in this queue is not sent (order),
+                            // so it is not an attempt on those tasks.
+                            halted.lock().expect("halted lock").get_or_insert_with(|| {
+                                PublishError::Unsent(format!(
+                                    "held back to keep queue order after an earlier failure: {error}"
+                                ))
+                            });
+                        }
+                    }
+                    (batch, results)
                 }
+            })
+            .buffered(in_flight)
+            .collect()
+            .await;
+        for (batch, batch_results) in sent {
+            for (message, result) in batch.iter().zip(batch_results) {
+                results[message.index] = Some(result);
             }
-            results[message.index] = Some(result);
         }
+        finish(results)
     }
+}
+
+/// Every entry's result; one never reached is a transient failure.
+fn finish(results: Vec<Option<PublishResult>>) -> Vec<PublishResult> {
+    results
+        .into_iter()
+        .map(|result| result.unwrap_or_else(|| Err(PublishError::Transient("not published".into()))))
+        .collect()
 }
 
 impl Publisher for SqsPublisher {

@@ -509,3 +509,5 @@ mod tests {
         assert_eq!(seconds_value(Some(0.5)).to_string(), "0.5");
     }
 }
+#[cfg(test)]
+mod decode_proptests;

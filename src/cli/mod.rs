@@ -141,9 +141,14 @@ fn migrate(settings: &config::Settings, json: bool) -> ExitCode {
     }
 }
 
+/// Without `RUST_LOG`: info, lapin's own chatter at warn, and lapin's
+/// returned-message warning (the whole message as bytes) off, since the
+/// AMQP publisher logs a returned message as one readable line.
+const DEFAULT_LOG_FILTER: &str = "info,lapin=warn,lapin::returned_messages=error";
+
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,lapin=warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

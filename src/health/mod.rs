@@ -3,8 +3,10 @@
 //! Inputs are the broker connection, the breaker, the outbox and tracking.
 //! Rules:
 //! - `fail` (HTTP 503): tasks cannot be accepted (outbox full or failing).
-//! - `warn`: still accepting, but spooling: broker disconnected, breaker
-//!   not closed, or a backlog older than `warn_backlog_age_seconds`.
+//! - `warn`: still accepting, but spooling: broker disconnected or
+//!   blocking the connection (`connection.blocked`), breaker
+//!   not closed, the relay paused by an operator (`relay:state`), or a
+//!   backlog older than `warn_backlog_age_seconds`.
 //! - `pass`: broker connected and breaker closed.
 //! - Tracking (`tracking:database`, `tracking:syncQueue`) can only warn,
 //!   never fail: a database outage does not stop acceptance (tasks wait in
@@ -15,7 +17,8 @@
 //!   consumer is disconnected.
 //!
 //! `async_available` (what a UI reads to grey out buttons) is true only
-//! while the broker is connected and the breaker closed.
+//! while the broker is connected and not blocking, the breaker closed and
+//! the relay not paused.
 //!
 //! A monitor task recomputes the report on every broker or breaker change
 //! and a few times a second, and publishes it through a `watch` channel
@@ -135,17 +138,26 @@ pub fn compute(
         ),
     };
     let failed_store = outbox.storage_failure();
+    // The holds as saved: they are saved before they take effect, and a
+    // pause would otherwise show only once the backlog grew old.
+    let paused = outbox.operator_holds().is_ok_and(|holds| holds.relay_paused);
     let has_room = outbox.has_room() && storage_error.is_none();
     let breaker_closed = breaker.state.is_closed();
     let stale_backlog = oldest_age.is_some_and(|age| age > warn_backlog_age_seconds);
     let status = if !has_room {
         HealthStatus::Fail
-    } else if !broker.connected || !breaker_closed || stale_backlog {
+    } else if !broker.connected
+        || broker.blocked.is_some()
+        || !broker.queue_errors.is_empty()
+        || !breaker_closed
+        || stale_backlog
+        || paused
+    {
         HealthStatus::Warn
     } else {
         HealthStatus::Pass
     };
-    let broker_check_status = if broker.connected {
+    let broker_check_status = if broker.connected && broker.blocked.is_none() {
         HealthStatus::Pass
     } else {
         HealthStatus::Warn
@@ -157,7 +169,12 @@ pub fn compute(
         "endpoint": broker.endpoint,
         "time": broker.changed_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
     });
-    if let Some(error) = &broker.last_error {
+    if let Some(reason) = &broker.blocked {
+        broker_check["output"] = json!(format!(
+            "the broker blocked the connection ({reason}): nothing is published until it unblocks; \
+             tasks are accepted and kept"
+        ));
+    } else if let Some(error) = &broker.last_error {
         broker_check["output"] = json!(error);
     }
     let breaker_check_status = if breaker_closed {
@@ -193,15 +210,49 @@ pub fn compute(
     };
     let mut checks = serde_json::Map::new();
     checks.insert("broker:connection".into(), json!([broker_check]));
-    checks.insert(
-        "breaker:state".into(),
-        json!([{
-            "componentType": "component",
-            "status": check_status(breaker_check_status),
-            "observedValue": breaker.state.as_str(),
-            "time": breaker.changed_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-        }]),
-    );
+    let mut breaker_check = json!({
+        "componentType": "component",
+        "status": check_status(breaker_check_status),
+        "observedValue": breaker.state.as_str(),
+        "time": breaker.changed_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+    });
+    match breaker.state {
+        BreakerState::ForcedOpen => {
+            breaker_check["output"] =
+                json!("forced open by an operator: nothing is published until `taskgate breaker release`");
+        }
+        BreakerState::ForcedClosed => {
+            breaker_check["output"] =
+                json!("forced closed by an operator: failures do not open it until `taskgate breaker release`");
+        }
+        _ => {}
+    }
+    checks.insert("breaker:state".into(), json!([breaker_check]));
+    let mut relay_check = json!({
+        "componentType": "component",
+        "status": check_status(if paused { HealthStatus::Warn } else { HealthStatus::Pass }),
+        "observedValue": if paused { "paused" } else { "running" },
+        "time": time,
+    });
+    if paused {
+        relay_check["output"] = json!(
+            "paused by an operator: tasks are accepted and kept, nothing is published until \
+             `taskgate outbox resume` (POST /v1/outbox/resume)"
+        );
+    }
+    checks.insert("relay:state".into(), json!([relay_check]));
+    if !broker.queue_errors.is_empty() {
+        checks.insert(
+            "broker:topology".into(),
+            json!([{
+                "componentType": "component",
+                "status": "warn",
+                "observedValue": broker.queue_errors.len(),
+                "output": broker.queue_errors.join("; "),
+                "time": time,
+            }]),
+        );
+    }
     checks.insert("outbox:depth".into(), json!([depth_check]));
     checks.insert("outbox:storage".into(), json!([storage_check(failed_store, &time)]));
     checks.insert(
@@ -216,7 +267,11 @@ pub fn compute(
     );
     HealthReport {
         status,
-        async_available: broker.connected && breaker_closed && failed_store.is_none(),
+        async_available: broker.connected
+            && broker.blocked.is_none()
+            && breaker_closed
+            && failed_store.is_none()
+            && !paused,
         version: env!("CARGO_PKG_VERSION"),
         release_id: env!("CARGO_PKG_VERSION"),
         description: "taskgate broker gateway",

@@ -3,17 +3,25 @@
 //!
 //! None of them waits on the broker or a database: they read state that
 //! background tasks keep current.
+//!
+//! The event stream is capped at `http.max_event_subscribers` concurrent
+//! subscribers ([`EventSubscribers`]): past it a new one gets 503 at once.
+//! A slot is held by the stream itself, so it is freed as soon as the
+//! server drops the response body: when the client goes away (hyper sees
+//! the connection close) or the server closes the connection.
 
+use super::problem::Problem;
 use super::AppState;
 use crate::health::{self, HealthReport, HealthStatus};
-use axum::extract::State;
+use axum::extract::{Extension, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use futures_util::Stream;
 use serde_json::json;
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::Semaphore;
 use tokio_stream::wrappers::WatchStream;
 use tokio_stream::StreamExt;
 
@@ -79,14 +87,56 @@ pub async fn health(State(state): State<AppState>) -> Response {
     response
 }
 
+/// Subscriber slots of `GET /v1/health/stream`; cheap to clone.
+#[derive(Clone)]
+pub struct EventSubscribers(Arc<Semaphore>);
+
+impl EventSubscribers {
+    pub fn new(max: usize) -> Self {
+        Self(Arc::new(Semaphore::new(max)))
+    }
+}
+
+/// Counted when a subscriber is refused because every slot is taken.
+pub const REFUSED_SUBSCRIBERS_METRIC: &str = "taskgate_event_subscribers_refused_total";
+
+/// The comment lines that keep an idle stream alive: often enough that
+/// the server's stall bound (`http.idle_timeout_ms` without progress)
+/// never closes a healthy subscriber, at most every 15 s.
+fn keep_alive_interval(idle_timeout_ms: u64) -> Duration {
+    Duration::from_millis((idle_timeout_ms / 3).clamp(100, 15_000))
+}
+
 /// One `health` event now, then one per health change.
-pub async fn health_stream(State(state): State<AppState>) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+pub async fn health_stream(
+    State(state): State<AppState>,
+    Extension(subscribers): Extension<EventSubscribers>,
+) -> Response {
+    let Ok(slot) = subscribers.0.clone().try_acquire_owned() else {
+        metrics::counter!(REFUSED_SUBSCRIBERS_METRIC).increment(1);
+        let max = state.settings.http.max_event_subscribers;
+        return Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too-many-subscribers",
+            "Too many event-stream subscribers",
+            format!(
+                "{max} clients already follow /v1/health/stream (http.max_event_subscribers); poll /v1/health \
+                 or retry later"
+            ),
+        )
+        .retry_after(5)
+        .into_response();
+    };
     current_report(&state);
-    let stream = WatchStream::new(state.health.subscribe()).map(|report| {
+    let stream = WatchStream::new(state.health.subscribe()).map(move |report| {
+        // The slot lives as long as the stream, which is the response body.
+        let _slot = &slot;
         let data = serde_json::to_string(&report).unwrap_or_default();
-        Ok(Event::default().event("health").data(data))
+        Ok::<_, Infallible>(Event::default().event("health").data(data))
     });
-    Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+    Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(keep_alive_interval(state.settings.http.idle_timeout_ms)))
+        .into_response()
 }
 
 pub async fn metrics(State(state): State<AppState>) -> Response {

@@ -1,15 +1,22 @@
 //! The HTTP API (axum): routes, shared state, body limits and the
 //! problem+json fallbacks.
 //!
+//! Every request passes the edge guard ([`guard`]: Host, Content-Type,
+//! Origin) before any handler, and the task-accepting routes the submit
+//! token; the connection bounds (cap, timeouts) are the server's
+//! ([`server`]).
+//!
 //! Handlers never wait on the broker or a database: accepting a task waits
 //! only for the outbox's group commit. Reads of tracked tasks
 //! (`GET /v1/tasks`, `GET /v1/tasks/{id}`) ask the tracking database with
 //! a bound, and not at all while it is known to be unreachable.
 
 pub mod admin;
+pub mod guard;
 pub mod health;
 pub mod openapi;
 pub mod problem;
+pub mod server;
 pub mod status_page;
 pub mod tasks;
 
@@ -21,7 +28,7 @@ use crate::relay::breaker::Breaker;
 use crate::relay::Relay;
 use crate::task::registry::Registry;
 use crate::task::routing::Router;
-use axum::extract::DefaultBodyLimit;
+use axum::extract::{DefaultBodyLimit, Extension};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
@@ -47,14 +54,24 @@ pub struct AppState {
 
 pub fn router(state: AppState) -> axum::Router {
     let max_body = state.settings.http.max_body_bytes;
+    let edge = Arc::new(guard::EdgePolicy::new(&state.settings.http.allowed_hosts));
+    let subscribers = health::EventSubscribers::new(state.settings.http.max_event_subscribers);
+    // A route layer: checked before the body is read, on the POSTs only.
+    let submit = axum::middleware::from_fn_with_state(state.clone(), guard::require_submitter);
     axum::Router::new()
-        .route("/v1/tasks", post(tasks::post_task).get(tasks::list_tasks))
-        .route("/v1/tasks/batch", post(tasks::post_batch))
+        .route(
+            "/v1/tasks",
+            get(tasks::list_tasks).merge(post(tasks::post_task).route_layer(submit.clone())),
+        )
+        .route("/v1/tasks/batch", post(tasks::post_batch).route_layer(submit))
         .route("/v1/tasks/{id}", get(tasks::get_task))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/v1/health", get(health::health))
-        .route("/v1/health/stream", get(health::health_stream))
+        .route(
+            "/v1/health/stream",
+            get(health::health_stream).layer(Extension(subscribers)),
+        )
         .route("/metrics", get(health::metrics))
         .route("/", get(status_page::status_page))
         .merge(admin::routes(&state))
@@ -62,6 +79,8 @@ pub fn router(state: AppState) -> axum::Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))
+        // Last, so it wraps everything above, fallbacks included.
+        .layer(axum::middleware::from_fn_with_state(edge, guard::edge_guard))
         .with_state(state)
 }
 

@@ -245,10 +245,31 @@ fn idempotency_key() -> utoipa::openapi::path::Parameter {
         .build()
 }
 
-/// The errors every task-accepting route can answer with.
+/// The errors every task-accepting route can answer with (the edge's are
+/// added to every operation by [`add_edge_responses`]).
 fn accept_errors(operation: OperationBuilder) -> OperationBuilder {
     operation
+        // Open without http.submit_token; with it, the bearer token.
+        .security(SecurityRequirement::default())
+        .security(SecurityRequirement::new(SUBMIT_SECURITY, Vec::<String>::new()))
         .response("400", problem("Malformed JSON, or an invalid Idempotency-Key"))
+        .response(
+            "401",
+            ResponseBuilder::new()
+                .description(
+                    "http.submit_token is set and the request has no `Authorization: Bearer` header with it \
+                     (or with the admin token)",
+                )
+                .content(PROBLEM_JSON, content("Problem"))
+                .header(
+                    header::WWW_AUTHENTICATE.as_str(),
+                    HeaderBuilder::new()
+                        .schema(Some(string_schema(None)))
+                        .description(Some("`Bearer realm=\"taskgate\"`"))
+                        .build(),
+                )
+                .build(),
+        )
         .response("409", problem("The client-chosen task id was already accepted"))
         .response("413", problem("The body exceeds http.max_body_bytes"))
         .response(
@@ -330,6 +351,68 @@ fn path_parameter(name: &str, kind: Type, description: &str) -> utoipa::openapi:
 }
 
 const ADMIN_SECURITY: &str = "admin_token";
+const SUBMIT_SECURITY: &str = "submit_token";
+
+/// The refusals of the edge (`src/http/guard.rs`, `src/http/server.rs`),
+/// added to every operation where they can happen, so that no route can be
+/// documented without them.
+fn add_edge_responses(document: &mut OpenApi) {
+    use utoipa::openapi::path::Operation;
+    fn add(operation: &mut Operation, status: &str, response: utoipa::openapi::Response) {
+        operation
+            .responses
+            .responses
+            .entry(status.to_owned())
+            .or_insert(RefOr::T(response));
+    }
+    for (path, item) in document.paths.paths.iter_mut() {
+        let is_stream = path == "/v1/health/stream";
+        let reads = [&mut item.get, &mut item.head, &mut item.options, &mut item.trace];
+        for operation in reads.into_iter().flatten() {
+            add(
+                operation,
+                "421",
+                problem("The Host header is not a loopback name nor one of http.allowed_hosts"),
+            );
+            if !is_stream {
+                add(
+                    operation,
+                    "408",
+                    problem("No answer within http.request_timeout_ms of the request header"),
+                );
+            }
+        }
+        let media = match path.as_str() {
+            "/v1/tasks" | "/v1/tasks/batch" => "The request is not sent as Content-Type: application/json",
+            "/v1/outbox/import" => "A body, or a Content-Type, other than application/x-ndjson",
+            _ => "A body, or a Content-Type, other than application/json (a body-less request needs none)",
+        };
+        let writes = [&mut item.post, &mut item.put, &mut item.patch, &mut item.delete];
+        for operation in writes.into_iter().flatten() {
+            add(
+                operation,
+                "421",
+                problem("The Host header is not a loopback name nor one of http.allowed_hosts; nothing was changed"),
+            );
+            add(
+                operation,
+                "408",
+                problem(
+                    "The request body was not received within http.request_timeout_ms of the header; nothing \
+                     was changed (a request received in full is always answered by its handler)",
+                ),
+            );
+            add(operation, "415", problem(media));
+            const CROSS_SITE: &str = "a cross-site request: Sec-Fetch-Site: cross-site, or an Origin that \
+                                      is neither this gateway's own nor a host of http.allowed_hosts \
+                                      (Origin: null included); nothing was changed";
+            match operation.responses.responses.get_mut("403") {
+                Some(RefOr::T(existing)) => existing.description = format!("{}; or {CROSS_SITE}", existing.description),
+                _ => add(operation, "403", problem(&format!("Refused: {CROSS_SITE}"))),
+            }
+        }
+    }
+}
 
 /// An admin operation: Bearer token, and the refusals of the admin guard.
 fn admin(id: &str, summary: &str) -> OperationBuilder {
@@ -859,6 +942,13 @@ fn paths() -> PathsBuilder {
                             .description("An endless text/event-stream")
                             .content("text/event-stream", text_content())
                             .build(),
+                    )
+                    .response(
+                        "503",
+                        retry_after_problem(
+                            "http.max_event_subscribers clients already follow the stream; a slot frees when one \
+                             goes away",
+                        ),
                     ),
             ),
         )
@@ -989,6 +1079,18 @@ pub fn document() -> OpenApi {
         // without the descriptions.
         .schema("TaskRequest", task_request_schema())
         .security_scheme(
+            SUBMIT_SECURITY,
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(
+                        "http.submit_token (the admin token is accepted too), required by the task-accepting \
+                         routes only when it is set.",
+                    ))
+                    .build(),
+            ),
+        )
+        .security_scheme(
             ADMIN_SECURITY,
             SecurityScheme::Http(
                 HttpBuilder::new()
@@ -1001,7 +1103,7 @@ pub fn document() -> OpenApi {
             ),
         )
         .build();
-    OpenApiBuilder::new()
+    let mut document = OpenApiBuilder::new()
         .info(
             InfoBuilder::new()
                 .title("taskgate")
@@ -1009,7 +1111,10 @@ pub fn document() -> OpenApi {
                 .description(Some(
                     "A resilient broker gateway: tasks posted here are made durable in a local outbox and \
                      published to RabbitMQ or SQS as Celery protocol-v2 messages. Errors are RFC 9457 \
-                     application/problem+json.",
+                     application/problem+json. Every request needs a loopback Host (or one of \
+                     http.allowed_hosts), else 421; state-changing requests are refused cross-site (403) and \
+                     take JSON only (415). A connection past http.max_connections is answered 503 and closed \
+                     without running any handler.",
                 ))
                 .build(),
         )
@@ -1029,7 +1134,9 @@ pub fn document() -> OpenApi {
                 .description(Some("This description"))
                 .build(),
         ]))
-        .build()
+        .build();
+    add_edge_responses(&mut document);
+    document
 }
 
 /// `GET /openapi.json`. The document is rendered once and reused.

@@ -450,3 +450,5 @@ pub async fn list_tasks(State(state): State<AppState>, query: Result<Query<ListQ
         Err(problem) => problem.into_response(),
     }
 }
+#[cfg(test)]
+mod request_proptests;

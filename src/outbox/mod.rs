@@ -423,6 +423,21 @@ struct PersistedCounters {
     journal: Option<u64>,
 }
 
+impl PersistedCounters {
+    /// Whether the counts, summed, are ones a store could hold (below
+    /// 2^48). A record that says more is damaged and is not believed: the
+    /// entries are counted again instead, and arithmetic on the counters
+    /// can never overflow.
+    fn is_plausible(&self) -> bool {
+        let counts = self.lanes.iter().flat_map(|(_, depth, bytes)| [*depth, *bytes]);
+        let counts = counts.chain(self.queues.iter().map(|(_, depth)| *depth));
+        counts
+            .chain([self.dead_letters, self.journal.unwrap_or(0)])
+            .try_fold(0u64, u64::checked_add)
+            .is_some_and(|total| total < 1 << 48)
+    }
+}
+
 /// Applies `operations` and the counters as `change` leaves them in one
 /// atomic batch, then makes the new counters current. The counters lock is
 /// held throughout, so records are written in the order the counters
@@ -542,7 +557,8 @@ fn parse_pending_key(key: &[u8]) -> Option<(Lane, u64)> {
         return None;
     }
     let (lane, sequence) = rest.split_at(rest.len() - 9);
-    let lane = std::str::from_utf8(lane).ok()?;
+    // A damaged key may hold a `\0` in the lane part; no lane has one.
+    let lane = std::str::from_utf8(lane).ok().filter(|lane| !lane.contains('\0'))?;
     let sequence = u64::from_be_bytes(sequence[1..].try_into().ok()?);
     Some((Lane::new(lane), sequence))
 }
@@ -652,7 +668,8 @@ impl Outbox {
         let storage: Arc<dyn OutboxStorage> = Arc::new(failure::GuardedStorage::new(storage, failure.clone()));
         let stored = storage
             .get(COUNTERS)?
-            .and_then(|bytes| serde_json::from_slice::<PersistedCounters>(&bytes).ok());
+            .and_then(|bytes| serde_json::from_slice::<PersistedCounters>(&bytes).ok())
+            .filter(PersistedCounters::is_plausible);
         let stored_journal = stored.as_ref().and_then(|record| record.journal);
         let complete_record = stored_journal.is_some();
         let (mut counters, highest_pending) = match stored {
@@ -677,7 +694,19 @@ impl Outbox {
             .get(SEQUENCE_RESERVED)?
             .and_then(|bytes| bytes.try_into().ok().map(u64::from_be_bytes))
             .unwrap_or(0);
-        let next = reserved.max(highest_sequence + 1);
+        let next = reserved.max(highest_sequence.saturating_add(1));
+        // Sequences are handed out one by one from 0: one this large comes
+        // from a damaged record or key, and allocating past it would
+        // overflow (or, wrapped, overwrite pending tasks).
+        if next >= 1 << 62 {
+            return Err(StorageError::Corrupt(format!(
+                "the outbox at {} is damaged: its sequence record or a key holds sequence {next}, far past any \
+                 ever handed out. taskgate cannot use it: recover its tasks into a new outbox with \
+                 `taskgate outbox salvage --offline --to-outbox NEW_DIR` (docs/operations.md, \"A damaged outbox\")",
+                settings.path.display()
+            ))
+            .into());
+        }
         let insert_lock = Arc::new(Mutex::new(SequenceState { next, reserved: next }));
         let counters = Arc::new(Mutex::new(counters));
         let refusing = Arc::new(AtomicBool::new(false));
@@ -949,7 +978,7 @@ impl Outbox {
         for entry in entries {
             if let Some(mut status) = self.status(&entry.task.id)? {
                 if attempt == Attempt::Made {
-                    status.attempts += 1;
+                    status.attempts = status.attempts.saturating_add(1);
                 }
                 status.last_error = Some(error.to_owned());
                 operations.push((status_key(&entry.task.id), Some(serde_json::to_vec(&status)?)));
@@ -960,12 +989,16 @@ impl Outbox {
     }
 
     /// Moves an entry to the dead letters with the reason; the lane goes on.
-    pub fn dead_letter(&self, entry: &PendingEntry, reason: &str) -> Result<(), OutboxError> {
+    /// `attempt` says whether the broker saw it (a task that expired while
+    /// spooled never reached it).
+    pub fn dead_letter(&self, entry: &PendingEntry, reason: &str, attempt: Attempt) -> Result<(), OutboxError> {
         let _status_guard = self.status_lock.lock().expect("status lock poisoned");
         let mut operations = vec![(entry.key(), None)];
         let mut attempts = 0;
         if let Some(mut status) = self.status(&entry.task.id)? {
-            status.attempts += 1;
+            if attempt == Attempt::Made {
+                status.attempts = status.attempts.saturating_add(1);
+            }
             attempts = status.attempts;
             status.state = TaskState::DeadLetter;
             status.last_error = Some(reason.to_owned());
@@ -1008,7 +1041,14 @@ impl Outbox {
         self.storage
             .scan(DEAD, after_key.as_deref(), limit)?
             .into_iter()
-            .map(|(_, value)| serde_json::from_slice(&value).map_err(OutboxError::from))
+            // The key says which letter a record is, whatever a damaged
+            // record claims: callers page and requeue by it.
+            .filter_map(|(key, value)| Some((<[u8; 8]>::try_from(key.strip_prefix(DEAD)?).ok()?, value)))
+            .map(|(sequence, value)| {
+                let mut letter: DeadLetter = serde_json::from_slice(&value)?;
+                letter.sequence = u64::from_be_bytes(sequence);
+                Ok(letter)
+            })
             .collect()
     }
 
@@ -1173,5 +1213,7 @@ impl Outbox {
     }
 }
 
+#[cfg(test)]
+mod record_proptests;
 #[cfg(test)]
 mod tests;

@@ -397,7 +397,11 @@ impl Outbox {
     /// The dead letter with this id (its sequence), if any.
     pub fn dead_letter_entry(&self, id: u64) -> Result<Option<DeadLetterEntry>, OutboxError> {
         match self.storage.get(&dead_key(id))? {
-            Some(bytes) => Ok(Some(serde_json::from_slice::<DeadLetter>(&bytes)?.into())),
+            Some(bytes) => {
+                let mut letter: DeadLetter = serde_json::from_slice(&bytes)?;
+                letter.sequence = id;
+                Ok(Some(letter.into()))
+            }
             None => Ok(None),
         }
     }
@@ -543,8 +547,16 @@ impl Outbox {
                 return Ok(removed);
             }
             for (key, _) in page {
-                let id = u64::from_be_bytes(key[DEAD.len()..].try_into().expect("8-byte dead-letter key"));
-                if self.delete_dead_letter(id)?.is_some() {
+                let Ok(id) = <[u8; 8]>::try_from(&key[DEAD.len()..]) else {
+                    // Not a dead letter's key (a damaged record): removed
+                    // as it is, or the purge would find it again forever.
+                    apply_counted(self.storage.as_ref(), &self.counters, vec![(key, None)], |counters| {
+                        counters.dead_letters = counters.dead_letters.saturating_sub(1);
+                    })?;
+                    removed += 1;
+                    continue;
+                };
+                if self.delete_dead_letter(u64::from_be_bytes(id))?.is_some() {
                     removed += 1;
                 }
             }
@@ -707,7 +719,9 @@ mod tests {
         let tasks: Vec<Task> = (0..3).map(|n| task(n, &["export"])).collect();
         accept_each(&outbox, &tasks, |_| vec![exchange()]).await;
         let head = outbox.head(&exchange(), 1).unwrap();
-        outbox.dead_letter(&head[0], "returned: NO_ROUTE").unwrap();
+        outbox
+            .dead_letter(&head[0], "returned: NO_ROUTE", crate::outbox::Attempt::Made)
+            .unwrap();
         assert_eq!(outbox.report(false).unwrap().dead_letters, 1);
         let letters = outbox.dead_letters(None, 10).unwrap();
         let id = letters[0].sequence;
@@ -751,7 +765,9 @@ mod tests {
         let tasks: Vec<Task> = (0..4).map(|n| task(n, &["export"])).collect();
         accept_each(&outbox, &tasks, |_| vec![exchange()]).await;
         for entry in outbox.head(&exchange(), 10).unwrap() {
-            outbox.dead_letter(&entry, "too large").unwrap();
+            outbox
+                .dead_letter(&entry, "too large", crate::outbox::Attempt::Made)
+                .unwrap();
         }
         let ids: Vec<u64> = outbox
             .dead_letters(None, 10)
@@ -776,7 +792,9 @@ mod tests {
         );
         assert_eq!(outbox.depth(), 3);
         for entry in outbox.head(&exchange(), 10).unwrap() {
-            outbox.dead_letter(&entry, "still too large").unwrap();
+            outbox
+                .dead_letter(&entry, "still too large", crate::outbox::Attempt::Made)
+                .unwrap();
         }
         assert_eq!(outbox.purge_dead_letters().unwrap(), 3);
         let report = outbox.report(false).unwrap();
@@ -795,7 +813,9 @@ mod tests {
         let first = task(0, &["export"]);
         accept_each(&outbox, std::slice::from_ref(&first), |_| vec![exchange()]).await;
         let entry = outbox.head(&exchange(), 1).unwrap().remove(0);
-        outbox.dead_letter(&entry, "poison").unwrap();
+        outbox
+            .dead_letter(&entry, "poison", crate::outbox::Attempt::Made)
+            .unwrap();
         let mut filler = task(1, &["export"]);
         filler.kwargs.insert("blob".into(), json!("x".repeat(3600)));
         accept_each(&outbox, std::slice::from_ref(&filler), |_| vec![exchange()]).await;

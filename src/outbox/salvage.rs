@@ -556,7 +556,9 @@ fn discover_lanes(db: &sled::Db, counters: Option<&PersistedCounters>) -> Vec<La
 
 fn take_inventory(db: &sled::Db) -> Inventory {
     let mut inventory = Inventory {
-        counters: get(db, COUNTERS).and_then(|bytes| serde_json::from_slice(&bytes).ok()),
+        counters: get(db, COUNTERS)
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .filter(PersistedCounters::is_plausible),
         holds: get(db, OPERATOR_HOLDS).and_then(|bytes| serde_json::from_slice(&bytes).ok()),
         ..Inventory::default()
     };
@@ -834,7 +836,10 @@ fn raw_scan(
         let Some(lsn) = lsn else { return };
         for at in find_all(bytes, b"{\"lanes\":[") {
             let mut reader = serde_json::Deserializer::from_slice(&bytes[at..]);
-            if let Ok(record) = PersistedCounters::deserialize(&mut reader) {
+            if let Some(record) = PersistedCounters::deserialize(&mut reader)
+                .ok()
+                .filter(PersistedCounters::is_plausible)
+            {
                 if newest_counters.as_ref().is_none_or(|(newest, _)| (lsn, at) > *newest) {
                     newest_counters = Some(((lsn, at), record));
                 }
@@ -1310,7 +1315,9 @@ mod tests {
                     .unwrap();
             }
             let head = outbox.head(&Lane::new("a"), 1).unwrap();
-            outbox.dead_letter(&head[0], "poison").unwrap();
+            outbox
+                .dead_letter(&head[0], "poison", crate::outbox::Attempt::Made)
+                .unwrap();
             outbox
                 .save_operator_holds(&OperatorHolds {
                     relay_paused: true,
@@ -1385,3 +1392,5 @@ mod tests {
         );
     }
 }
+#[cfg(test)]
+mod salvage_proptests;

@@ -479,8 +479,8 @@ async fn stored_counters_follow_every_change_and_survive_reopen() {
         outbox.complete(&head.iter().collect::<Vec<_>>()).unwrap();
         assert_counters_match_a_scan(&outbox);
         let next = outbox.head(&lane(), 2).unwrap();
-        outbox.dead_letter(&next[0], "refused").unwrap();
-        outbox.dead_letter(&next[1], "refused").unwrap();
+        outbox.dead_letter(&next[0], "refused", Attempt::Made).unwrap();
+        outbox.dead_letter(&next[1], "refused", Attempt::Made).unwrap();
         assert_counters_match_a_scan(&outbox);
         outbox.requeue_dead_letter(next[0].sequence).unwrap();
         outbox.delete_dead_letter(next[1].sequence).unwrap();

@@ -6,27 +6,34 @@
 //!   across retries and restarts; an entry leaves the outbox only when the
 //!   publisher confirmed it, or as a dead letter when the failure is
 //!   permanent (so one poison message never blocks its lane).
-//! - A window is at most `publish_window` entries of one lane; a window
-//!   with any transient failure counts once against the breaker and ends
-//!   the round.
-//! - Windows are pipelined, at most [`WINDOWS_PER_ROUND`] per lane and
-//!   round: while a window is with the broker, the next one is read (after
-//!   the last sequence in flight); once every entry of the first is
-//!   confirmed (or permanently refused), the next is published while the
-//!   first one's results are written to the outbox. The broker thus never
-//!   waits for sled, and order holds: a window starts only after the one
-//!   before it was accepted in full.
-//! - Completions are made durable in groups: before a window is sent, one
-//!   flush covers the completion of the window before the previous one
-//!   and the lane's sent mark ([`Outbox::mark_sending`]); a round ends
-//!   with a flush. A crash therefore re-sends at most two windows per lane
-//!   (the one being settled and the one in flight), a failed window at
-//!   most itself, and every re-send is counted in
+//! - A sliding window per lane: at most `publish_window` entries are with
+//!   the broker unconfirmed, sent in [`SLICES_PER_WINDOW`] slices; a slice
+//!   is sent once the one before it was handed to the connection (so the
+//!   order on the wire is the lane's), and each time the oldest slice is
+//!   confirmed and settled the next one is sent. The broker never waits
+//!   for a whole window's confirms, nor for sled. A round sends at most
+//!   [`WINDOWS_PER_ROUND`] windows' worth per lane.
+//! - A slice with a transient failure counts once against the breaker and
+//!   ends the round: from its first failed entry on, nothing more is sent
+//!   and nothing is completed, also in the slices already sent after it
+//!   (their entries are sent again, in order, in the next round).
+//! - Completions are made durable in groups: before a slice is sent, one
+//!   flush covers the completions settled so far and the lane's sent mark
+//!   ([`Outbox::mark_sending`]); a round ends with a flush. A crash
+//!   therefore re-sends at most a window and a slice per lane (what was
+//!   unconfirmed and the slice being settled), a failed slice at most the
+//!   window behind it, and every re-send is counted in
 //!   `taskgate_republished_total`.
 //! - Once the outbox store has failed ([`Outbox::storage_failure`])
 //!   nothing more is sent: a window that could not be completed would be
 //!   sent again and again.
-//! - While the breaker is open nothing is sent; tasks keep spooling.
+//! - While the breaker is open nothing is sent; tasks keep spooling. While
+//!   the broker blocks the connection the breaker is held open; a
+//!   reconnect never requests a probe (the open interval is waited out).
+//! - Order under failures: from the first entry of a window that must be
+//!   retried on, nothing is completed (see [`Relay::settle`]).
+//! - A task whose `expires` passed while spooled is dead-lettered as
+//!   `expired`, never sent.
 //! - Shutdown is observed only between rounds, so a round in flight
 //!   finishes (bounded by the publisher's own timeouts).
 //! - A round runs under the rounds lock; an operator action that removes
@@ -40,11 +47,13 @@
 pub mod breaker;
 pub mod meter;
 
+use crate::broker::error::EXPIRED;
 use crate::broker::{PublishError, Publisher};
 use crate::config::RelaySettings;
 use crate::outbox::{Attempt, Lane, OperatorHolds, Outbox, OutboxError, PendingEntry};
 use breaker::{Breaker, Permit};
 use meter::{PublishMeter, PublishRate};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -61,6 +70,22 @@ const FIRST_CONNECT_WAIT: Duration = Duration::from_secs(5);
 /// Bounds a round (and so how long shutdown or an operator's hold waits for
 /// it) while a deep lane drains.
 const WINDOWS_PER_ROUND: usize = 4;
+/// A window of `publish_window` unconfirmed entries is kept full in this
+/// many slices: as the oldest slice is confirmed and settled, the next is
+/// sent, so the broker never waits for a whole window's confirms.
+const SLICES_PER_WINDOW: usize = 4;
+
+/// A slice with the broker: `handed_over` resolves once all its messages
+/// were handed to the connection in order, `published` with the broker's
+/// answers.
+struct InFlight {
+    /// Taken when awaited (a oneshot is awaited once).
+    handed_over: Option<tokio::sync::oneshot::Receiver<()>>,
+    /// Set as soon as the broker's answers hold a retryable failure, so no
+    /// further slice is sent behind it (it would only be sent again).
+    failed: Arc<AtomicBool>,
+    published: tokio::task::JoinHandle<PublishedWindow>,
+}
 
 /// A window back from the publisher, with the broker's answer per entry.
 type PublishedWindow = (Vec<PendingEntry>, Vec<Result<(), PublishError>>);
@@ -178,6 +203,11 @@ impl Relay {
             _ = tokio::time::timeout(FIRST_CONNECT_WAIT, first_attempt) => {}
             _ = shutdown.cancelled() => {}
         }
+        tokio::spawn(hold_breaker_while_blocked(
+            self.breaker.clone(),
+            self.publisher.status(),
+            shutdown.clone(),
+        ));
         loop {
             if shutdown.is_cancelled() {
                 break;
@@ -194,13 +224,12 @@ impl Relay {
             tokio::select! {
                 _ = self.outbox.wait_for_work() => {}
                 _ = self.wake.notified() => {}
-                changed = broker_status.changed() => {
-                    // A fresh connection is the best moment to probe rather
-                    // than waiting out the open interval.
-                    if changed.is_ok() && broker_status.borrow_and_update().connected {
-                        self.breaker.request_probe();
-                    }
-                }
+                // A connection change is worth a look at once; it does not
+                // request a probe: a reconnect must never cut the breaker's
+                // open interval short (after a publish timed out against a
+                // broker that accepts connections but not messages, that
+                // re-sent the head every few seconds).
+                _ = broker_status.changed() => {}
                 _ = tokio::time::sleep(wait) => {}
                 _ = shutdown.cancelled() => break,
             }
@@ -231,81 +260,107 @@ impl Relay {
         }
     }
 
-    /// Publishes up to [`WINDOWS_PER_ROUND`] windows of `lane`: while one
-    /// window is with the broker the next one is read from the outbox, and
-    /// once the first is accepted in full the next is sent while the first
-    /// one's results are written.
+    /// Publishes up to [`WINDOWS_PER_ROUND`] windows' worth of `lane` with a
+    /// sliding window: up to `publish_window` entries unconfirmed, in
+    /// [`SLICES_PER_WINDOW`] slices. A slice is sent as soon as the one
+    /// before it was handed to the broker (the order on the wire), and
+    /// while slices are with the broker the oldest one's results are
+    /// written; as each slice is settled the next is sent. From the first
+    /// slice with a retryable failure on, nothing is sent and nothing
+    /// behind it is completed (order per lane, see [`Relay::settle`]).
     async fn publish_lane(&self, lane: &Lane) -> RoundOutcome {
         let permit = self.breaker.permit();
-        let limit = match permit {
+        let (slice, slices_in_flight) = match permit {
             Permit::Denied => return RoundOutcome::Blocked,
-            Permit::Probe => 1,
-            Permit::Normal => self.settings.publish_window,
-        };
-        let entries = match self.outbox.head(lane, limit) {
-            Ok(entries) => entries,
-            Err(error) => {
-                tracing::error!(%lane, %error, "cannot read the outbox");
-                return RoundOutcome::Blocked;
+            Permit::Probe => (1, 1),
+            Permit::Normal => {
+                let slices = SLICES_PER_WINDOW.min(self.settings.publish_window);
+                (self.settings.publish_window / slices, slices)
             }
         };
-        if entries.is_empty() {
-            return RoundOutcome::Idle;
-        }
-        let mut last_in_flight = entries.last().map(|entry| entry.sequence);
-        if let Err(error) = self.prepare_send(lane, &entries).await {
-            tracing::error!(%lane, %error, "cannot record the window about to be sent");
-            return RoundOutcome::Blocked;
-        }
-        let mut publishing = self.spawn_publish(lane, entries);
-        let mut windows = 1;
+        let slices_per_round = match permit {
+            Permit::Normal => WINDOWS_PER_ROUND * slices_in_flight,
+            _ => 1,
+        };
+        let mut in_flight: VecDeque<InFlight> = VecDeque::with_capacity(slices_in_flight);
+        let mut last_read: Option<u64> = None;
+        let mut sent = 0;
+        let mut outcome = RoundOutcome::Idle;
+        // Set at the first slice that was not accepted in full.
+        let mut failed = false;
         loop {
-            // Read ahead while the broker works, so that it does not wait
-            // for the outbox between windows. What is read is only sent if
-            // this window is accepted in full (order within the lane).
-            let read_ahead = matches!(permit, Permit::Normal) && windows < WINDOWS_PER_ROUND && !self.is_paused();
-            let next = if read_ahead {
-                self.outbox
-                    .entries_after(lane, last_in_flight, limit)
-                    .unwrap_or_else(|error| {
+            while !failed
+                && !in_flight.iter().any(|slice| slice.failed.load(Ordering::SeqCst))
+                && in_flight.len() < slices_in_flight
+                && sent < slices_per_round
+                && (sent == 0 || (!self.is_paused() && matches!(self.breaker.permit(), Permit::Normal)))
+            {
+                let read = match last_read {
+                    None => self.outbox.head(lane, slice),
+                    Some(after) => self.outbox.entries_after(lane, Some(after), slice),
+                }
+                .and_then(|entries| {
+                    let last = entries.last().map(|entry| entry.sequence);
+                    Ok((last, self.set_aside_expired(entries)?))
+                });
+                let entries = match read {
+                    Ok((None, _)) => break,
+                    Ok((last, entries)) => {
+                        last_read = last;
+                        if entries.is_empty() {
+                            // All expired: dead-lettered, go on reading.
+                            outcome = RoundOutcome::Progress;
+                            continue;
+                        }
+                        entries
+                    }
+                    Err(error) => {
                         tracing::error!(%lane, %error, "cannot read the outbox");
-                        Vec::new()
-                    })
-            } else {
-                Vec::new()
+                        failed = true;
+                        outcome = RoundOutcome::Blocked;
+                        break;
+                    }
+                };
+                // The slice before must be on the wire first.
+                if let Some(handed_over) = in_flight.back_mut().and_then(|previous| previous.handed_over.take()) {
+                    let _ = handed_over.await;
+                }
+                if let Err(error) = self.prepare_send(lane, &entries).await {
+                    tracing::error!(%lane, %error, "cannot record the window about to be sent");
+                    failed = true;
+                    outcome = RoundOutcome::Blocked;
+                    break;
+                }
+                in_flight.push_back(self.spawn_publish(lane, entries));
+                sent += 1;
+            }
+            let Some(oldest) = in_flight.pop_front() else {
+                break;
             };
-            let (published, results) = match publishing.await {
+            let (published, results) = match oldest.published.await {
                 Ok(outcome) => outcome,
                 Err(join) => {
-                    // The window stays in the outbox and is published again.
+                    // The slice stays in the outbox and is published again.
                     tracing::error!(%lane, %join, "publishing task failed");
-                    return RoundOutcome::Blocked;
+                    failed = true;
+                    outcome = RoundOutcome::Blocked;
+                    continue;
                 }
             };
+            if failed {
+                // Behind a failure: kept for the re-send, in order.
+                continue;
+            }
             let accepted_in_full = results
                 .iter()
                 .all(|result| !result.as_ref().is_err_and(PublishError::is_retryable));
-            let go_on = accepted_in_full
-                && !next.is_empty()
-                && !self.is_paused()
-                && matches!(self.breaker.permit(), Permit::Normal);
-            if !go_on || self.prepare_send(lane, &next).await.is_err() {
-                let outcome = self.finish_window(lane, permit, &published, results);
-                return self.end_round(lane, outcome).await;
-            }
-            last_in_flight = next.last().map(|entry| entry.sequence);
-            publishing = self.spawn_publish(lane, next);
-            let settled = self.finish_window(lane, permit, &published, results);
-            windows += 1;
-            if matches!(settled, RoundOutcome::Blocked) {
-                // Record what the broker said about the window in flight
-                // too, if the outbox lets us; then wait.
-                if let Ok((published, results)) = publishing.await {
-                    self.finish_window(lane, permit, &published, results);
-                }
-                return self.end_round(lane, RoundOutcome::Blocked).await;
+            outcome = self.finish_window(lane, permit, &published, results);
+            if !accepted_in_full || matches!(outcome, RoundOutcome::Blocked) {
+                failed = true;
+                outcome = RoundOutcome::Blocked;
             }
         }
+        self.end_round(lane, outcome).await
     }
 
     /// Before `entries` are sent: counts re-sends and moves the lane's sent
@@ -327,16 +382,48 @@ impl Relay {
         }
     }
 
-    /// Publishes a window on a task of its own, so the relay can read and
-    /// settle meanwhile.
-    fn spawn_publish(&self, lane: &Lane, entries: Vec<PendingEntry>) -> tokio::task::JoinHandle<PublishedWindow> {
+    /// Publishes a slice on a task of its own, so the relay can send the
+    /// next one and settle meanwhile.
+    fn spawn_publish(&self, lane: &Lane, entries: Vec<PendingEntry>) -> InFlight {
         let publisher = self.publisher.clone();
         let lane = lane.clone();
+        let (handed, handed_over) = tokio::sync::oneshot::channel();
         metrics::histogram!("taskgate_publish_window_size").record(entries.len() as f64);
-        tokio::spawn(async move {
-            let results = publisher.publish(&lane, &entries).await;
+        let failed = Arc::new(AtomicBool::new(false));
+        let failure_seen = failed.clone();
+        let published = tokio::spawn(async move {
+            let results = publisher.publish_pipelined(&lane, &entries, handed).await;
+            if results
+                .iter()
+                .any(|result| result.as_ref().is_err_and(PublishError::is_retryable))
+            {
+                failure_seen.store(true, Ordering::SeqCst);
+            }
             (entries, results)
-        })
+        });
+        InFlight {
+            handed_over: Some(handed_over),
+            failed,
+            published,
+        }
+    }
+
+    /// Dead-letters the entries whose `expires` has passed (reason
+    /// [`EXPIRED`], no attempt counted) and returns the others: a worker
+    /// would discard them, and RabbitMQ would drop one sent with
+    /// `expiration: "0"` without a trace. Those that expire after this
+    /// check and before they are encoded are refused by the publishers in
+    /// the same way ([`PublishError::expired`]).
+    fn set_aside_expired(&self, entries: Vec<PendingEntry>) -> Result<Vec<PendingEntry>, OutboxError> {
+        let now = chrono::Utc::now();
+        let (expired, live): (Vec<_>, Vec<_>) = entries
+            .into_iter()
+            .partition(|entry| PublishError::has_expired(&entry.task, now));
+        for entry in &expired {
+            metrics::counter!("taskgate_expired_total").increment(1);
+            self.outbox.dead_letter(entry, EXPIRED, Attempt::NotMade)?;
+        }
+        Ok(live)
     }
 
     /// Settles one window and tells the breaker how it went.
@@ -364,8 +451,16 @@ impl Relay {
         }
     }
 
-    /// Applies a round's results to the outbox. Returns the first transient
+    /// Applies a window's results to the outbox. Returns the first transient
     /// error, if any.
+    ///
+    /// Order per lane holds under nacks: from the first entry that must be
+    /// retried on, nothing is completed, so the entries the broker
+    /// confirmed after it stay in the outbox and are sent again after it,
+    /// in order (duplicates, counted in `taskgate_republished_total` when
+    /// they are re-sent, as at-least-once allows). An entry the broker
+    /// refused for good (returned) is dead-lettered wherever it stands: it
+    /// would be refused again.
     fn settle(
         &self,
         entries: &[PendingEntry],
@@ -375,12 +470,15 @@ impl Relay {
         let mut failed = Vec::new();
         let mut unsent = Vec::new();
         let mut first_error = None;
+        // Confirmed behind the first failure: kept for the re-send.
+        let mut held_back = 0_u64;
         for (entry, result) in entries.iter().zip(results) {
             match result {
-                Ok(()) => confirmed.push(entry),
+                Ok(()) if first_error.is_none() => confirmed.push(entry),
+                Ok(()) => held_back += 1,
                 Err(PublishError::Permanent(reason)) => {
                     metrics::counter!("taskgate_publish_failures_total", "kind" => "permanent").increment(1);
-                    self.outbox.dead_letter(entry, &reason)?;
+                    self.outbox.dead_letter(entry, &reason, Attempt::Made)?;
                 }
                 Err(PublishError::Transient(reason)) => {
                     metrics::counter!("taskgate_publish_failures_total", "kind" => "transient").increment(1);
@@ -394,6 +492,12 @@ impl Relay {
                 }
             }
         }
+        if held_back > 0 {
+            tracing::debug!(
+                held_back,
+                "confirmed tasks behind a failed one stay queued, to be sent again in order"
+            );
+        }
         metrics::counter!("taskgate_published_total").increment(confirmed.len() as u64);
         self.published.record(confirmed.len() as u64);
         self.outbox.complete(&confirmed)?;
@@ -402,6 +506,23 @@ impl Relay {
             self.outbox.record_failure(&unsent, error, Attempt::NotMade)?;
         }
         Ok(first_error)
+    }
+}
+
+/// Holds the breaker open while the broker blocks the connection
+/// (`connection.blocked`), and lets go when it unblocks.
+async fn hold_breaker_while_blocked(
+    breaker: Arc<Breaker>,
+    mut status: tokio::sync::watch::Receiver<crate::broker::BrokerStatus>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let blocked = status.borrow_and_update().blocked.is_some();
+        breaker.hold_for_broker(blocked);
+        tokio::select! {
+            changed = status.changed() => if changed.is_err() { return },
+            _ = shutdown.cancelled() => return,
+        }
     }
 }
 
@@ -417,14 +538,74 @@ mod tests {
     use serde_json::{json, Map};
     use tokio::sync::watch;
 
-    /// Records every window it is given (as the tasks' first argument) and
+    /// How long the scripted broker takes to confirm one slice; it confirms
+    /// slices one after another, in the order they were handed over.
+    const CONFIRM_TIME: Duration = Duration::from_millis(20);
+
+    /// Records every slice it is given (as the tasks' first argument) and
     /// refuses one task, once, as a transient failure; while `unreachable`,
-    /// sends nothing and answers "not connected" for every task.
+    /// sends nothing and answers "not connected" for every task. Hands a
+    /// slice over at once and confirms it [`CONFIRM_TIME`] after the one
+    /// before, keeping count of what is unconfirmed and of the order of
+    /// sends and confirms.
     struct ScriptedPublisher {
         windows: Mutex<Vec<Vec<i64>>>,
         refuse_once: Mutex<Option<i64>>,
         unreachable: Mutex<bool>,
         status: watch::Sender<BrokerStatus>,
+        unconfirmed: Mutex<usize>,
+        most_unconfirmed: Mutex<usize>,
+        /// "sent N" / "confirmed N", N the slice's first number.
+        events: Mutex<Vec<String>>,
+        last_confirm_at: Mutex<tokio::time::Instant>,
+    }
+
+    impl ScriptedPublisher {
+        async fn send(
+            &self,
+            entries: &[PendingEntry],
+            handed_over: Option<tokio::sync::oneshot::Sender<()>>,
+        ) -> Vec<PublishResult> {
+            if *self.unreachable.lock().unwrap() {
+                return entries
+                    .iter()
+                    .map(|_| Err(PublishError::not_connected(Some("connection refused"))))
+                    .collect();
+            }
+            let numbers: Vec<i64> = entries
+                .iter()
+                .map(|entry| entry.task.args[0].as_i64().unwrap())
+                .collect();
+            let confirm_at = {
+                self.windows.lock().unwrap().push(numbers.clone());
+                self.events.lock().unwrap().push(format!("sent {}", numbers[0]));
+                let mut unconfirmed = self.unconfirmed.lock().unwrap();
+                *unconfirmed += numbers.len();
+                let mut most = self.most_unconfirmed.lock().unwrap();
+                *most = (*most).max(*unconfirmed);
+                let mut last = self.last_confirm_at.lock().unwrap();
+                *last = (*last).max(tokio::time::Instant::now()) + CONFIRM_TIME;
+                *last
+            };
+            if let Some(handed_over) = handed_over {
+                let _ = handed_over.send(());
+            }
+            tokio::time::sleep_until(confirm_at).await;
+            *self.unconfirmed.lock().unwrap() -= numbers.len();
+            self.events.lock().unwrap().push(format!("confirmed {}", numbers[0]));
+            let mut refuse = self.refuse_once.lock().unwrap();
+            numbers
+                .iter()
+                .map(|number| {
+                    if *refuse == Some(*number) {
+                        *refuse = None;
+                        Err(PublishError::Transient("nacked".into()))
+                    } else {
+                        Ok(())
+                    }
+                })
+                .collect()
+        }
     }
 
     impl Publisher for ScriptedPublisher {
@@ -433,33 +614,16 @@ mod tests {
         }
 
         fn publish<'a>(&'a self, _lane: &'a Lane, entries: &'a [PendingEntry]) -> BoxFuture<'a, Vec<PublishResult>> {
-            Box::pin(async move {
-                if *self.unreachable.lock().unwrap() {
-                    return entries
-                        .iter()
-                        .map(|_| Err(PublishError::not_connected(Some("connection refused"))))
-                        .collect();
-                }
-                // Leave the relay time to read ahead while "the broker" works.
-                tokio::time::sleep(Duration::from_millis(5)).await;
-                let numbers: Vec<i64> = entries
-                    .iter()
-                    .map(|entry| entry.task.args[0].as_i64().unwrap())
-                    .collect();
-                self.windows.lock().unwrap().push(numbers.clone());
-                let mut refuse = self.refuse_once.lock().unwrap();
-                numbers
-                    .iter()
-                    .map(|number| {
-                        if *refuse == Some(*number) {
-                            *refuse = None;
-                            Err(PublishError::Transient("nacked".into()))
-                        } else {
-                            Ok(())
-                        }
-                    })
-                    .collect()
-            })
+            Box::pin(self.send(entries, None))
+        }
+
+        fn publish_pipelined<'a>(
+            &'a self,
+            _lane: &'a Lane,
+            entries: &'a [PendingEntry],
+            handed_over: tokio::sync::oneshot::Sender<()>,
+        ) -> BoxFuture<'a, Vec<PublishResult>> {
+            Box::pin(self.send(entries, Some(handed_over)))
         }
 
         fn status(&self) -> watch::Receiver<BrokerStatus> {
@@ -502,7 +666,7 @@ mod tests {
                 self.outbox.clone(),
                 self.publisher.clone(),
                 Arc::new(Breaker::new(&BreakerSettings::default())),
-                RelaySettings { publish_window: 5 },
+                RelaySettings { publish_window: WINDOW },
             )
             .unwrap()
         }
@@ -536,12 +700,16 @@ mod tests {
             refuse_once: Mutex::new(refuse_once),
             unreachable: Mutex::new(unreachable),
             status,
+            unconfirmed: Mutex::new(0),
+            most_unconfirmed: Mutex::new(0),
+            events: Mutex::new(Vec::new()),
+            last_confirm_at: Mutex::new(tokio::time::Instant::now()),
         });
         let relay = Relay::new(
             outbox.clone(),
             publisher.clone(),
             Arc::new(Breaker::new(&BreakerSettings::default())),
-            RelaySettings { publish_window: 5 },
+            RelaySettings { publish_window: WINDOW },
         )
         .unwrap();
         Scripted {
@@ -554,39 +722,64 @@ mod tests {
         }
     }
 
+    /// The relay's window in these tests: slices of 2, four in flight.
+    const WINDOW: usize = 8;
+
+    /// The sliding window (issue 19): up to `publish_window` unconfirmed,
+    /// topped up as each slice is confirmed, and under a nack mid-window
+    /// the lane stops at the first unconfirmed task: nothing behind it is
+    /// completed, and the next round starts from it, in order.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_window_read_ahead_is_not_sent_until_the_one_before_was_accepted_in_full() {
+    async fn the_window_slides_and_a_nack_stops_the_lane_at_the_first_failed_task() {
         let Scripted {
             outbox,
             publisher,
             relay,
             ..
-        } = &scripted(0..25, Some(7), false).await;
+        } = &scripted(0..40, Some(7), false).await;
 
-        // The second window has a transient failure: the round stops there,
-        // and the third window, already read, is not sent.
         assert!(matches!(relay.round().await, RoundOutcome::Blocked));
+        let windows = publisher.windows.lock().unwrap().clone();
+        // Four slices at once, then one more as each of the first three is
+        // settled; the nacked 7 stops the sending.
         assert_eq!(
-            *publisher.windows.lock().unwrap(),
-            vec![vec![0, 1, 2, 3, 4], vec![5, 6, 7, 8, 9]]
+            windows,
+            [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9], [10, 11], [12, 13]].map(Vec::from)
         );
-        assert_eq!(outbox.depth(), 16);
+        assert_eq!(
+            *publisher.most_unconfirmed.lock().unwrap(),
+            WINDOW,
+            "kept full, never over"
+        );
+        let events = publisher.events.lock().unwrap().clone();
+        let at = |event: &str| {
+            events
+                .iter()
+                .position(|e| e == event)
+                .unwrap_or_else(|| panic!("{event}: {events:?}"))
+        };
+        // Topped up as confirms arrive, not after a whole window.
+        assert!(
+            at("confirmed 0") < at("sent 8") && at("sent 8") < at("confirmed 2"),
+            "{events:?}"
+        );
+        // 0-6 completed; 7 and everything sent after it stay, in order.
+        assert_eq!(outbox.depth(), 33);
+        assert_eq!(
+            outbox.head(&Lane::new("exchange"), 1).unwrap()[0].task.args[0],
+            json!(7)
+        );
 
-        // The next round starts from the lane's head: the refused task
-        // first, then the rest in order, four windows per round.
         while outbox.depth() > 0 {
             assert!(matches!(relay.round().await, RoundOutcome::Progress));
         }
-        let windows = publisher.windows.lock().unwrap().clone();
+        let resent: Vec<i64> = publisher.windows.lock().unwrap()[7..].concat();
         assert_eq!(
-            windows[2..],
-            [
-                vec![7, 10, 11, 12, 13],
-                vec![14, 15, 16, 17, 18],
-                vec![19, 20, 21, 22, 23],
-                vec![24],
-            ]
+            resent,
+            (7..40).collect::<Vec<_>>(),
+            "the rest in order, from the nacked task"
         );
+        assert!(*publisher.most_unconfirmed.lock().unwrap() <= WINDOW);
         assert!(matches!(relay.round().await, RoundOutcome::Idle));
     }
 

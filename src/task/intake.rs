@@ -105,7 +105,12 @@ pub fn accept(
                     "must be a non-negative number of seconds",
                 ));
             }
-            Some(now + chrono::Duration::milliseconds((countdown * 1000.0) as i64))
+            // A countdown past chrono's calendar (about 262,000 years) is
+            // refused rather than overflowing the clock (a panic).
+            let eta = chrono::Duration::try_milliseconds((countdown * 1000.0) as i64)
+                .and_then(|delay| now.checked_add_signed(delay))
+                .ok_or_else(|| IntakeError::field("countdown", "is too far in the future"))?;
+            Some(eta)
         }
         (None, None) => None,
     };

@@ -41,7 +41,7 @@ use chrono::Utc;
 use futures_util::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{Connection, ConnectionProperties};
+use lapin::Connection;
 use serde_json::{Map, Value};
 use std::sync::Arc;
 use std::time::Duration;
@@ -165,9 +165,8 @@ async fn connect_amqp(
     broker: &BrokerSettings,
     queue: &str,
     shared: &Shared,
-) -> Result<(Connection, lapin::Consumer), lapin::Error> {
-    let properties = ConnectionProperties::default().with_connection_name("taskgate-tracking".into());
-    let connection = Connection::connect(&with_heartbeat(broker), properties).await?;
+) -> Result<(Connection, lapin::Consumer), crate::broker::amqp::ConnectError> {
+    let connection = crate::broker::amqp::open_connection(broker, "taskgate-tracking").await?;
     let channel = connection.create_channel().await?;
     let window = shared.settings.consumer_batch_size * shared.settings.consumer_concurrency;
     channel
@@ -182,17 +181,6 @@ async fn connect_amqp(
         )
         .await?;
     Ok((connection, consumer))
-}
-
-/// The broker URL with the configured heartbeat, as the publisher uses it:
-/// without heartbeats a connection that went silent is never noticed.
-fn with_heartbeat(broker: &BrokerSettings) -> String {
-    let url = &broker.url;
-    if url.contains("heartbeat=") {
-        return url.clone();
-    }
-    let separator = if url.contains('?') { '&' } else { '?' };
-    format!("{url}{separator}heartbeat={}", broker.heartbeat_seconds)
 }
 
 /// Consumes until stopped (`None`) or the connection fails (`Some(reason)`).
@@ -641,3 +629,5 @@ mod tests {
         assert_eq!(json["timelimit"], serde_json::json!([null, 1.5]));
     }
 }
+#[cfg(test)]
+mod consumer_proptests;

@@ -4,7 +4,7 @@
 //! runs a real Celery worker from the test virtualenv, `moto` runs the SQS
 //! server (moto) and reads back what taskgate sent, `operator` runs a
 //! gateway whose state operator-tooling tests reach and the CLI binary
-//! against it. Each test binary uses only part of this.
+//! against it, `postgres` gives a test its own PostgreSQL database. Each test binary uses only part of this.
 #![allow(dead_code)]
 
 pub mod app;
@@ -13,3 +13,4 @@ pub mod crashfs;
 pub mod fault_proxy;
 pub mod moto;
 pub mod operator;
+pub mod postgres;

@@ -70,8 +70,17 @@ def toml_value(value) -> str:
 class Gateway:
     """A running ``taskgate serve`` on a free port."""
 
-    def __init__(self, broker_url: str, *, max_bytes: int = 64 << 20, registry=(), strict: bool = False):
+    def __init__(
+        self,
+        broker_url: str,
+        *,
+        max_bytes: int = 64 << 20,
+        registry=(),
+        strict: bool = False,
+        submit_token: str = "",
+    ):
         self.dir = Path(tempfile.mkdtemp(prefix="taskgate-pytest-"))
+        self.submit_token = submit_token
         self.exchange = unique("tg-py-exchange")
         self.queue = unique("tg-py")
         lines = [
@@ -79,6 +88,7 @@ class Gateway:
             "[http]",
             'listen = "127.0.0.1:0"',
             "shutdown_grace_ms = 3000",
+            f"submit_token = {toml_value(submit_token)}",
             "[broker]",
             f"url = {toml_value(broker_url)}",
             "connect_timeout_ms = 1000",
@@ -211,6 +221,20 @@ def spooling_gateway():
     """taskgate with no broker at all and a tiny outbox: it accepts until the
     outbox is full, and reports async work unavailable."""
     gateway = Gateway(CLOSED_PORT_URL, max_bytes=4096)
+    try:
+        yield gateway
+    finally:
+        gateway.stop()
+        remove_test_dir(gateway.dir)
+
+
+SUBMIT_TOKEN = "pytest-submit-token-0123456789abcdef"
+
+
+@pytest.fixture(scope="session")
+def token_gateway():
+    """taskgate with no broker that accepts tasks only with SUBMIT_TOKEN."""
+    gateway = Gateway(CLOSED_PORT_URL, submit_token=SUBMIT_TOKEN)
     try:
         yield gateway
     finally:

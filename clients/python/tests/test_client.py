@@ -118,6 +118,26 @@ def test_refusals_carry_the_problem_details(client):
     assert raised.value.status == 409 and raised.value.field == "id"
 
 
+def test_a_gateway_with_a_submit_token_accepts_tasks_only_with_it(token_gateway):
+    token = token_gateway.submit_token
+    for client in (token_gateway.client(timeout=5), token_gateway.client(timeout=5, token="not-" + token)):
+        with pytest.raises(TaskRejected) as raised:
+            client.send_task("tests.record", args=["refused"])
+        assert raised.value.status == 401
+        assert raised.value.slug == "submit-token-required"
+        with pytest.raises(TaskRejected) as raised:
+            client.send_tasks([("tests.record", ["refused"])])
+        assert raised.value.status == 401
+        # Reads need no token.
+        assert client.health()["status"] in ("pass", "warn", "fail")
+    client = token_gateway.client(timeout=5, token=token)
+    accepted = client.send_task("tests.record", args=["with the token"])
+    assert client.get_task(accepted)["state"] == "queued"
+    assert len(client.send_tasks([("tests.record", [1]), ("tests.record", [2])])) == 2
+    with pytest.raises(ValueError):
+        Client(token_gateway.url, token="two\nlines")
+
+
 def test_get_task_of_an_unknown_id_is_none(client):
     assert client.get_task(uuid.uuid4()) is None
     assert client.get_task("not-a-uuid") is None

@@ -183,6 +183,8 @@ class Client:
     :param availability_ttl: seconds :meth:`is_async_available` reuses an answer.
     :param availability_timeout: seconds its probe may take; short, because
         it runs while a page renders.
+    :param token: taskgate's ``http.submit_token``, for a gateway that
+        accepts tasks only with it; sent as ``Authorization: Bearer``.
     """
 
     def __init__(
@@ -192,8 +194,12 @@ class Client:
         *,
         availability_ttl: float = 5.0,
         availability_timeout: float = 1.0,
+        token: Optional[str] = None,
     ) -> None:
+        if token is not None and (not isinstance(token, str) or not token or any(c in token for c in "\r\n")):
+            raise ValueError("token must be a non-empty string on one line")
         self.base_url = base_url.rstrip("/")
+        self._token = token
         self.timeout = timeout
         self.availability_ttl = availability_ttl
         self.availability_timeout = min(availability_timeout, timeout)
@@ -305,6 +311,8 @@ class Client:
     ) -> _Answer:
         url = self.base_url + path
         headers = {"Accept": "application/json"}
+        if self._token is not None:
+            headers["Authorization"] = "Bearer " + self._token
         data = None
         if body is not None:
             # Serialise before connecting: a bad argument is the caller's

@@ -7,6 +7,7 @@ settings.py::
     TASKGATE_TIMEOUT = 5.0                     # seconds per call
     TASKGATE_AVAILABILITY_TTL = 5.0            # seconds an availability answer is reused
     TASKGATE_AVAILABILITY_TIMEOUT = 1.0        # seconds the availability probe may take
+    TASKGATE_TOKEN = None                      # taskgate's http.submit_token, when it has one
 
     TEMPLATES = [{
         ...,
@@ -42,7 +43,13 @@ from django.utils.functional import SimpleLazyObject
 
 from .client import DEFAULT_URL, Client
 
-_SETTINGS = ("TASKGATE_URL", "TASKGATE_TIMEOUT", "TASKGATE_AVAILABILITY_TTL", "TASKGATE_AVAILABILITY_TIMEOUT")
+_SETTINGS = (
+    "TASKGATE_URL",
+    "TASKGATE_TIMEOUT",
+    "TASKGATE_AVAILABILITY_TTL",
+    "TASKGATE_AVAILABILITY_TIMEOUT",
+    "TASKGATE_TOKEN",
+)
 
 _lock = threading.Lock()
 _client: Optional[Client] = None
@@ -58,6 +65,7 @@ def get_client() -> Client:
                 timeout=float(getattr(settings, "TASKGATE_TIMEOUT", 5.0)),
                 availability_ttl=float(getattr(settings, "TASKGATE_AVAILABILITY_TTL", 5.0)),
                 availability_timeout=float(getattr(settings, "TASKGATE_AVAILABILITY_TIMEOUT", 1.0)),
+                token=getattr(settings, "TASKGATE_TOKEN", None) or None,
             )
         return _client
 
