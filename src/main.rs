@@ -24,6 +24,16 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 static MALLOC_CONF: &u8 = &b"narenas:1,dirty_decay_ms:100,muzzy_decay_ms:0,tcache_max:1024\0"[0];
 
 fn main() -> ExitCode {
+    // lapin parses an AMQP header table on its own I/O thread, recursively
+    // and without a depth limit: a message on the tracking queue whose
+    // headers nest arrays 1,500 deep overflowed that thread's 2 MiB stack
+    // and aborted the process. A frame holds at most 128 KiB (RabbitMQ's
+    // frame_max), about 26,000 levels, which this stack size absorbs; it
+    // is address space, not memory, until a thread touches it. Set before
+    // any thread exists; RUST_MIN_STACK in the environment still wins.
+    if std::env::var_os("RUST_MIN_STACK").is_none() {
+        std::env::set_var("RUST_MIN_STACK", taskgate::cli::THREAD_STACK_BYTES.to_string());
+    }
     taskgate::cli::run(taskgate::cli::Cli::parse())
 }
 

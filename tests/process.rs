@@ -9,7 +9,8 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use support::app::{
-    binary_path, consume, consume_ids, delete_queues, test_settings, unique, write_config, GatewayProcess, RABBITMQ_URL,
+    binary_path, consume, consume_ids, delete_queues, ready_messages, test_settings, unique, write_config,
+    GatewayProcess, RABBITMQ_URL,
 };
 use support::fault_proxy::{FaultMode, FaultProxy};
 
@@ -209,4 +210,81 @@ async fn sigterm_stops_cleanly_and_restart_resumes_from_the_outbox() {
     );
     delete_queues(&[&queue]).await;
     let _ = RABBITMQ_URL;
+}
+
+/// A message whose headers nest arrays thousands deep, published straight
+/// to the tracking queue (anyone who may publish to the exchange can put
+/// one there), must not take the gateway down: lapin parses and drops such
+/// a header recursively, and on a 2 MiB thread stack it aborted the whole
+/// process (issue 14, "decoders never panic").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deeply_nested_header_on_the_tracking_queue_does_not_abort_the_gateway() {
+    let dir = tempfile::tempdir().unwrap();
+    let platform = unique("platform");
+    let mut settings = test_settings(dir.path(), RABBITMQ_URL, &[(&platform, "#")]);
+    settings.tracking.sync_queue = Some(platform.clone());
+    let config = dir.path().join("taskgate.toml");
+    write_config(&settings, &config);
+    let mut gateway = GatewayProcess::start(&config, &dir.path().join("taskgate.log"));
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let health_url = gateway.url("/v1/health");
+    let consuming = |client: reqwest::Client, url: String| async move {
+        let health: Value = client.get(&url).send().await.ok()?.json().await.ok()?;
+        Some(health["checks"]["tracking:syncQueue"][0]["status"] == "pass")
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while consuming(client.clone(), health_url.clone()).await != Some(true) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the tracking consumer never connected"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Published by py-amqp from the test virtualenv, on a thread with room
+    // for its recursion: lapin in this test process would overflow its own
+    // I/O thread serialising the header, the very fault under test.
+    let script = r#"
+import sys, threading, amqp
+sys.setrecursionlimit(100000)
+threading.stack_size(512 * 1024 * 1024)
+def publish():
+    nested = None
+    for _ in range(5000):
+        nested = [nested]
+    connection = amqp.Connection("127.0.0.1:5672", userid="guest", password="guest")
+    connection.connect()
+    channel = connection.channel()
+    message = amqp.Message(b"[[], {}, {}]", application_headers={"task": "rawa.add", "deep": nested})
+    channel.basic_publish(message, exchange="", routing_key=sys.argv[1])
+    connection.close()
+thread = threading.Thread(target=publish)
+thread.start()
+thread.join()
+"#;
+    let output = support::celery::python_command()
+        .args(["-c", script, &platform])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+
+    // Long enough for the consumer to have received and handled it.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(gateway.wait(Duration::ZERO), None, "the gateway died");
+    assert_eq!(
+        consuming(client.clone(), health_url.clone()).await,
+        Some(true),
+        "still consuming the tracking queue"
+    );
+    assert_eq!(
+        ready_messages(&platform).await,
+        0,
+        "the message was taken off the queue"
+    );
+    gateway.signal("TERM");
+    assert_eq!(gateway.wait(Duration::from_secs(20)), Some(0));
+    delete_queues(&[&platform]).await;
 }

@@ -78,7 +78,11 @@ pub fn run(cli: Cli) -> ExitCode {
         }
         Command::Serve => {
             init_tracing();
-            let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .thread_stack_size(THREAD_STACK_BYTES)
+                .enable_all()
+                .build()
+            {
                 Ok(runtime) => runtime,
                 Err(error) => {
                     eprintln!("taskgate: cannot start the async runtime: {error}");
@@ -140,6 +144,11 @@ fn migrate(settings: &config::Settings, json: bool) -> ExitCode {
         }
     }
 }
+
+/// Stack of every thread of `serve` (tokio's workers, lapin's I/O
+/// thread): deeply nested AMQP headers from the broker are parsed and
+/// dropped recursively (see `main.rs`).
+pub const THREAD_STACK_BYTES: usize = 64 << 20;
 
 /// Without `RUST_LOG`: info, lapin's own chatter at warn, and lapin's
 /// returned-message warning (the whole message as bytes) off, since the

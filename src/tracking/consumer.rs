@@ -347,15 +347,27 @@ async fn poll_amqp_lag(shared: Arc<Shared>, channel: Option<lapin::Channel>, que
 }
 
 fn field_table_to_json(table: &FieldTable) -> Map<String, Value> {
+    field_table_at(table, 0)
+}
+
+/// Deeper header values than this become a string saying so: Celery's
+/// headers nest two levels, and a hostile message must not exhaust the
+/// stack of the thread converting it.
+const MAX_HEADER_DEPTH: usize = 32;
+
+fn field_table_at(table: &FieldTable, depth: usize) -> Map<String, Value> {
     table
         .inner()
         .iter()
-        .map(|(key, value)| (key.as_str().to_owned(), amqp_to_json(value)))
+        .map(|(key, value)| (key.as_str().to_owned(), amqp_to_json(value, depth + 1)))
         .collect()
 }
 
 /// AMQP field values as JSON, the way py-amqp decodes them for Celery.
-fn amqp_to_json(value: &AMQPValue) -> Value {
+fn amqp_to_json(value: &AMQPValue, depth: usize) -> Value {
+    if depth > MAX_HEADER_DEPTH && matches!(value, AMQPValue::FieldArray(_) | AMQPValue::FieldTable(_)) {
+        return Value::String(format!("<nested deeper than {MAX_HEADER_DEPTH} levels>"));
+    }
     match value {
         AMQPValue::Boolean(flag) => Value::Bool(*flag),
         AMQPValue::ShortShortInt(n) => (*n).into(),
@@ -369,8 +381,14 @@ fn amqp_to_json(value: &AMQPValue) -> Value {
         AMQPValue::Double(n) => serde_json::Number::from_f64(*n).map_or(Value::Null, Value::Number),
         AMQPValue::ShortString(text) => Value::String(text.as_str().to_owned()),
         AMQPValue::LongString(text) => Value::String(String::from_utf8_lossy(text.as_bytes()).into_owned()),
-        AMQPValue::FieldArray(items) => Value::Array(items.as_slice().iter().map(amqp_to_json).collect()),
-        AMQPValue::FieldTable(table) => Value::Object(field_table_to_json(table)),
+        AMQPValue::FieldArray(items) => Value::Array(
+            items
+                .as_slice()
+                .iter()
+                .map(|item| amqp_to_json(item, depth + 1))
+                .collect(),
+        ),
+        AMQPValue::FieldTable(table) => Value::Object(field_table_at(table, depth)),
         AMQPValue::Timestamp(seconds) => (*seconds).into(),
         AMQPValue::Void => Value::Null,
         other => Value::String(format!("{other:?}")),
