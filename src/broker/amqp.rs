@@ -87,15 +87,26 @@ pub async fn open_connection(broker: &BrokerSettings, name: &str) -> Result<Conn
         })
 }
 
-/// The broker URL with the configured heartbeat: without heartbeats a
-/// connection that went silent is never noticed.
+/// Largest AMQP frame taskgate accepts (RabbitMQ's default): a message's
+/// headers travel in one frame, so this bounds how deeply a hostile header
+/// can nest (see `THREAD_STACK_BYTES` in `crate::cli`).
+const FRAME_MAX: u32 = 131_072;
+
+/// The broker URL with the configured heartbeat (without heartbeats a
+/// connection that went silent is never noticed) and [`FRAME_MAX`], unless
+/// the URL sets them itself.
 fn with_heartbeat(broker: &BrokerSettings) -> String {
-    let url = &broker.url;
-    if url.contains("heartbeat=") {
-        return url.clone();
+    let mut url = broker.url.clone();
+    for (key, value) in [
+        ("heartbeat", broker.heartbeat_seconds.to_string()),
+        ("frame_max", FRAME_MAX.to_string()),
+    ] {
+        if !url.contains(&format!("{key}=")) {
+            let separator = if url.contains('?') { '&' } else { '?' };
+            url = format!("{url}{separator}{key}={value}");
+        }
     }
-    let separator = if url.contains('?') { '&' } else { '?' };
-    format!("{url}{separator}heartbeat={}", broker.heartbeat_seconds)
+    url
 }
 
 /// Read at every connect, so renewed certificates are picked up without a
