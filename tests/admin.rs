@@ -127,12 +127,13 @@ async fn without_a_token_development_admits_loopback_callers() {
     gateway.stop().await;
 }
 
-/// Runs `taskgate serve` with `env`; returns the child and its address once
-/// it listens, or its exit status and stderr if it stopped instead.
+/// Runs `taskgate serve` with `env`; returns the child, its address and
+/// what it logged before it listened, or its exit status and stderr if it
+/// stopped instead.
 fn serve(
     config: &std::path::Path,
     env: &[(&str, &str)],
-) -> Result<(std::process::Child, String), (Option<i32>, String)> {
+) -> Result<(std::process::Child, String, String), (Option<i32>, String)> {
     let mut command = Command::new(binary_path());
     command
         .args(["serve", "--config"])
@@ -151,7 +152,7 @@ fn serve(
             let address = address.split_whitespace().next().unwrap().to_owned();
             // Keep reading its log, or its writes would fail.
             std::thread::spawn(move || lines.for_each(drop));
-            return Ok((child, address));
+            return Ok((child, address, text));
         }
         text.push_str(&line);
         text.push('\n');
@@ -184,7 +185,7 @@ async fn production_refuses_to_start_without_a_token_and_reads_it_from_the_envir
     assert_eq!(code, Some(64), "{stderr}");
     assert!(stderr.contains("http.admin_token"), "{stderr}");
 
-    let (mut child, address) = tokio::task::spawn_blocking({
+    let (mut child, address, startup_log) = tokio::task::spawn_blocking({
         let config = config.clone();
         move || {
             serve(&config, &[("TASKGATE_HTTP__ADMIN_TOKEN", TOKEN)]).map_err(|(code, text)| format!("{code:?} {text}"))
@@ -193,6 +194,10 @@ async fn production_refuses_to_start_without_a_token_and_reads_it_from_the_envir
     .await
     .unwrap()
     .expect("starts with the token from the environment");
+    assert!(
+        startup_log.contains("registry.strict is off in production"),
+        "production warns when any task name is accepted: {startup_log}"
+    );
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()
