@@ -13,29 +13,11 @@ mod support;
 
 use serde_json::{json, Value};
 use std::collections::HashMap;
-use std::process::Command;
 use std::time::{Duration, Instant};
-use support::app::{consume, consume_ids, ready_messages, spawn_app, test_settings, unique, TestApp, RABBITMQ_URL};
+use support::app::{
+    consume, consume_ids, rabbitmqctl, ready_messages, spawn_app, test_settings, unique, TestApp, RABBITMQ_URL,
+};
 use support::celery::delete_amqp_entities;
-
-fn rabbitmqctl(args: &[&str]) {
-    let output = Command::new("rabbitmqctl")
-        .args(args)
-        .env(
-            "PATH",
-            format!(
-                "{}:/usr/sbin:/usr/local/sbin:/sbin",
-                std::env::var("PATH").unwrap_or_default()
-            ),
-        )
-        .output()
-        .expect("rabbitmqctl runs (scripts/test starts RabbitMQ)");
-    assert!(
-        output.status.success(),
-        "rabbitmqctl {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
 
 /// Raises the disk alarm; dropping it restores RabbitMQ's default limit.
 struct DiskAlarm;
@@ -137,15 +119,7 @@ async fn a_blocked_connection_spools_without_resending_and_delivers_once_after()
         republished_before,
         "nothing was re-sent while blocked"
     );
-    let breaker: Value = app
-        .client
-        .get(app.url("/v1/breaker"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let breaker = app.get_json("/v1/breaker").await;
     assert_eq!(
         breaker["state"], "open",
         "the breaker is held open while blocked: {breaker:#}"

@@ -30,14 +30,7 @@ async fn post_id(app: &TestApp, body: Value) -> String {
 }
 
 async fn task_status(app: &TestApp, id: &str) -> Value {
-    app.client
-        .get(app.url(&format!("/v1/tasks/{id}")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    app.get_json(&format!("/v1/tasks/{id}")).await
 }
 
 async fn admin_post(app: &TestApp, path: &str) -> reqwest::StatusCode {
@@ -139,15 +132,7 @@ async fn a_task_that_expires_while_spooled_is_a_dead_letter_expired() {
     assert_eq!(received.len(), 1, "the task that had not expired is delivered");
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(ready_messages(&queue).await, 0, "the expired task is not in the queue");
-    let letters: Value = app
-        .client
-        .get(app.url("/v1/dead-letters"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let letters = app.get_json("/v1/dead-letters").await;
     assert!(
         letters.to_string().contains(&expiring) && letters.to_string().contains("\"expired\""),
         "{letters:#}"
@@ -228,15 +213,7 @@ async fn release_then_close_holds_while_a_backlog_fails() {
         // Outcomes in flight land after the close; the forced state wins.
         for _ in 0..3 {
             tokio::time::sleep(Duration::from_millis(50)).await;
-            let breaker: Value = app
-                .client
-                .get(app.url("/v1/breaker"))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let breaker = app.get_json("/v1/breaker").await;
             assert_eq!(breaker["state"], "forced_closed", "round {round}: {breaker:#}");
         }
     }

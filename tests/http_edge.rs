@@ -134,30 +134,14 @@ fn task(n: usize) -> Value {
 
 /// Pending tasks, as the admin API (development, loopback) reports them.
 async fn outbox_depth(app: &TestApp) -> u64 {
-    let report: Value = app
-        .client
-        .get(app.url("/v1/outbox"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let report = app.get_json("/v1/outbox").await;
     let depth = report["depth"].as_u64().unwrap();
     assert_eq!(depth, app.outbox_depth().await, "admin report and health agree");
     depth
 }
 
 async fn relay_paused(app: &TestApp) -> bool {
-    let report: Value = app
-        .client
-        .get(app.url("/v1/outbox"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let report = app.get_json("/v1/outbox").await;
     report["paused"].as_bool().unwrap()
 }
 
@@ -819,15 +803,7 @@ async fn the_openapi_document_lists_the_edge_answers_where_they_happen() {
     let _serial = SERIAL.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let app = spawn_app(settings(dir.path())).await;
-    let document: Value = app
-        .client
-        .get(app.url("/openapi.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let document = app.get_json("/openapi.json").await;
     let statuses = |method: &str, path: &str| -> Vec<String> {
         let responses = document["paths"][path][method]["responses"]
             .as_object()

@@ -20,7 +20,9 @@ use sqlx::Connection as _;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
-use support::app::{binary_path, ready_messages, spawn_app, test_settings, unique, write_config, RABBITMQ_URL};
+use support::app::{
+    binary_path, rabbitmqctl, ready_messages, spawn_app, test_settings, unique, write_config, RABBITMQ_URL,
+};
 use support::celery::{delete_amqp_entities, CeleryWorker, CeleryWorkerOptions};
 use support::postgres::{tls_dir, TestDatabase};
 use taskgate::config::Settings;
@@ -171,18 +173,7 @@ async fn a_broker_certificate_from_an_unknown_authority_is_refused() {
 
 /// Subjects of the client certificates RabbitMQ saw on open connections.
 fn peer_certificate_subjects() -> String {
-    let output = Command::new("rabbitmqctl")
-        .args(["list_connections", "peer_cert_subject", "--quiet", "--no-table-headers"])
-        .env(
-            "PATH",
-            format!(
-                "{}:/usr/sbin:/usr/local/sbin:/sbin",
-                std::env::var("PATH").unwrap_or_default()
-            ),
-        )
-        .output()
-        .expect("rabbitmqctl runs (scripts/test starts RabbitMQ)");
-    String::from_utf8_lossy(&output.stdout).into_owned()
+    rabbitmqctl(&["list_connections", "peer_cert_subject", "--quiet", "--no-table-headers"])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

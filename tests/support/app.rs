@@ -98,14 +98,19 @@ impl TestApp {
     }
 
     pub async fn health(&self) -> Value {
+        self.get_json("/v1/health").await
+    }
+
+    /// `GET path`, its body as JSON (whatever the status).
+    pub async fn get_json(&self, path: &str) -> Value {
         self.client
-            .get(self.url("/v1/health"))
+            .get(self.url(path))
             .send()
             .await
-            .expect("GET /v1/health")
+            .unwrap_or_else(|error| panic!("GET {path}: {error}"))
             .json()
             .await
-            .expect("health is JSON")
+            .unwrap_or_else(|error| panic!("GET {path} is not JSON: {error}"))
     }
 
     /// Polls health until `predicate` holds, or panics after `timeout`.
@@ -439,4 +444,26 @@ impl Drop for GatewayProcess {
 /// Writes settings as a TOML config file for the binary.
 pub fn write_config(settings: &Settings, path: &Path) {
     std::fs::write(path, settings.to_toml()).unwrap();
+}
+
+/// Runs `rabbitmqctl` on the local RabbitMQ (scripts/test starts it) and
+/// returns its standard output; a failure fails the test.
+pub fn rabbitmqctl(args: &[&str]) -> String {
+    let output = Command::new("rabbitmqctl")
+        .args(args)
+        .env(
+            "PATH",
+            format!(
+                "{}:/usr/sbin:/usr/local/sbin:/sbin",
+                std::env::var("PATH").unwrap_or_default()
+            ),
+        )
+        .output()
+        .expect("rabbitmqctl runs (scripts/test starts RabbitMQ)");
+    assert!(
+        output.status.success(),
+        "rabbitmqctl {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
 }
