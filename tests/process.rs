@@ -288,3 +288,93 @@ thread.join()
     assert_eq!(gateway.wait(Duration::from_secs(20)), Some(0));
     delete_queues(&[&platform]).await;
 }
+
+/// Logs an operator can act on (issue 15): the first failed connection
+/// attempt and each change of cause at warn with the cause, not every
+/// retry; a message the broker returns as one readable line naming the
+/// task, its queue and RabbitMQ's reply (not lapin's dump of the message
+/// as bytes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_failures_and_returned_messages_are_logged_once_and_readably() {
+    let dir = tempfile::tempdir().unwrap();
+    let doomed = unique("doomed");
+    let proxy = FaultProxy::start("127.0.0.1:5672".parse().unwrap()).unwrap();
+    proxy.set_mode(FaultMode::Refuse);
+    let settings = test_settings(
+        dir.path(),
+        &format!("amqp://guest:guest@{}/%2f", proxy.addr()),
+        &[(&doomed, "doomed")],
+    );
+    let exchange = settings.routing.exchange.clone();
+    let config = dir.path().join("taskgate.toml");
+    write_config(&settings, &config);
+    let log_path = dir.path().join("taskgate.log");
+    let mut gateway = GatewayProcess::start(&config, &log_path);
+    let log = || std::fs::read_to_string(&log_path).unwrap();
+    // Reconnects every 100-500 ms: several attempts fail meanwhile.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let refusals: Vec<String> = log()
+        .lines()
+        .filter(|line| line.contains("cannot connect to the AMQP broker"))
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(refusals.len(), 1, "one warning for one cause: {refusals:#?}");
+    assert!(
+        refusals[0].contains("WARN") && refusals[0].contains("Connection refused"),
+        "{}",
+        refusals[0]
+    );
+
+    proxy.set_mode(FaultMode::Pass);
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let health: Value = client
+            .get(gateway.url("/v1/health"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if health["status"] == "pass" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never connected: {health:#}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The queue goes away under the gateway: RabbitMQ returns its message.
+    delete_queues(&[&doomed]).await;
+    let id = gateway
+        .post_batch(&client, vec![json!({"task": "doomed.job"})])
+        .await
+        .remove(0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let returned = loop {
+        if let Some(line) = log()
+            .lines()
+            .find(|line| line.contains("the broker returned the message"))
+        {
+            break line.to_owned();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no returned-message line: {}",
+            log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    for expected in [id.as_str(), "doomed.job", "312", "NO_ROUTE", exchange.as_str()] {
+        assert!(returned.contains(expected), "{expected:?} in {returned}");
+    }
+    assert!(
+        !log().contains("Server returned us a message"),
+        "lapin's byte dump of the message is not logged"
+    );
+    gateway.signal("TERM");
+    assert_eq!(gateway.wait(Duration::from_secs(20)), Some(0));
+    support::celery::delete_amqp_entities(RABBITMQ_URL, &[&doomed], &[&exchange]);
+}

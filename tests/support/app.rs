@@ -348,7 +348,9 @@ impl GatewayProcess {
         let mut child = Command::new(binary_path())
             .args(["serve", "--config"])
             .arg(config)
-            .env("RUST_LOG", "info")
+            // The binary's own default filter (info, lapin's noise off),
+            // whatever the developer's environment says.
+            .env_remove("RUST_LOG")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
