@@ -26,6 +26,7 @@
 //! - [`systemd`]: `sd_notify` readiness, stopping and watchdog messages.
 //! - [`cli`]: the command line: `serve`, `check-config`, and the operator
 //!   commands with their admin client and `--offline` mode.
+//! - `proptest_support` (tests only): what the property tests share.
 
 pub mod app;
 pub mod broker;
@@ -35,6 +36,8 @@ pub mod config;
 pub mod health;
 pub mod http;
 pub mod outbox;
+#[cfg(test)]
+pub(crate) mod proptest_support;
 pub mod relay;
 pub mod systemd;
 pub mod task;

@@ -20,7 +20,8 @@ use super::decode::parse_python_isoformat;
 use super::python_repr::{self, PyObject};
 use super::test_support::load_fixture;
 use super::*;
-use crate::task::{QueueName, TaskId, TaskName};
+use crate::proptest_support::{config, json_leaf, mutated, mutation, nested, task_of, Mutation, DEEP, HEADER_NAMES};
+use crate::task::{QueueName, TaskName};
 use crate::tracking::record::TaskRecord;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
@@ -28,30 +29,9 @@ use chrono::TimeZone;
 use proptest::collection::vec;
 use proptest::prelude::*;
 use proptest::sample::{select, Index};
-use serde_json::{json, Number};
-
-fn config(cases: u32) -> ProptestConfig {
-    ProptestConfig {
-        cases,
-        // Nothing is written into the source tree; a failure prints its
-        // minimal input, which belongs in a named regression test.
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    }
-}
+use serde_json::json;
 
 // ------------------------------------------------------------ generators
-
-fn json_leaf() -> impl Strategy<Value = Value> {
-    prop_oneof![
-        Just(Value::Null),
-        any::<bool>().prop_map(Value::from),
-        any::<i64>().prop_map(Value::from),
-        any::<u64>().prop_map(Value::from),
-        any::<f64>().prop_filter_map("finite", |f| Number::from_f64(f).map(Value::Number)),
-        ".{0,12}".prop_map(Value::from),
-    ]
-}
 
 fn json_key() -> impl Strategy<Value = String> {
     prop_oneof![
@@ -72,26 +52,6 @@ fn json_value() -> impl Strategy<Value = Value> {
 fn json_object() -> impl Strategy<Value = Map<String, Value>> {
     vec((json_key(), json_value()), 0..8).prop_map(|entries| entries.into_iter().collect())
 }
-
-/// Every header the decoder and the tracking record read.
-const HEADER_NAMES: &[&str] = &[
-    "id",
-    "task",
-    "root_id",
-    "parent_id",
-    "group",
-    "shadow",
-    "eta",
-    "expires",
-    "retries",
-    "timelimit",
-    "origin",
-    "argsrepr",
-    "kwargsrepr",
-    "creator_id",
-    "related_content_type",
-    "related_object_id",
-];
 
 /// Bytes that steer a mutation into JSON's, base64's and ISO 8601's
 /// interesting corners rather than only into invalid UTF-8.
@@ -131,83 +91,8 @@ const TOKENS: &[&str] = &[
     "\u{1F980}",
 ];
 
-/// One edit of a byte string.
-#[derive(Debug, Clone)]
-enum Mutation {
-    FlipBit(Index, u8),
-    Truncate(Index),
-    Insert(Index, Vec<u8>),
-    Delete(Index, usize),
-    /// Copies `len` bytes from the first position to the second.
-    Duplicate(Index, usize, Index),
-    Overwrite(Index, Vec<u8>),
-}
-
-fn inserted_bytes() -> impl Strategy<Value = Vec<u8>> {
-    prop_oneof![
-        vec(any::<u8>(), 1..6),
-        select(TOKENS).prop_map(|token| token.as_bytes().to_vec()),
-    ]
-}
-
-fn mutation() -> impl Strategy<Value = Mutation> {
-    prop_oneof![
-        3 => (any::<Index>(), 0..8u8).prop_map(|(at, bit)| Mutation::FlipBit(at, bit)),
-        1 => any::<Index>().prop_map(Mutation::Truncate),
-        3 => (any::<Index>(), inserted_bytes()).prop_map(|(at, bytes)| Mutation::Insert(at, bytes)),
-        2 => (any::<Index>(), 1..16usize).prop_map(|(at, len)| Mutation::Delete(at, len)),
-        1 => (any::<Index>(), 1..64usize, any::<Index>()).prop_map(|(from, len, to)| Mutation::Duplicate(from, len, to)),
-        2 => (any::<Index>(), inserted_bytes()).prop_map(|(at, bytes)| Mutation::Overwrite(at, bytes)),
-    ]
-}
-
-/// A position in `0..=len` (`Index` panics on an empty range).
-fn position(index: &Index, len: usize) -> usize {
-    index.index(len + 1)
-}
-
-fn apply(bytes: &mut Vec<u8>, mutation: &Mutation) {
-    match mutation {
-        Mutation::FlipBit(at, bit) => {
-            if !bytes.is_empty() {
-                let at = at.index(bytes.len());
-                bytes[at] ^= 1 << bit;
-            }
-        }
-        Mutation::Truncate(at) => bytes.truncate(position(at, bytes.len())),
-        Mutation::Insert(at, inserted) => {
-            let at = position(at, bytes.len());
-            bytes.splice(at..at, inserted.iter().copied());
-        }
-        Mutation::Delete(at, len) => {
-            let at = position(at, bytes.len());
-            let end = (at + len).min(bytes.len());
-            bytes.drain(at..end);
-        }
-        Mutation::Duplicate(from, len, to) => {
-            let from = position(from, bytes.len());
-            let span: Vec<u8> = bytes[from..(from + len).min(bytes.len())].to_vec();
-            let to = position(to, bytes.len());
-            bytes.splice(to..to, span);
-        }
-        Mutation::Overwrite(at, replacement) => {
-            let at = position(at, bytes.len());
-            let end = (at + replacement.len()).min(bytes.len());
-            bytes.splice(at..end, replacement.iter().copied());
-        }
-    }
-}
-
-fn mutated(original: &[u8], mutations: &[Mutation]) -> Vec<u8> {
-    let mut bytes = original.to_vec();
-    for mutation in mutations {
-        apply(&mut bytes, mutation);
-    }
-    bytes
-}
-
 fn mutations() -> impl Strategy<Value = Vec<Mutation>> {
-    vec(mutation(), 1..8)
+    vec(mutation(TOKENS), 1..8)
 }
 
 /// A time as Python's `isoformat` keeps it (microseconds), years 1 to 9999.
@@ -256,28 +141,10 @@ fn task() -> impl Strategy<Value = Task> {
     );
     (identity, options).prop_filter_map(
         "a valid task name",
-        |(
-            (id, name, args, kwargs, routing_key, queues),
-            (eta, expires, priority, parent_id, root_id, group, time_limit, soft_time_limit, properties, accepted_at),
-        )| {
-            Some(Task {
-                id: TaskId::from_bytes(id.to_be_bytes()),
-                task: TaskName::parse(&name).ok()?,
-                args,
-                kwargs,
-                routing_key,
-                queues: queues.iter().filter_map(|queue| QueueName::parse(queue).ok()).collect(),
-                eta,
-                expires,
-                priority,
-                parent_id,
-                root_id,
-                group,
-                time_limit,
-                soft_time_limit,
-                properties,
-                accepted_at,
-            })
+        |((id, name, args, kwargs, routing_key, queues), options)| {
+            let task = TaskName::parse(&name).ok()?;
+            let queues = queues.iter().filter_map(|queue| QueueName::parse(queue).ok()).collect();
+            Some(task_of(((id, task, args, kwargs, routing_key, queues), options)))
         },
     )
 }
@@ -393,13 +260,6 @@ fn drop_iteratively(value: Value) {
     }
 }
 
-fn nested_text(depth: usize, open: &str, middle: &str, close: &str) -> Vec<u8> {
-    let mut text = open.repeat(depth).into_bytes();
-    text.extend_from_slice(middle.as_bytes());
-    text.extend_from_slice(close.repeat(depth).as_bytes());
-    text
-}
-
 /// The decoded task carries what `task` was encoded with.
 fn assert_same_task(decoded: &DecodedTask, task: &Task, origin: &str) -> Result<(), TestCaseError> {
     let id = task.id.to_string();
@@ -440,7 +300,7 @@ proptest! {
     #[test]
     fn captured_amqp_messages_mutated_never_panic(
         which in any::<Index>(),
-        body_edits in vec(mutation(), 0..8),
+        body_edits in vec(mutation(TOKENS), 0..8),
         header_edits in vec((select(HEADER_NAMES), proptest::option::of(json_value())), 0..4),
         time_edits in vec((prop_oneof![Just("eta"), Just("expires")], python_time(), mutations()), 0..2),
     ) {
@@ -608,19 +468,17 @@ proptest! {
 
 // ------------------------------------------------------- deep nesting
 
-const DEEP: usize = 100_000;
-
 #[test]
 fn deeply_nested_amqp_bodies_are_refused_not_overflowed() {
     let captured = &captured_amqp()[0];
     for body in [
-        nested_text(DEEP, "[", "", "]"),
-        nested_text(DEEP, "[", "", ""),
-        nested_text(DEEP, "{\"a\":", "1", "}"),
-        [b"[[".as_slice(), &nested_text(DEEP, "[", "", "]"), b"], {}, null]"].concat(),
+        nested(DEEP, "[", "", "]").into_bytes(),
+        nested(DEEP, "[", "", "").into_bytes(),
+        nested(DEEP, "{\"a\":", "1", "}").into_bytes(),
+        [b"[[".as_slice(), nested(DEEP, "[", "", "]").as_bytes(), b"], {}, null]"].concat(),
         [
             b"[[], ".as_slice(),
-            &nested_text(DEEP, "{\"k\": ", "null", "}"),
+            nested(DEEP, "{\"k\": ", "null", "}").as_bytes(),
             b", null]",
         ]
         .concat(),
@@ -635,16 +493,20 @@ fn deeply_nested_sqs_envelopes_are_refused_not_overflowed() {
     let deep_headers = [
         b"{\"body\": \"\", \"content-type\": \"application/json\", \"content-encoding\": \"utf-8\", \"headers\": "
             .as_slice(),
-        &nested_text(DEEP, "{\"h\": ", "[]", "}"),
+        nested(DEEP, "{\"h\": ", "[]", "}").as_bytes(),
         b"}",
     ]
     .concat();
     let deep_body = format!(
         "{{\"body\": \"{}\", \"content-type\": \"application/json\", \"content-encoding\": \"utf-8\", \
          \"properties\": {{\"body_encoding\": \"base64\"}}, \"headers\": {{\"id\": \"x\", \"task\": \"t\"}}}}",
-        BASE64.encode(nested_text(DEEP, "[", "", "]"))
+        BASE64.encode(nested(DEEP, "[", "", "]"))
     );
-    for envelope in [nested_text(DEEP, "[", "", "]"), deep_headers, deep_body.into_bytes()] {
+    for envelope in [
+        nested(DEEP, "[", "", "]").into_bytes(),
+        deep_headers,
+        deep_body.into_bytes(),
+    ] {
         let plain = String::from_utf8(envelope).expect("ASCII");
         assert!(consume_sqs(&plain).is_err());
         assert!(consume_sqs(&BASE64.encode(&plain)).is_err());
@@ -673,5 +535,5 @@ fn python_json_writes_the_deepest_value_serde_json_reads() {
     let text = python_json::to_vec(&deepest).expect("serializes");
     let back: Value = serde_json::from_slice(&text).expect("reads back");
     assert_eq!(back, deepest);
-    assert!(serde_json::from_slice::<Value>(&nested_text(129, "[", "", "]")).is_err());
+    assert!(serde_json::from_slice::<Value>(nested(129, "[", "", "]").as_bytes()).is_err());
 }

@@ -21,6 +21,7 @@
 use super::operations::{OutboxRecord, PendingCursor};
 use super::storage::{KeyValuePairs, WriteOperation};
 use super::*;
+use crate::proptest_support::{config, json_value, mutated, mutation, nested, task_of, Mutation, DEEP};
 use crate::task::{QueueName, TaskName};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
@@ -28,19 +29,9 @@ use chrono::TimeZone;
 use proptest::collection::vec;
 use proptest::prelude::*;
 use proptest::sample::{select, Index};
-use serde_json::{json, Map, Number, Value};
+use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
 use std::ops::Bound;
-
-pub(super) fn config(cases: u32) -> ProptestConfig {
-    ProptestConfig {
-        cases,
-        // Nothing is written into the source tree; a failure prints its
-        // minimal input, which belongs in a named regression test.
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    }
-}
 
 // ------------------------------------------------------ in-memory store
 
@@ -278,7 +269,7 @@ fn exercise(storage: Arc<MemoryStorage>) {
 
 /// Bytes that steer a mutation into JSON's corners and into key layout
 /// (prefixes, the lane separator, big sequences).
-const TOKENS: &[&[u8]] = &[
+pub(super) const TOKENS: &[&[u8]] = &[
     b"\"",
     b"\\",
     b"{",
@@ -310,69 +301,6 @@ const TOKENS: &[&[u8]] = &[
     b"p/",
     b"m/",
 ];
-
-#[derive(Debug, Clone)]
-pub(super) enum Mutation {
-    FlipBit(Index, u8),
-    Truncate(Index),
-    Insert(Index, Vec<u8>),
-    Delete(Index, usize),
-    /// Copies `len` bytes from the first position to the second.
-    Duplicate(Index, usize, Index),
-    Overwrite(Index, Vec<u8>),
-}
-
-fn inserted_bytes() -> impl Strategy<Value = Vec<u8>> {
-    prop_oneof![vec(any::<u8>(), 1..6), select(TOKENS).prop_map(<[u8]>::to_vec)]
-}
-
-pub(super) fn mutation() -> impl Strategy<Value = Mutation> {
-    prop_oneof![
-        3 => (any::<Index>(), 0..8u8).prop_map(|(at, bit)| Mutation::FlipBit(at, bit)),
-        1 => any::<Index>().prop_map(Mutation::Truncate),
-        3 => (any::<Index>(), inserted_bytes()).prop_map(|(at, bytes)| Mutation::Insert(at, bytes)),
-        2 => (any::<Index>(), 1..16usize).prop_map(|(at, len)| Mutation::Delete(at, len)),
-        1 => (any::<Index>(), 1..64usize, any::<Index>()).prop_map(|(from, len, to)| Mutation::Duplicate(from, len, to)),
-        2 => (any::<Index>(), inserted_bytes()).prop_map(|(at, bytes)| Mutation::Overwrite(at, bytes)),
-    ]
-}
-
-pub(super) fn mutated(original: &[u8], mutations: &[Mutation]) -> Vec<u8> {
-    let position = |index: &Index, len: usize| index.index(len + 1);
-    let mut bytes = original.to_vec();
-    for mutation in mutations {
-        match mutation {
-            Mutation::FlipBit(at, bit) => {
-                if !bytes.is_empty() {
-                    let at = at.index(bytes.len());
-                    bytes[at] ^= 1 << bit;
-                }
-            }
-            Mutation::Truncate(at) => bytes.truncate(position(at, bytes.len())),
-            Mutation::Insert(at, inserted) => {
-                let at = position(at, bytes.len());
-                bytes.splice(at..at, inserted.iter().copied());
-            }
-            Mutation::Delete(at, len) => {
-                let at = position(at, bytes.len());
-                let end = (at + len).min(bytes.len());
-                bytes.drain(at..end);
-            }
-            Mutation::Duplicate(from, len, to) => {
-                let from = position(from, bytes.len());
-                let span = bytes[from..(from + len).min(bytes.len())].to_vec();
-                let to = position(to, bytes.len());
-                bytes.splice(to..to, span);
-            }
-            Mutation::Overwrite(at, replacement) => {
-                let at = position(at, bytes.len());
-                let end = (at + replacement.len()).min(bytes.len());
-                bytes.splice(at..end, replacement.iter().copied());
-            }
-        }
-    }
-    bytes
-}
 
 /// One change to a stored record, chosen by position in key order.
 #[derive(Debug, Clone)]
@@ -413,8 +341,8 @@ pub(super) fn damage() -> impl Strategy<Value = Damage> {
         any::<u64>()
     ];
     prop_oneof![
-        5 => (any::<Index>(), vec(mutation(), 1..6)).prop_map(|(at, edits)| Damage::Value(at, edits)),
-        2 => (any::<Index>(), vec(mutation(), 1..4)).prop_map(|(at, edits)| Damage::Key(at, edits)),
+        5 => (any::<Index>(), vec(mutation(TOKENS), 1..6)).prop_map(|(at, edits)| Damage::Value(at, edits)),
+        2 => (any::<Index>(), vec(mutation(TOKENS), 1..4)).prop_map(|(at, edits)| Damage::Key(at, edits)),
         1 => (any::<Index>(), vec(any::<u8>(), 0..40)).prop_map(|(at, bytes)| Damage::Replace(at, bytes)),
         1 => any::<Index>().prop_map(Damage::Remove),
         1 => (select(prefixes), vec(any::<u8>(), 0..24), vec(any::<u8>(), 0..40))
@@ -520,26 +448,6 @@ fn numbers_in<'a>(value: &'a mut Value, found: &mut Vec<&'a mut Value>) {
     }
 }
 
-fn json_leaf() -> impl Strategy<Value = Value> {
-    prop_oneof![
-        Just(Value::Null),
-        any::<bool>().prop_map(Value::from),
-        any::<i64>().prop_map(Value::from),
-        any::<u64>().prop_map(Value::from),
-        any::<f64>().prop_filter_map("finite", |f| Number::from_f64(f).map(Value::Number)),
-        ".{0,12}".prop_map(Value::from),
-    ]
-}
-
-fn json_value() -> impl Strategy<Value = Value> {
-    json_leaf().prop_recursive(3, 24, 5, |inner| {
-        prop_oneof![
-            vec(inner.clone(), 0..5).prop_map(Value::Array),
-            vec((".{0,8}", inner), 0..5).prop_map(|entries| Value::Object(entries.into_iter().collect())),
-        ]
-    })
-}
-
 fn json_object() -> impl Strategy<Value = Map<String, Value>> {
     vec((".{0,10}", json_value()), 0..5).prop_map(|entries| entries.into_iter().collect())
 }
@@ -592,29 +500,7 @@ fn task() -> impl Strategy<Value = Task> {
         json_object(),
         time(),
     );
-    (identity, options).prop_map(
-        |(
-            (id, task, args, kwargs, routing_key, queues),
-            (eta, expires, priority, parent_id, root_id, group, time_limit, soft_time_limit, properties, accepted_at),
-        )| Task {
-            id: TaskId::from_bytes(id.to_be_bytes()),
-            task,
-            args,
-            kwargs,
-            routing_key,
-            queues,
-            eta,
-            expires,
-            priority,
-            parent_id,
-            root_id,
-            group,
-            time_limit,
-            soft_time_limit,
-            properties,
-            accepted_at,
-        },
-    )
+    (identity, options).prop_map(task_of)
 }
 
 fn task_state() -> impl Strategy<Value = TaskState> {
@@ -756,7 +642,10 @@ proptest! {
     }
 
     #[test]
-    fn stored_records_mutated_never_panic_their_decoders(which in any::<Index>(), edits in vec(mutation(), 1..8)) {
+    fn stored_records_mutated_never_panic_their_decoders(
+        which in any::<Index>(),
+        edits in vec(mutation(TOKENS), 1..8),
+    ) {
         let store = written_store();
         let (key, value) = store.iter().nth(which.index(store.len())).expect("a record");
         decode_as_every_record(&mutated(value, &edits));
@@ -878,13 +767,11 @@ fn an_implausible_counters_record_is_counted_again() {
 
 #[test]
 fn deeply_nested_records_are_refused_not_overflowed() {
-    const DEEP: usize = 100_000;
-    let nested = |open: &str, close: &str| [open.repeat(DEEP), close.repeat(DEEP)].concat().into_bytes();
     let stored = serde_json::to_vec(&stored_task(1)).expect("serializes");
     let text = String::from_utf8(stored).expect("UTF-8");
     for value in [
-        nested("[", "]"),
-        nested("{\"a\":", "}"),
+        nested(DEEP, "[", "", "]").into_bytes(),
+        nested(DEEP, "{\"a\":", "", "}").into_bytes(),
         text.replacen("[", &"[".repeat(DEEP), 1).into_bytes(),
         text.replacen("{\"nested\":", &"{\"nested\":".repeat(DEEP), 1)
             .into_bytes(),

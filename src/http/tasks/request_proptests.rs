@@ -11,24 +11,15 @@
 //! task survives the outbox's JSON and Celery's encoder.
 
 use super::*;
+use crate::proptest_support::{config, json_value, mutated, mutation_without_overwrite, nested, DEEP};
 use crate::task::registry::{RegisteredTaskSettings, Registry, RegistrySettings};
 use crate::task::routing::{QueueBindingSettings, Router, RoutingSettings};
 use crate::task::Task;
 use chrono::{DateTime, TimeZone, Utc};
 use proptest::collection::vec;
 use proptest::prelude::*;
-use proptest::sample::{select, Index};
-use serde_json::{Map, Number};
-
-fn config(cases: u32) -> ProptestConfig {
-    ProptestConfig {
-        cases,
-        // Nothing is written into the source tree; a failure prints its
-        // minimal input, which belongs in a named regression test.
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    }
-}
+use proptest::sample::select;
+use serde_json::Map;
 
 // ------------------------------------------------- the handlers' steps
 
@@ -154,26 +145,6 @@ fn no_headers() -> HeaderMap {
 }
 
 // ------------------------------------------------------------ generators
-
-fn json_leaf() -> impl Strategy<Value = Value> {
-    prop_oneof![
-        Just(Value::Null),
-        any::<bool>().prop_map(Value::from),
-        any::<i64>().prop_map(Value::from),
-        any::<u64>().prop_map(Value::from),
-        any::<f64>().prop_filter_map("finite", |f| Number::from_f64(f).map(Value::Number)),
-        ".{0,12}".prop_map(Value::from),
-    ]
-}
-
-fn json_value() -> impl Strategy<Value = Value> {
-    json_leaf().prop_recursive(3, 24, 5, |inner| {
-        prop_oneof![
-            vec(inner.clone(), 0..5).prop_map(Value::Array),
-            vec((".{0,8}", inner), 0..5).prop_map(|entries| Value::Object(entries.into_iter().collect())),
-        ]
-    })
-}
 
 fn kwargs() -> impl Strategy<Value = Map<String, Value>> {
     let names = prop_oneof![
@@ -307,63 +278,6 @@ const FRAGMENTS: &[&str] = &[
     " ",
 ];
 
-/// One edit of a byte string.
-#[derive(Debug, Clone)]
-enum Mutation {
-    FlipBit(Index, u8),
-    Truncate(Index),
-    Insert(Index, Vec<u8>),
-    Delete(Index, usize),
-    /// Copies `len` bytes from the first position to the second.
-    Duplicate(Index, usize, Index),
-}
-
-fn mutation() -> impl Strategy<Value = Mutation> {
-    let inserted = prop_oneof![
-        vec(any::<u8>(), 1..6),
-        select(FRAGMENTS).prop_map(|fragment| fragment.as_bytes().to_vec()),
-    ];
-    prop_oneof![
-        3 => (any::<Index>(), 0..8u8).prop_map(|(at, bit)| Mutation::FlipBit(at, bit)),
-        1 => any::<Index>().prop_map(Mutation::Truncate),
-        3 => (any::<Index>(), inserted).prop_map(|(at, bytes)| Mutation::Insert(at, bytes)),
-        2 => (any::<Index>(), 1..16usize).prop_map(|(at, len)| Mutation::Delete(at, len)),
-        1 => (any::<Index>(), 1..64usize, any::<Index>()).prop_map(|(from, len, to)| Mutation::Duplicate(from, len, to)),
-    ]
-}
-
-fn mutated(original: &[u8], mutations: &[Mutation]) -> Vec<u8> {
-    let position = |index: &Index, len: usize| index.index(len + 1);
-    let mut bytes = original.to_vec();
-    for mutation in mutations {
-        match mutation {
-            Mutation::FlipBit(at, bit) => {
-                if !bytes.is_empty() {
-                    let at = at.index(bytes.len());
-                    bytes[at] ^= 1 << bit;
-                }
-            }
-            Mutation::Truncate(at) => bytes.truncate(position(at, bytes.len())),
-            Mutation::Insert(at, inserted) => {
-                let at = position(at, bytes.len());
-                bytes.splice(at..at, inserted.iter().copied());
-            }
-            Mutation::Delete(at, len) => {
-                let at = position(at, bytes.len());
-                let end = (at + len).min(bytes.len());
-                bytes.drain(at..end);
-            }
-            Mutation::Duplicate(from, len, to) => {
-                let from = position(from, bytes.len());
-                let span = bytes[from..(from + len).min(bytes.len())].to_vec();
-                let to = position(to, bytes.len());
-                bytes.splice(to..to, span);
-            }
-        }
-    }
-    bytes
-}
-
 fn idempotency_headers() -> impl Strategy<Value = HeaderMap> {
     let value = prop_oneof![
         "[!-~]{1,255}".prop_map(String::into_bytes),
@@ -403,7 +317,7 @@ proptest! {
     fn mutated_requests_never_panic(
         request in task_request(),
         more in vec(task_request(), 0..3),
-        edits in vec(mutation(), 1..8),
+        edits in vec(mutation_without_overwrite(FRAGMENTS), 1..8),
         headers in idempotency_headers(),
     ) {
         let single = serde_json::to_vec(&request).expect("a request serializes");
@@ -443,27 +357,24 @@ proptest! {
 
 // ------------------------------------------------------- deep nesting
 
-const DEEP: usize = 100_000;
-
-fn nested(open: &str, middle: &str, close: &str) -> String {
-    format!("{}{middle}{}", open.repeat(DEEP), close.repeat(DEEP))
-}
-
 #[test]
 fn deeply_nested_bodies_are_refused_not_overflowed() {
     let bodies = [
-        nested("[", "", "]"),
-        nested("[", "", ""),
-        nested("{\"a\":", "1", "}"),
-        format!("{{\"task\": \"export.project\", \"args\": {}}}", nested("[", "", "]")),
+        nested(DEEP, "[", "", "]"),
+        nested(DEEP, "[", "", ""),
+        nested(DEEP, "{\"a\":", "1", "}"),
+        format!(
+            "{{\"task\": \"export.project\", \"args\": {}}}",
+            nested(DEEP, "[", "", "]")
+        ),
         format!(
             "{{\"task\": \"rawa.add\", \"kwargs\": {{\"x\": {}}}}}",
-            nested("{\"k\": ", "null", "}")
+            nested(DEEP, "{\"k\": ", "null", "}")
         ),
-        format!("{{\"tasks\": {}}}", nested("[", "{\"task\": \"x\"}", "]")),
+        format!("{{\"tasks\": {}}}", nested(DEEP, "[", "{\"task\": \"x\"}", "]")),
         format!(
             "{{\"tasks\": [{{\"task\": \"x\", \"properties\": {}}}]}}",
-            nested("{\"p\":", "0", "}")
+            nested(DEEP, "{\"p\":", "0", "}")
         ),
     ];
     for body in &bodies {

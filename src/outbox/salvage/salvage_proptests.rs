@@ -7,8 +7,9 @@
 //! (the damaged records of `record_proptests.rs`, written into a real sled
 //! store). Each must report what it found, never panic.
 
-use super::super::record_proptests::{config, damage, damaged, mutated, mutation, runtime, written_store};
+use super::super::record_proptests::{damage, damaged, runtime, written_store, TOKENS};
 use super::*;
+use crate::proptest_support::{config, mutated, mutation};
 use proptest::collection::vec;
 use proptest::prelude::*;
 use serde_json::json;
@@ -133,7 +134,10 @@ proptest! {
     }
 
     #[test]
-    fn raw_scans_of_a_damaged_log_never_panic(edits in vec(mutation(), 1..12), segment_is_sleds in any::<bool>()) {
+    fn raw_scans_of_a_damaged_log_never_panic(
+        edits in vec(mutation(TOKENS), 1..12),
+        segment_is_sleds in any::<bool>(),
+    ) {
         let log = mutated(real_log(), &edits);
         let segment = if segment_is_sleds { DEFAULT_SEGMENT_BYTES } else { 4096 };
         raw_scan_of(&log, segment);
