@@ -20,15 +20,6 @@ use support::app::{consume_ids, ready_messages, spawn_app, test_settings, unique
 use support::celery::delete_amqp_entities;
 use support::fault_proxy::{FaultMode, FaultProxy};
 
-async fn post_id(app: &TestApp, body: Value) -> String {
-    let response = app.post_task(&body).await;
-    assert_eq!(response.status(), 202);
-    response.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned()
-}
-
 async fn task_status(app: &TestApp, id: &str) -> Value {
     app.get_json(&format!("/v1/tasks/{id}")).await
 }
@@ -77,13 +68,13 @@ async fn a_queue_declared_with_other_arguments_does_not_stop_the_others() {
     assert_eq!(health["status"], "warn");
 
     let fine_ids = vec![
-        post_id(&app, json!({"task": "t.a", "routing_key": "fine.a"})).await,
-        post_id(&app, json!({"task": "t.b", "routing_key": "fine.b"})).await,
+        app.post_accepted(json!({"task": "t.a", "routing_key": "fine.a"})).await,
+        app.post_accepted(json!({"task": "t.b", "routing_key": "fine.b"})).await,
     ];
     let received = consume_ids(&fine, &fine_ids, Duration::from_secs(15)).await;
     assert_eq!(received.len(), 2, "the well-declared queue keeps receiving");
     // The odd queue exists and is bound as it is: its task reaches it.
-    let odd_id = post_id(&app, json!({"task": "t.c", "routing_key": "odd.c"})).await;
+    let odd_id = app.post_accepted(json!({"task": "t.c", "routing_key": "odd.c"})).await;
     let received = consume_ids(&odd, &[odd_id], Duration::from_secs(15)).await;
     assert_eq!(received.len(), 1);
     app.stop().await.unwrap();
@@ -104,16 +95,12 @@ async fn a_task_that_expires_while_spooled_is_a_dead_letter_expired() {
     let exchange = settings.routing.exchange.clone();
     let app = spawn_app(settings).await;
     let expires = chrono::Utc::now() + chrono::Duration::seconds(2);
-    let expiring = post_id(
-        &app,
-        json!({"task": "t.soon", "expires": expires.to_rfc3339(), "args": ["late"]}),
-    )
-    .await;
-    let lasting = post_id(
-        &app,
-        json!({"task": "t.later", "expires": (expires + chrono::Duration::hours(1)).to_rfc3339()}),
-    )
-    .await;
+    let expiring = app
+        .post_accepted(json!({"task": "t.soon", "expires": expires.to_rfc3339(), "args": ["late"]}))
+        .await;
+    let lasting = app
+        .post_accepted(json!({"task": "t.later", "expires": (expires + chrono::Duration::hours(1)).to_rfc3339()}))
+        .await;
     tokio::time::sleep(Duration::from_secs(4)).await;
     proxy.set_mode(FaultMode::Pass);
 
@@ -173,7 +160,7 @@ async fn pause_and_resume_show_in_health() {
         relay["output"].as_str().unwrap().contains("paused by an operator"),
         "{relay}"
     );
-    let id = post_id(&app, json!({"task": "t.held"})).await;
+    let id = app.post_accepted(json!({"task": "t.held"})).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(ready_messages(&queue).await, 0, "nothing is published while paused");
 
@@ -205,7 +192,7 @@ async fn release_then_close_holds_while_a_backlog_fails() {
     // Connected, but every window times out: failures keep arriving.
     proxy.set_mode(FaultMode::Blackhole);
     for n in 0..20 {
-        post_id(&app, json!({"task": "t.backlog", "args": [n]})).await;
+        app.post_accepted(json!({"task": "t.backlog", "args": [n]})).await;
     }
     for round in 0..20 {
         assert_eq!(admin_post(&app, "/v1/breaker/release").await, 200);

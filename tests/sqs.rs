@@ -52,11 +52,7 @@ impl SqsTest {
     }
 
     async fn post_accepted(&self, body: Value) -> String {
-        let response = self.app.post_task(&body).await;
-        let status = response.status().as_u16();
-        let answer: Value = response.json().await.unwrap();
-        assert_eq!(status, 202, "{answer:#}");
-        answer["id"].as_str().unwrap().to_owned()
+        self.app.post_accepted(body).await
     }
 
     async fn post_batch(&self, tasks: Vec<Value>) -> Vec<String> {

@@ -72,14 +72,9 @@ async fn publishes_over_amqps_and_a_stock_celery_worker_runs_the_task() {
             .queue(&queue, &queue),
     )
     .await;
-    let response = app
-        .post_task(&json!({"task": "rawa.add", "args": [20, 22], "routing_key": queue}))
+    let id = app
+        .post_accepted(json!({"task": "rawa.add", "args": [20, 22], "routing_key": queue}))
         .await;
-    assert_eq!(response.status(), 202);
-    let id = response.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
     let records = worker.wait_for_records_async(1, Duration::from_secs(60)).await;
     assert_eq!(records[0]["id"], id.as_str());
     assert_eq!(records[0]["args"], json!([20, 22]));
@@ -310,14 +305,9 @@ async fn tracking_works_over_verify_full() {
         h["checks"]["tracking:database"][0]["status"] == "pass"
     })
     .await;
-    let response = app
-        .post_task(&json!({"task": "rawa.add", "args": [3, 4], "routing_key": queue}))
+    let id = app
+        .post_accepted(json!({"task": "rawa.add", "args": [3, 4], "routing_key": queue}))
         .await;
-    assert_eq!(response.status(), 202);
-    let id = response.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
     let pool = database.pool().await;
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {

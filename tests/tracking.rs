@@ -76,14 +76,6 @@ async fn get(app: &TestApp, path: &str) -> (u16, Value) {
     (status, response.json().await.unwrap_or(Value::Null))
 }
 
-async fn post_accepted(app: &TestApp, body: Value) -> String {
-    let response = app.post_task(&body).await;
-    let status = response.status().as_u16();
-    let answer: Value = response.json().await.unwrap();
-    assert_eq!(status, 202, "{answer:#}");
-    answer["id"].as_str().unwrap().to_owned()
-}
-
 /// `GET /v1/tasks/{id}` once `ready` holds for the body.
 async fn wait_for_task(app: &TestApp, id: &str, timeout: Duration, ready: impl Fn(&Value) -> bool) -> Value {
     let mut last = Value::Null;
@@ -152,9 +144,9 @@ async fn celery_results_from_postgres_show_in_get_task() {
     )
     .await;
 
-    let succeeding = post_accepted(&app, json!({"task": "rawa.add", "args": [20, 30]})).await;
+    let succeeding = app.post_accepted(json!({"task": "rawa.add", "args": [20, 30]})).await;
     // str + int: the worker raises TypeError.
-    let failing = post_accepted(&app, json!({"task": "rawa.add", "args": ["a", 1]})).await;
+    let failing = app.post_accepted(json!({"task": "rawa.add", "args": ["a", 1]})).await;
 
     let done = wait_for_task(&app, &succeeding, Duration::from_secs(60), |body| {
         body["result"]["status"] == "SUCCESS"
@@ -214,7 +206,9 @@ async fn pickled_results_are_decoded_and_the_status_follows_them() {
     track_into(&mut settings, &database.url());
     let app = spawn_app(settings).await;
     wait_for_schema(&app).await;
-    let id = post_accepted(&app, json!({"task": "export.project", "args": ["org", "proj"]})).await;
+    let id = app
+        .post_accepted(json!({"task": "export.project", "args": ["org", "proj"]}))
+        .await;
     let queued = wait_for_task(&app, &id, Duration::from_secs(10), |body| body["tracking"].is_object()).await;
     assert_eq!(queued["state"], "queued", "no broker: the task waits in the outbox");
     assert_eq!(queued["result"], Value::Null);
@@ -296,7 +290,9 @@ async fn tasks_celery_sends_to_the_exchange_are_recorded_from_the_amqp_tracking_
     pickled_options["serializer"] = json!("pickle");
     let pickled = send_with_celery_async(&producer, "rawa.echo", json!(["pickled"]), pickled_options).await;
     // And one through taskgate: journal and consumer meet on one row.
-    let accepted = post_accepted(&app, json!({"task": "rawa.echo", "args": ["via taskgate"]})).await;
+    let accepted = app
+        .post_accepted(json!({"task": "rawa.echo", "args": ["via taskgate"]}))
+        .await;
 
     let recorded = wait_for_task(&app, &child, Duration::from_secs(30), |body| {
         body["tracking"].is_object()
@@ -448,11 +444,8 @@ async fn post_many(app: &TestApp, count: usize, label: &str) -> (Vec<String>, f6
     for n in 0..count {
         let one = Instant::now();
         ids.push(
-            post_accepted(
-                app,
-                json!({"task": "rawa.add", "args": [n, 1], "properties": {"creator_id": label}}),
-            )
-            .await,
+            app.post_accepted(json!({"task": "rawa.add", "args": [n, 1], "properties": {"creator_id": label}}))
+                .await,
         );
         slowest = slowest.max(one.elapsed());
     }
@@ -636,8 +629,7 @@ async fn assert_list_pages_and_filters(database_url: &str, data_dir: &std::path:
             format!("{creator}-b")
         };
         ids.push(
-            post_accepted(
-                &app,
+            app.post_accepted(
                 json!({"task": if n % 5 == 0 { "export.project" } else { "export.other" },
                        "args": [n],
                        "properties": {"creator_id": owner, "related_object_id": format!("{creator}-p{}", n % 3),
@@ -758,7 +750,9 @@ async fn start_up_does_not_wait_for_an_absent_database_and_migrates_once_it_answ
     track_into(&mut settings, &database.url_via(&proxy));
     let started = Instant::now();
     let app = spawn_app(settings).await;
-    let id = post_accepted(&app, json!({"task": "export.project", "args": ["o", "p"]})).await;
+    let id = app
+        .post_accepted(json!({"task": "export.project", "args": ["o", "p"]}))
+        .await;
     assert!(
         started.elapsed() < Duration::from_secs(2),
         "start-up and POST took {:?}",
@@ -797,7 +791,10 @@ async fn a_full_journal_warns_and_later_tasks_are_accepted_unrecorded() {
     let app = spawn_app(settings).await;
     let mut ids = Vec::new();
     for n in 0..3 {
-        ids.push(post_accepted(&app, json!({"task": "export.project", "args": ["o", n]})).await);
+        ids.push(
+            app.post_accepted(json!({"task": "export.project", "args": ["o", n]}))
+                .await,
+        );
     }
     let health = app.health().await;
     let check = tracking_check(&health);
@@ -973,7 +970,7 @@ async fn documented_grants_let_workers_write_results_and_nothing_else() {
             .env("CELERY_RESULT_EXTENDED", "1"),
     )
     .await;
-    let id = post_accepted(&app, json!({"task": "rawa.add", "args": [2, 5]})).await;
+    let id = app.post_accepted(json!({"task": "rawa.add", "args": [2, 5]})).await;
     let done = wait_for_task(&app, &id, Duration::from_secs(60), |body| {
         body["result"]["status"] == "SUCCESS" && body["tracking"]["status"] == "SUCCESS"
     })
@@ -1013,7 +1010,9 @@ async fn without_migrate_on_start_the_gateway_waits_for_taskgate_migrate() {
     track_into(&mut settings, &url);
     settings.tracking.migrate_on_start = false;
     let app = spawn_app(settings).await;
-    let id = post_accepted(&app, json!({"task": "export.project", "args": ["o", "p"]})).await;
+    let id = app
+        .post_accepted(json!({"task": "export.project", "args": ["o", "p"]}))
+        .await;
     let health = app
         .wait_for_health(Duration::from_secs(10), |health| {
             tracking_check(health)["output"]

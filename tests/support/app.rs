@@ -97,6 +97,15 @@ impl TestApp {
             .expect("POST /v1/tasks")
     }
 
+    /// `POST /v1/tasks`, which must answer 202; returns the task id.
+    pub async fn post_accepted(&self, body: Value) -> String {
+        let response = self.post_task(&body).await;
+        let status = response.status().as_u16();
+        let answer: Value = response.json().await.unwrap();
+        assert_eq!(status, 202, "{answer:#}");
+        answer["id"].as_str().unwrap().to_owned()
+    }
+
     pub async fn health(&self) -> Value {
         self.get_json("/v1/health").await
     }
