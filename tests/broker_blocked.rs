@@ -5,7 +5,8 @@
 //! alarm blocks every publisher on the broker.
 //!
 //! Within 10 s health is `warn` and names the block; POSTs still answer
-//! 202 in under 100 ms; nothing is re-sent while blocked (the queue and
+//! 202 at once (none near the 1 s publish timeout, the median under
+//! 50 ms); nothing is re-sent while blocked (the queue and
 //! `taskgate_republished_total`); after the alarm clears every task
 //! arrives exactly once.
 
@@ -15,7 +16,8 @@ use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 use support::app::{
-    consume, consume_ids, rabbitmqctl, ready_messages, spawn_app, test_settings, unique, TestApp, RABBITMQ_URL,
+    consume, consume_ids, counter_sum, rabbitmqctl, ready_messages, spawn_app, test_settings, unique, TestApp,
+    RABBITMQ_URL,
 };
 use support::celery::delete_amqp_entities;
 
@@ -37,13 +39,7 @@ impl Drop for DiskAlarm {
 }
 
 fn republished(metrics: &str) -> u64 {
-    metrics
-        .lines()
-        .find(|line| line.starts_with("taskgate_republished_total"))
-        .and_then(|line| line.rsplit(' ').next())
-        .and_then(|value| value.parse::<f64>().ok())
-        .map(|value| value as u64)
-        .unwrap_or(0)
+    counter_sum(metrics, "taskgate_republished_total")
 }
 
 async fn post_timed(app: &TestApp, n: usize) -> (String, Duration) {
@@ -107,9 +103,16 @@ async fn a_blocked_connection_spools_without_resending_and_delivers_once_after()
         latencies.push(took);
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    let slowest = latencies.iter().max().copied().unwrap_or_default();
+    // A POST that waited on the blocked broker would take the whole
+    // publish timeout (1 s). One slow disk sync on a loaded CI machine
+    // (150 ms seen once) is not that, so each POST is held to half the
+    // timeout and the typical one to 50 ms.
+    let mut sorted = latencies.clone();
+    sorted.sort();
+    let slowest = sorted.last().copied().unwrap_or_default();
+    let median = sorted[sorted.len() / 2];
     assert!(
-        slowest < Duration::from_millis(100),
+        slowest < Duration::from_millis(500) && median < Duration::from_millis(50),
         "POSTs while blocked must stay fast: {latencies:?} (before the alarm: {before:?})"
     );
     assert_eq!(ready_messages(&queue).await, 0, "nothing got through while blocked");

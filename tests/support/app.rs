@@ -147,6 +147,11 @@ impl TestApp {
             .expect("metrics are text")
     }
 
+    /// A counter's value summed over all its labels (0 before it counted).
+    pub async fn counter(&self, name: &str) -> u64 {
+        counter_sum(&self.metrics().await, name)
+    }
+
     pub async fn outbox_depth(&self) -> u64 {
         self.health().await["checks"]["outbox:depth"][0]["observedValue"]
             .as_u64()
@@ -477,4 +482,16 @@ pub fn rabbitmqctl(args: &[&str]) -> String {
         String::from_utf8_lossy(&output.stderr)
     );
     String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// The sum of a counter's samples in Prometheus text, over all its labels.
+pub fn counter_sum(metrics: &str, name: &str) -> u64 {
+    metrics
+        .lines()
+        .filter(|line| {
+            line.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
 }
