@@ -334,7 +334,7 @@ async fn raw_lapin(total: usize, shape: RawMessage, mode: ConfirmWindow) -> f64 
         .unwrap();
     let task: taskgate::task::Task = {
         let request: taskgate::task::TaskRequest = serde_json::from_value(sample_task(0)).unwrap();
-        let router = taskgate::task::routing::Router::from_settings(&Default::default()).unwrap();
+        let router = taskgate::task::routing::TopicRouter::from_settings(&Default::default()).unwrap();
         taskgate::task::intake::accept(request, &Default::default(), &router, chrono::Utc::now()).unwrap()
     };
     let message = taskgate::celery::encode(&task, "bench@host");
@@ -686,7 +686,7 @@ async fn celery_send(warmup: usize, total: usize) -> Result<(Latencies, String, 
     request["args"][1] = json!("project-{n}");
     let routing_key = {
         let parsed: taskgate::task::TaskRequest = serde_json::from_value(sample_task(0)).unwrap();
-        let router = taskgate::task::routing::Router::from_settings(&Default::default()).unwrap();
+        let router = taskgate::task::routing::TopicRouter::from_settings(&Default::default()).unwrap();
         taskgate::task::intake::accept(parsed, &Default::default(), &router, chrono::Utc::now())
             .unwrap()
             .routing_key

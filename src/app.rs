@@ -29,7 +29,7 @@ use crate::relay::breaker::Breaker;
 use crate::relay::Relay;
 use crate::systemd;
 use crate::task::registry::Registry;
-use crate::task::routing::Router;
+use crate::task::routing::TopicRouter;
 use crate::tracking::Tracking;
 use anyhow::Context;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
@@ -71,7 +71,7 @@ impl Application {
                  so a typo or a forged name reaches the workers; list the tasks and set registry.strict = true"
             );
         }
-        let router = Arc::new(Router::from_settings(&settings.routing).context("routing settings")?);
+        let router = Arc::new(TopicRouter::from_settings(&settings.routing).context("routing settings")?);
         let registry = Arc::new(Registry::from_settings(&settings.registry).context("registry settings")?);
         let outbox_settings = settings.outbox.clone();
         let outbox = tokio::task::spawn_blocking(move || Outbox::open(&outbox_settings))

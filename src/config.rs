@@ -6,8 +6,9 @@
 //! names the offending key; the binary exits with status 64 (`EX_USAGE`).
 
 use crate::outbox::OutboxSettings;
+use crate::retry::{RetryPolicy, RetryPolicyError};
 use crate::task::registry::{Registry, RegistrySettings};
-use crate::task::routing::{Router, RoutingSettings};
+use crate::task::routing::{RoutingSettings, TopicRouter};
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
@@ -196,6 +197,18 @@ pub struct BrokerSettings {
     pub tls_key_file: Option<PathBuf>,
 }
 
+impl BrokerSettings {
+    /// Waits between reconnect attempts (publishers and tracking consumer).
+    pub fn reconnect_policy(&self) -> RetryPolicy {
+        RetryPolicy::from_millis(
+            self.reconnect_min_ms,
+            self.reconnect_max_ms,
+            RetryPolicy::RECONNECT_JITTER,
+        )
+        .expect("broker.reconnect_* are checked when the settings are loaded")
+    }
+}
+
 impl Default for BrokerSettings {
     fn default() -> Self {
         Self {
@@ -240,6 +253,14 @@ pub struct BreakerSettings {
     /// Open interval: jittered exponential backoff between these bounds.
     pub open_min_ms: u64,
     pub open_max_ms: u64,
+}
+
+impl BreakerSettings {
+    /// How long the breaker stays open before it lets a probe through.
+    pub fn open_interval(&self) -> RetryPolicy {
+        RetryPolicy::from_millis(self.open_min_ms, self.open_max_ms, RetryPolicy::RETRY_JITTER)
+            .expect("breaker.open_* are checked when the settings are loaded")
+    }
 }
 
 impl Default for BreakerSettings {
@@ -311,6 +332,14 @@ pub struct TrackingSettings {
     /// oldest entry is this old (0: never waits), leaving the cores to
     /// accepting and publishing; see [`crate::tracking::writer`].
     pub max_deferral_seconds: f64,
+}
+
+impl TrackingSettings {
+    /// Waits between attempts to reach the tracking database.
+    pub fn retry_policy(&self) -> RetryPolicy {
+        RetryPolicy::from_millis(self.retry_min_ms, self.retry_max_ms, RetryPolicy::RETRY_JITTER)
+            .expect("tracking.retry_* are checked when the settings are loaded")
+    }
 }
 
 impl Default for TrackingSettings {
@@ -396,7 +425,7 @@ fn describe_figment_error(error: figment::Error) -> String {
 
 fn validate(settings: &Settings, explicit: &Figment) -> Result<(), ConfigError> {
     // Their messages already name the key (`routing.queues[1]: ...`).
-    Router::from_settings(&settings.routing).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+    TopicRouter::from_settings(&settings.routing).map_err(|e| ConfigError::Invalid(e.to_string()))?;
     Registry::from_settings(&settings.registry).map_err(|e| ConfigError::Invalid(e.to_string()))?;
     if settings.http.max_body_bytes < 1024 {
         return Err(ConfigError::key("http.max_body_bytes", "must be at least 1024"));
@@ -409,15 +438,11 @@ fn validate(settings: &Settings, explicit: &Figment) -> Result<(), ConfigError> 
         return Err(ConfigError::key("outbox.max_journal_entries", "must be at least 1"));
     }
     let breaker = &settings.breaker;
-    if breaker.open_min_ms == 0 {
-        return Err(ConfigError::key("breaker.open_min_ms", "must be positive"));
-    }
-    if breaker.open_max_ms < breaker.open_min_ms {
-        return Err(ConfigError::key(
-            "breaker.open_max_ms",
-            "must be at least breaker.open_min_ms",
-        ));
-    }
+    check_retry_policy(
+        ("breaker.open_min_ms", breaker.open_min_ms),
+        ("breaker.open_max_ms", breaker.open_max_ms),
+        RetryPolicy::RETRY_JITTER,
+    )?;
     if breaker.consecutive_failures == 0 {
         return Err(ConfigError::key("breaker.consecutive_failures", "must be at least 1"));
     }
@@ -437,18 +462,16 @@ fn validate(settings: &Settings, explicit: &Figment) -> Result<(), ConfigError> 
     for (key, value) in [
         ("broker.connect_timeout_ms", broker.connect_timeout_ms),
         ("broker.publish_timeout_ms", broker.publish_timeout_ms),
-        ("broker.reconnect_min_ms", broker.reconnect_min_ms),
     ] {
         if value == 0 {
             return Err(ConfigError::key(key, "must be positive"));
         }
     }
-    if broker.reconnect_max_ms < broker.reconnect_min_ms {
-        return Err(ConfigError::key(
-            "broker.reconnect_max_ms",
-            "must be at least broker.reconnect_min_ms",
-        ));
-    }
+    check_retry_policy(
+        ("broker.reconnect_min_ms", broker.reconnect_min_ms),
+        ("broker.reconnect_max_ms", broker.reconnect_max_ms),
+        RetryPolicy::RECONNECT_JITTER,
+    )?;
     if broker.kind == BrokerKind::Amqp && !(broker.url.starts_with("amqp://") || broker.url.starts_with("amqps://")) {
         return Err(ConfigError::key(
             "broker.url",
@@ -525,6 +548,18 @@ fn validate(settings: &Settings, explicit: &Figment) -> Result<(), ConfigError> 
 /// Shortest admin (and submit) token accepted in production: 32 bytes, so
 /// a token cannot be guessed in any number of local attempts.
 pub const MIN_PRODUCTION_TOKEN_BYTES: usize = 32;
+
+/// The settings of one [`RetryPolicy`], refused with the key at fault.
+fn check_retry_policy(first: (&str, u64), longest: (&str, u64), jitter: f64) -> Result<(), ConfigError> {
+    match RetryPolicy::from_millis(first.1, longest.1, jitter) {
+        Ok(_) => Ok(()),
+        Err(RetryPolicyError::FirstNotPositive) => Err(ConfigError::key(first.0, "must be positive")),
+        Err(RetryPolicyError::LongestBelowFirst) => {
+            Err(ConfigError::key(longest.0, format!("must be at least {}", first.0)))
+        }
+        Err(error @ RetryPolicyError::JitterOutOfRange) => Err(ConfigError::key(first.0, error.to_string())),
+    }
+}
 
 fn validate_http_limits(http: &HttpSettings) -> Result<(), ConfigError> {
     for (key, value) in [
@@ -637,18 +672,16 @@ fn validate_tracking(tracking: &TrackingSettings, environment: Environment) -> R
         ("tracking.batch_size", tracking.batch_size as u64),
         ("tracking.consumer_batch_size", tracking.consumer_batch_size as u64),
         ("tracking.consumer_concurrency", tracking.consumer_concurrency as u64),
-        ("tracking.retry_min_ms", tracking.retry_min_ms),
     ] {
         if value == 0 {
             return Err(ConfigError::key(key, "must be positive"));
         }
     }
-    if tracking.retry_max_ms < tracking.retry_min_ms {
-        return Err(ConfigError::key(
-            "tracking.retry_max_ms",
-            "must be at least tracking.retry_min_ms",
-        ));
-    }
+    check_retry_policy(
+        ("tracking.retry_min_ms", tracking.retry_min_ms),
+        ("tracking.retry_max_ms", tracking.retry_max_ms),
+        RetryPolicy::RETRY_JITTER,
+    )?;
     if !(tracking.max_deferral_seconds.is_finite() && tracking.max_deferral_seconds >= 0.0) {
         return Err(ConfigError::key(
             "tracking.max_deferral_seconds",

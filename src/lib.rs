@@ -8,24 +8,39 @@
 //! Crate map, in the order a task travels:
 //!
 //! - [`config`]: typed settings (defaults, TOML, environment) and validation.
-//! - [`http`]: the axum API, problem+json errors, probes, metrics, the
-//!   token-guarded admin API and the operator status page; the edge guard
-//!   (Host, Origin, Content-Type, submit token) and the bounded accept loop
-//!   (connection cap, header, idle and request timeouts).
-//! - [`task`]: request and task types, newtypes, intake, registry binding,
-//!   topic routing.
-//! - [`outbox`]: the sled-backed durable outbox, group commit, dead letters,
-//!   and the operator operations (listing, export and import, requeue).
-//! - [`relay`]: the loop from outbox to publisher, and the circuit breaker.
-//! - [`broker`]: the `Publisher` interface and the AMQP publisher.
-//! - [`celery`]: the Celery protocol-v2 message and kombu's SQS envelope.
-//! - [`tracking`]: every task recorded in SQL (sqlx, SQLite or PostgreSQL),
-//!   Celery results read back, the tracking-queue consumer.
+//! - [`http`]: the axum API: the task routes (`POST /v1/tasks` bodies are
+//!   decoded there, in `http/tasks.rs`), problem+json errors, probes,
+//!   health and its event stream, metrics, the OpenAPI document, the
+//!   token-guarded admin API and the operator status page; request ids,
+//!   the edge guard (Host, Origin, Content-Type, submit token) and the
+//!   bounded accept loop (connection cap, header, idle and request
+//!   timeouts).
+//! - [`task`]: request and task types, newtypes, intake (field checks,
+//!   registry binding with Python's rules, topic routing).
+//! - [`outbox`]: the sled-backed durable outbox: group commit and what makes
+//!   a flush durable, lanes, statuses, idempotency keys, dead letters, the
+//!   tracking journal, the operator operations (listing, export and import,
+//!   purge, requeue) and salvage of a damaged store.
+//! - [`relay`]: the loop from outbox to publisher (sliding window per
+//!   lane), the circuit breaker, and the publish-rate meter.
+//! - [`broker`]: the `Publisher` interface, the AMQP publisher (lapin) and
+//!   the SQS publisher (aws-sdk-sqs), each owning its connection handling
+//!   (background connect, topology or queue lookup, reconnects, TLS for
+//!   `amqps://`), and the one classification of publish errors as
+//!   retryable or permanent.
+//! - [`celery`]: the Celery protocol-v2 message (headers, properties, body,
+//!   Python's `json.dumps` and `saferepr`), kombu's SQS envelope, and
+//!   decoding both back.
+//! - [`tracking`]: every task recorded in SQL (sqlx, SQLite or PostgreSQL)
+//!   from the outbox's journal, Celery results read back, and the
+//!   tracking-queue consumer on AMQP and SQS.
 //! - [`health`]: the computed health report and its change stream.
+//! - [`retry`]: the one retry policy (jittered exponential delays) behind
+//!   the breaker's open interval, reconnects and tracking's retries.
 //! - [`app`]: building the server, background tasks, shutdown order.
 //! - [`systemd`]: `sd_notify` readiness, stopping and watchdog messages.
-//! - [`cli`]: the command line: `serve`, `check-config`, and the operator
-//!   commands with their admin client and `--offline` mode.
+//! - [`cli`]: the command line: `serve`, `check-config`, `migrate`, and the
+//!   operator commands with their admin client and `--offline` mode.
 //! - `proptest_support` (tests only): what the property tests share.
 
 pub mod app;
@@ -39,6 +54,7 @@ pub mod outbox;
 #[cfg(test)]
 pub(crate) mod proptest_support;
 pub mod relay;
+pub mod retry;
 pub mod systemd;
 pub mod task;
 pub mod tracking;

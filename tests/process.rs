@@ -378,3 +378,61 @@ async fn connection_failures_and_returned_messages_are_logged_once_and_readably(
     assert_eq!(gateway.wait(Duration::from_secs(20)), Some(0));
     support::celery::delete_amqp_entities(RABBITMQ_URL, &[&doomed], &[&exchange]);
 }
+
+/// Every request has an id: the caller's `X-Request-Id` when it is a plain
+/// token, else a new UUID; it comes back in the response header, in a
+/// problem's body, and in the log lines the request caused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_request_has_an_id_in_its_answer_its_problem_and_its_log_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let queue = unique("request-id");
+    let settings = test_settings(dir.path(), RABBITMQ_URL, &[(&queue, "#")]);
+    let exchange = settings.routing.exchange.clone();
+    let config = dir.path().join("taskgate.toml");
+    write_config(&settings, &config);
+    let log_path = dir.path().join("taskgate.log");
+    let mut gateway = GatewayProcess::start(&config, &log_path);
+    let client = reqwest::Client::new();
+
+    // A caller's id is kept and names the log line the request caused.
+    let paused = client
+        .post(gateway.url("/v1/outbox/pause"))
+        .header("X-Request-Id", "platform-req.42")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(paused.status(), 200);
+    assert_eq!(paused.headers()["x-request-id"], "platform-req.42");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let line = loop {
+        let log = std::fs::read_to_string(&log_path).unwrap();
+        if let Some(line) = log.lines().find(|line| line.contains("relay paused by an operator")) {
+            break line.to_owned();
+        }
+        assert!(std::time::Instant::now() < deadline, "no pause line in {log}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(line.contains("request_id=platform-req.42"), "{line}");
+    assert!(line.contains("path=/v1/outbox/pause"), "{line}");
+
+    // Without one (or with one that is not a plain token) a UUID is made,
+    // and a refusal's problem body names it.
+    for supplied in [None, Some("two words\"")] {
+        let mut request = client
+            .post(gateway.url("/v1/tasks"))
+            .header("Content-Type", "application/json")
+            .body("{not json");
+        if let Some(supplied) = supplied {
+            request = request.header("X-Request-Id", supplied);
+        }
+        let refused = request.send().await.unwrap();
+        assert_eq!(refused.status(), 400);
+        let id = refused.headers()["x-request-id"].to_str().unwrap().to_owned();
+        assert!(uuid::Uuid::parse_str(&id).is_ok(), "a UUID, not {id:?}");
+        let problem: Value = refused.json().await.unwrap();
+        assert_eq!(problem["request_id"], id.as_str(), "{problem}");
+    }
+    gateway.signal("TERM");
+    assert_eq!(gateway.wait(Duration::from_secs(20)), Some(0));
+    support::celery::delete_amqp_entities(RABBITMQ_URL, &[&queue], &[&exchange]);
+}

@@ -27,9 +27,8 @@ use super::{BrokerStatus, PublishError, PublishResult, Publisher};
 use crate::celery::{self, CeleryMessage};
 use crate::config::{mask_url_password as mask_password, BrokerSettings};
 use crate::outbox::{Lane, PendingEntry};
-use crate::task::routing::Router;
+use crate::task::routing::TopicRouter;
 use crate::task::Task;
-use backoff::backoff::Backoff;
 use futures_util::future::BoxFuture;
 use futures_util::StreamExt;
 use lapin::options::{
@@ -138,7 +137,7 @@ struct LiveConnection {
 
 pub struct AmqpPublisher {
     settings: BrokerSettings,
-    router: Router,
+    router: TopicRouter,
     origin: String,
     live: Mutex<Option<Arc<LiveConnection>>>,
     status: watch::Sender<BrokerStatus>,
@@ -151,7 +150,7 @@ pub struct AmqpPublisher {
 impl AmqpPublisher {
     /// Creates the publisher and starts its connection manager. Returns at
     /// once; the first connection attempt happens in the background.
-    pub fn start(settings: BrokerSettings, router: Router) -> Arc<Self> {
+    pub fn start(settings: BrokerSettings, router: TopicRouter) -> Arc<Self> {
         let endpoint = mask_password(&settings.url);
         let (status, _) = watch::channel(BrokerStatus::connecting(endpoint));
         let publisher = Arc::new(Self {
@@ -257,14 +256,7 @@ impl AmqpPublisher {
     }
 
     async fn manage_connection(self: Arc<Self>) {
-        let mut backoff = backoff::ExponentialBackoff {
-            initial_interval: Duration::from_millis(self.settings.reconnect_min_ms),
-            max_interval: Duration::from_millis(self.settings.reconnect_max_ms),
-            randomization_factor: 0.5,
-            multiplier: 2.0,
-            max_elapsed_time: None,
-            ..backoff::ExponentialBackoff::default()
-        };
+        let mut backoff = self.settings.reconnect_policy().delays();
         let connect_timeout = Duration::from_millis(self.settings.connect_timeout_ms);
         // The cause last logged at warn: the first failed attempt and every
         // change of cause are logged, not each retry of the same one.
@@ -323,9 +315,7 @@ impl AmqpPublisher {
                     self.set_status(false, Some(cause));
                 }
             }
-            let delay = backoff
-                .next_backoff()
-                .unwrap_or(Duration::from_millis(self.settings.reconnect_max_ms));
+            let delay = backoff.next_delay();
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
                 _ = self.reconnect_now.notified() => {}

@@ -46,7 +46,7 @@ use super::{BrokerStatus, PublishError, PublishResult, Publisher};
 use crate::celery;
 use crate::config::{mask_url_password, BrokerSettings};
 use crate::outbox::{Lane, PendingEntry};
-use crate::task::routing::Router;
+use crate::task::routing::TopicRouter;
 use crate::task::{Task, TaskId};
 use aws_config::meta::region::RegionProviderChain;
 use aws_config::retry::RetryConfig;
@@ -55,7 +55,6 @@ use aws_config::{BehaviorVersion, Region};
 use aws_sdk_sqs::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_sqs::types::{QueueAttributeName, SendMessageBatchRequestEntry};
 use aws_sdk_sqs::Client;
-use backoff::backoff::Backoff;
 use futures_util::future::BoxFuture;
 use futures_util::StreamExt;
 use std::collections::{BTreeSet, HashMap};
@@ -242,7 +241,7 @@ pub struct SqsPublisher {
     settings: BrokerSettings,
     create_queues: bool,
     prefix: String,
-    router: Router,
+    router: TopicRouter,
     origin: String,
     /// Set once by the manager when the AWS configuration is loaded.
     client: OnceLock<Client>,
@@ -261,7 +260,7 @@ impl SqsPublisher {
     /// Creates the publisher and starts its manager. Returns at once; no
     /// SQS call (and no AWS configuration lookup) happens before it does.
     /// `create_queues` is the effective `broker.create_queues`.
-    pub fn start(settings: BrokerSettings, router: Router, create_queues: bool) -> Arc<Self> {
+    pub fn start(settings: BrokerSettings, router: TopicRouter, create_queues: bool) -> Arc<Self> {
         let endpoint = endpoint_description(&settings);
         let (status, _) = watch::channel(BrokerStatus::connecting(endpoint));
         let publisher = Arc::new(Self {
@@ -423,7 +422,7 @@ impl SqsPublisher {
         // One SDK retry at most: the relay retries behind the breaker.
         let retries = RetryConfig::standard()
             .with_max_attempts(2)
-            .with_initial_backoff(Duration::from_millis(self.settings.reconnect_min_ms));
+            .with_initial_backoff(self.settings.reconnect_policy().first());
         let region = RegionProviderChain::first_try(self.settings.region.clone().map(Region::new))
             .or_default_provider()
             .or_else(Region::from_static(DEFAULT_REGION));
@@ -443,14 +442,7 @@ impl SqsPublisher {
             _ = self.stop.cancelled() => return,
         };
         let client = self.client.get_or_init(|| client).clone();
-        let mut backoff = backoff::ExponentialBackoff {
-            initial_interval: Duration::from_millis(self.settings.reconnect_min_ms),
-            max_interval: Duration::from_millis(self.settings.reconnect_max_ms),
-            randomization_factor: 0.5,
-            multiplier: 2.0,
-            max_elapsed_time: None,
-            ..backoff::ExponentialBackoff::default()
-        };
+        let mut backoff = self.settings.reconnect_policy().delays();
         // Log transitions only (and the first outcome), not every probe.
         let mut logged_health: Option<bool> = None;
         loop {
@@ -477,9 +469,7 @@ impl SqsPublisher {
                 }
                 continue;
             }
-            let delay = backoff
-                .next_backoff()
-                .unwrap_or(Duration::from_millis(self.settings.reconnect_max_ms));
+            let delay = backoff.next_delay();
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
                 _ = self.reconnect_now.notified() => {}
@@ -1020,7 +1010,7 @@ mod tests {
             prefix: prefix.into(),
             settings,
             create_queues: true,
-            router: Router::default(),
+            router: TopicRouter::default(),
             origin: "gen1@test".into(),
             client: OnceLock::new(),
             queue_urls: Mutex::new(HashMap::new()),

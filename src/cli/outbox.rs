@@ -21,7 +21,7 @@ use crate::http::status_page::duration_text;
 use crate::outbox::operations::{DeadLetterEntry, ImportOutcome, OutboxRecord, OutboxReport, PendingCursor};
 use crate::outbox::salvage::{self, OutboxSink, SalvageError, SalvageReport, SalvageSink};
 use crate::outbox::{DeadLetter, Lane, OutboxSettings};
-use crate::task::routing::Router;
+use crate::task::routing::TopicRouter;
 use crate::task::Task;
 use clap::{Args, Subcommand};
 use serde_json::json;
@@ -793,7 +793,8 @@ fn salvage(settings: &Settings, json: bool, target: SalvageTarget) -> Result<(),
     let work = work_dir.unwrap_or_else(|| with_suffix(&destination, ".salvage-work"));
     // A task found only by the raw scan goes where this configuration
     // would send it.
-    let router = Router::from_settings(&settings.routing).map_err(|error| CommandError::Invalid(error.to_string()))?;
+    let router =
+        TopicRouter::from_settings(&settings.routing).map_err(|error| CommandError::Invalid(error.to_string()))?;
     let exchange = Lane::new(router.exchange());
     let kind = settings.broker.kind;
     let lanes_for = move |task: &Task| -> Vec<Lane> {

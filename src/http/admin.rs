@@ -33,6 +33,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::Json;
+use axum::Router;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
@@ -115,9 +116,9 @@ impl From<BreakerSnapshot> for BreakerView {
 }
 
 /// The admin routes, behind [`require_admin`].
-pub fn routes(state: &AppState) -> axum::Router<AppState> {
+pub fn routes(state: &AppState) -> Router<AppState> {
     let import_limit = import_body_limit(state.settings.http.max_body_bytes);
-    axum::Router::new()
+    Router::new()
         .route("/v1/outbox", get(outbox_report))
         .route("/v1/outbox/tasks", get(list_tasks).delete(purge_tasks))
         .route("/v1/outbox/drain", post(drain))

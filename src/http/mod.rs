@@ -1,7 +1,8 @@
 //! The HTTP API (axum): routes, shared state, body limits and the
 //! problem+json fallbacks.
 //!
-//! Every request passes the edge guard ([`guard`]: Host, Content-Type,
+//! Every request gets an id and a span first ([`request_id`], a
+//! `tower-http` trace layer), then passes the edge guard ([`guard`]: Host, Content-Type,
 //! Origin) before any handler, and the task-accepting routes the submit
 //! token; the connection bounds (cap, timeouts) are the server's
 //! ([`server`]).
@@ -16,6 +17,7 @@ pub mod guard;
 pub mod health;
 pub mod openapi;
 pub mod problem;
+pub mod request_id;
 pub mod server;
 pub mod status_page;
 pub mod tasks;
@@ -27,21 +29,23 @@ use crate::outbox::Outbox;
 use crate::relay::breaker::Breaker;
 use crate::relay::Relay;
 use crate::task::registry::Registry;
-use crate::task::routing::Router;
+use crate::task::routing::TopicRouter;
 use axum::extract::{DefaultBodyLimit, Extension};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
+use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
 use problem::Problem;
 use std::sync::Arc;
+use tower_http::trace::TraceLayer;
 
 /// Everything a handler may touch; cheap to clone.
 #[derive(Clone)]
 pub struct AppState {
     pub settings: Arc<Settings>,
     pub registry: Arc<Registry>,
-    pub router: Arc<Router>,
+    pub router: Arc<TopicRouter>,
     pub outbox: Arc<Outbox>,
     pub publisher: Arc<dyn Publisher>,
     pub breaker: Arc<Breaker>,
@@ -52,13 +56,13 @@ pub struct AppState {
     pub tracking: Arc<crate::tracking::Tracking>,
 }
 
-pub fn router(state: AppState) -> axum::Router {
+pub fn router(state: AppState) -> Router {
     let max_body = state.settings.http.max_body_bytes;
     let edge = Arc::new(guard::EdgePolicy::new(&state.settings.http.allowed_hosts));
     let subscribers = health::EventSubscribers::new(state.settings.http.max_event_subscribers);
     // A route layer: checked before the body is read, on the POSTs only.
     let submit = axum::middleware::from_fn_with_state(state.clone(), guard::require_submitter);
-    axum::Router::new()
+    Router::new()
         .route(
             "/v1/tasks",
             get(tasks::list_tasks).merge(post(tasks::post_task).route_layer(submit.clone())),
@@ -79,8 +83,11 @@ pub fn router(state: AppState) -> axum::Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))
-        // Last, so it wraps everything above, fallbacks included.
+        // Wraps everything above, fallbacks included.
         .layer(axum::middleware::from_fn_with_state(edge, guard::edge_guard))
+        // Outside the guard, so its refusals have a span and an id too.
+        .layer(TraceLayer::new_for_http().make_span_with(request_id::span_for))
+        .layer(axum::middleware::from_fn(request_id::assign))
         .with_state(state)
 }
 

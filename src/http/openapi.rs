@@ -116,31 +116,6 @@ pub enum TaskState {
     DeadLetter,
 }
 
-/// RFC 9457 problem details: every 4xx and 5xx body.
-#[derive(serde::Serialize, ToSchema)]
-#[allow(dead_code)]
-pub struct Problem {
-    /// A stable URN, `urn:taskgate:problem:<slug>`.
-    #[serde(rename = "type")]
-    kind: String,
-    title: String,
-    status: u16,
-    /// What went wrong, in words a person can act on.
-    detail: String,
-    /// The request field concerned, as a path (`kwargs.output_type`, `tasks[2].args`).
-    #[schema(required = false)]
-    field: Option<String>,
-    #[schema(required = false, inline)]
-    errors: Vec<FieldError>,
-}
-
-#[derive(serde::Serialize, ToSchema)]
-#[allow(dead_code)]
-pub struct FieldError {
-    field: String,
-    message: String,
-}
-
 /// `application/health+json` (draft-inadarei-api-health-check).
 #[derive(serde::Serialize, ToSchema)]
 #[allow(dead_code)]
@@ -1072,7 +1047,7 @@ pub fn document() -> OpenApi {
         .schema_from::<AcceptedTask>()
         .schema_from::<AcceptedBatch>()
         .schema_from::<TaskStatus>()
-        .schema_from::<Problem>()
+        .schema_from::<crate::http::problem::ProblemDetails>()
         .schema_from::<Health>()
         .schema_from::<Probe>()
         // After the derived ones: BatchRequest brought TaskRequest along

@@ -2,7 +2,8 @@
 //!
 //! Every refusal is built here, so every 4xx/5xx carries
 //! `application/problem+json` with a stable `type`, a `title`, a `detail`
-//! a person can act on, and, for input errors, the field concerned.
+//! a person can act on, for input errors the field concerned, and the
+//! request's id ([`super::request_id`]) to find it in the log.
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -10,7 +11,7 @@ use serde::Serialize;
 
 pub const PROBLEM_CONTENT_TYPE: &str = "application/problem+json";
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct FieldError {
     pub field: String,
     pub message: String,
@@ -21,17 +22,28 @@ pub struct FieldError {
 #[derive(Debug, Clone)]
 pub struct Problem(Box<ProblemDetails>);
 
-#[derive(Debug, Clone, Serialize)]
+/// RFC 9457 problem details: every 4xx and 5xx body.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[schema(as = Problem)]
 pub struct ProblemDetails {
+    /// A stable URN, `urn:taskgate:problem:<slug>`.
     #[serde(rename = "type")]
     pub kind: String,
     pub title: String,
     pub status: u16,
+    /// What went wrong, in words a person can act on.
     pub detail: String,
+    /// The request field concerned, as a path (`kwargs.output_type`, `tasks[2].args`).
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(required = false)]
     pub field: Option<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[schema(required = false, inline)]
     pub errors: Vec<FieldError>,
+    /// The request's `X-Request-Id`, as in the log lines it caused.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(required = false)]
+    pub request_id: Option<String>,
     #[serde(skip)]
     pub retry_after_seconds: Option<u64>,
 }
@@ -45,6 +57,7 @@ impl Problem {
             detail: detail.into(),
             field: None,
             errors: Vec::new(),
+            request_id: None,
             retry_after_seconds: None,
         }))
     }
@@ -91,7 +104,8 @@ impl Problem {
 
 impl IntoResponse for Problem {
     fn into_response(self) -> Response {
-        let details = self.0;
+        let mut details = self.0;
+        details.request_id = super::request_id::current();
         let status = StatusCode::from_u16(details.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let retry_after = details.retry_after_seconds;
         let body = serde_json::to_vec(&details).unwrap_or_default();

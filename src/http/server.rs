@@ -51,6 +51,7 @@ use axum::body::Body;
 use axum::extract::ConnectInfo;
 use axum::http::{header, HeaderValue, Request, Response, StatusCode};
 use axum::response::IntoResponse;
+use axum::Router;
 use hyper::body::{Frame, Incoming, SizeHint};
 use hyper::server::conn::http1;
 use hyper_util::rt::TokioIo;
@@ -108,7 +109,7 @@ impl Limits {
 }
 
 struct Shared {
-    router: axum::Router,
+    router: Router,
     limits: Limits,
     /// The whole answer to a connection past the cap.
     refusal: Vec<u8>,
@@ -120,7 +121,7 @@ struct Shared {
 /// future closes whatever is still open.
 pub async fn serve(
     listener: TcpListener,
-    router: axum::Router,
+    router: Router,
     limits: Limits,
     stop: impl Future<Output = ()>,
 ) -> io::Result<()> {

@@ -334,8 +334,9 @@ impl AcceptWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::outbox::storage::{FaultyStorage, SledStorage};
+    use crate::outbox::storage::SledStorage;
     use crate::outbox::tests::task;
+    use crate::outbox::FaultyStorage;
 
     fn writer(storage: Arc<dyn OutboxStorage>) -> AcceptWriter {
         AcceptWriter {

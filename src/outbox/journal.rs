@@ -140,7 +140,8 @@ impl Outbox {
 
 #[cfg(test)]
 mod tests {
-    use super::super::storage::{FaultyStorage, SledStorage};
+    use super::super::storage::SledStorage;
+    use super::super::FaultyStorage;
     use super::super::{AcceptOutcome, Lane, OutboxSettings};
     use super::*;
     use crate::task::TaskId;

@@ -60,6 +60,8 @@
 mod accept;
 mod durable_files;
 pub mod failure;
+#[cfg(test)]
+mod faulty_storage;
 pub mod group_commit;
 pub mod journal;
 pub mod operations;
@@ -68,6 +70,8 @@ pub mod storage;
 
 use crate::task::{QueueName, Task, TaskId, TaskName};
 use chrono::{DateTime, Utc};
+#[cfg(test)]
+pub use faulty_storage::FaultyStorage;
 use group_commit::GroupCommitter;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
@@ -75,7 +79,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-pub use storage::{FaultyStorage, OutboxStorage, SledStorage, StorageError};
+pub use storage::{OutboxStorage, SledStorage, StorageError};
 use tokio::sync::Notify;
 
 const PENDING: &[u8] = b"q/";

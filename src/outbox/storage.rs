@@ -2,13 +2,11 @@
 //!
 //! The outbox only needs ordered keys, atomic multi-key batches, prefix scans
 //! and an explicit durable flush. Keeping sled behind [`OutboxStorage`] lets
-//! tests inject faults ([`FaultyStorage`]) where a real disk would be needed
+//! tests inject faults (`FaultyStorage`, test builds only) where a real disk would be needed
 //! to make them happen, and keeps sled's types out of the rest of the crate.
 
 use std::ops::Bound;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 
 use super::durable_files::DurableFiles;
 
@@ -196,59 +194,5 @@ impl OutboxStorage for SledStorage {
 
     fn size_on_disk(&self) -> Result<u64, StorageError> {
         self.db.size_on_disk().map_err(io_error)
-    }
-}
-
-/// A store that fails on demand, for tests of what the outbox promises when
-/// the disk does not cooperate (a failed flush must never produce a 202).
-pub struct FaultyStorage {
-    inner: Arc<dyn OutboxStorage>,
-    fail_writes: AtomicBool,
-    fail_flushes: AtomicBool,
-}
-
-impl FaultyStorage {
-    pub fn new(inner: Arc<dyn OutboxStorage>) -> Self {
-        Self {
-            inner,
-            fail_writes: AtomicBool::new(false),
-            fail_flushes: AtomicBool::new(false),
-        }
-    }
-
-    pub fn fail_writes(&self, fail: bool) {
-        self.fail_writes.store(fail, Ordering::SeqCst);
-    }
-
-    pub fn fail_flushes(&self, fail: bool) {
-        self.fail_flushes.store(fail, Ordering::SeqCst);
-    }
-}
-
-impl OutboxStorage for FaultyStorage {
-    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
-        self.inner.get(key)
-    }
-
-    fn apply(&self, operations: Vec<WriteOperation>) -> Result<(), StorageError> {
-        if self.fail_writes.load(Ordering::SeqCst) {
-            return Err(StorageError::Io("injected write failure".into()));
-        }
-        self.inner.apply(operations)
-    }
-
-    fn scan(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<KeyValuePairs, StorageError> {
-        self.inner.scan(prefix, after, limit)
-    }
-
-    fn flush(&self) -> Result<(), StorageError> {
-        if self.fail_flushes.load(Ordering::SeqCst) {
-            return Err(StorageError::Io("injected flush failure".into()));
-        }
-        self.inner.flush()
-    }
-
-    fn size_on_disk(&self) -> Result<u64, StorageError> {
-        self.inner.size_on_disk()
     }
 }

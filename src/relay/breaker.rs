@@ -2,9 +2,8 @@
 //!
 //! Opens on `consecutive_failures` failed rounds in a row, or when the
 //! success rate over a time window drops below `required_success_rate`.
-//! The open interval is a jittered exponential backoff between
-//! `open_min_ms` and `open_max_ms` (the `backoff` crate supplies it, at
-//! millisecond resolution). Half-open lets exactly one probe through: the
+//! The open interval is taskgate's [`RetryPolicy`] between
+//! `open_min_ms` and `open_max_ms` ([`crate::retry`]). Half-open lets exactly one probe through: the
 //! relay sends a single message and the outcome closes or reopens.
 //!
 //! `failsafe` does not expose its state, so an [`Instrument`] mirrors every
@@ -21,7 +20,7 @@
 
 use crate::config::BreakerSettings;
 pub use crate::outbox::BreakerOverride;
-use backoff::backoff::Backoff;
+use crate::retry::{RetryDelays, RetryPolicy};
 use chrono::{DateTime, Utc};
 use failsafe::failure_policy::{
     consecutive_failures, success_rate_over_time_window, ConsecutiveFailures, OrElse, SuccessRateOverTimeWindow,
@@ -81,30 +80,19 @@ pub enum Permit {
     Probe,
 }
 
-/// Open intervals for `failsafe`: jittered exponential backoff from the
-/// `backoff` crate, as an endless iterator (failsafe clones it to reset).
+/// Open intervals for `failsafe`: the breaker's [`RetryPolicy`] as an
+/// endless iterator (failsafe clones it to reset).
 #[derive(Clone)]
 pub struct OpenInterval {
-    backoff: backoff::ExponentialBackoff,
-    max: Duration,
+    delays: RetryDelays,
     /// The interval drawn last, shared by every clone.
     last_drawn: Arc<Mutex<Option<Duration>>>,
 }
 
 impl OpenInterval {
-    pub fn new(min: Duration, max: Duration) -> Self {
-        let backoff = backoff::ExponentialBackoff {
-            current_interval: min,
-            initial_interval: min,
-            max_interval: max,
-            randomization_factor: 0.3,
-            multiplier: 2.0,
-            max_elapsed_time: None,
-            ..backoff::ExponentialBackoff::default()
-        };
+    pub fn new(policy: RetryPolicy) -> Self {
         Self {
-            backoff,
-            max,
+            delays: policy.delays(),
             last_drawn: Arc::new(Mutex::new(None)),
         }
     }
@@ -113,7 +101,7 @@ impl OpenInterval {
 impl Iterator for OpenInterval {
     type Item = Duration;
     fn next(&mut self) -> Option<Duration> {
-        let interval = self.backoff.next_backoff().unwrap_or(self.max).min(self.max);
+        let interval = self.delays.next_delay();
         *self.last_drawn.lock().expect("interval lock") = Some(interval);
         Some(interval)
     }
@@ -185,10 +173,7 @@ pub struct Breaker {
 
 impl Breaker {
     pub fn new(settings: &BreakerSettings) -> Self {
-        let interval = OpenInterval::new(
-            Duration::from_millis(settings.open_min_ms),
-            Duration::from_millis(settings.open_max_ms),
-        );
+        let interval = OpenInterval::new(settings.open_interval());
         let last_drawn = interval.last_drawn.clone();
         let policy = consecutive_failures(settings.consecutive_failures, interval.clone()).or_else(
             success_rate_over_time_window(
@@ -486,9 +471,8 @@ mod tests {
 
     #[test]
     fn open_interval_grows_and_stays_within_bounds() {
-        let intervals: Vec<Duration> = OpenInterval::new(Duration::from_millis(100), Duration::from_millis(1000))
-            .take(12)
-            .collect();
+        let policy = RetryPolicy::from_millis(100, 1000, RetryPolicy::RETRY_JITTER).unwrap();
+        let intervals: Vec<Duration> = OpenInterval::new(policy).take(12).collect();
         assert!(intervals
             .iter()
             .all(|d| *d >= Duration::from_millis(70) && *d <= Duration::from_millis(1000)));

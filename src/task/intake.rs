@@ -6,7 +6,7 @@
 //! Each refusal names the field it is about, for the problem body.
 
 use super::registry::{BindError, Registry};
-use super::routing::{self, Router};
+use super::routing::{self, TopicRouter};
 use super::{Task, TaskId, TaskName, TaskRequest};
 use chrono::{DateTime, Utc};
 
@@ -62,7 +62,7 @@ impl From<BindError> for IntakeError {
 pub fn accept(
     request: TaskRequest,
     registry: &Registry,
-    router: &Router,
+    router: &TopicRouter,
     now: DateTime<Utc>,
 ) -> Result<Task, IntakeError> {
     let name = TaskName::parse(&request.task).map_err(|message| IntakeError::field("task", message))?;
@@ -162,8 +162,8 @@ mod tests {
     use crate::task::routing::{QueueBindingSettings, RoutingSettings};
     use serde_json::json;
 
-    fn router() -> Router {
-        Router::from_settings(&RoutingSettings {
+    fn router() -> TopicRouter {
+        TopicRouter::from_settings(&RoutingSettings {
             exchange: "task_exchange".into(),
             queues: vec![QueueBindingSettings {
                 name: "export".into(),

@@ -1,7 +1,7 @@
 //! Topic routing: which queues a task goes to, decided exactly as a RabbitMQ
 //! topic exchange would decide it.
 //!
-//! Owns the `[routing]` settings, their validation into a [`Router`], the
+//! Owns the `[routing]` settings, their validation into a [`TopicRouter`], the
 //! default routing rule ([`default_routing_key`]) and topic matching
 //! ([`topic_matches`]). On AMQP the broker routes by itself; taskgate still
 //! computes the matching queues so that the outbox can keep FIFO order per
@@ -9,14 +9,14 @@
 //! is refused up front. On SQS, which has no exchanges, this routing *is* the
 //! routing: one copy per matching queue, as kombu does.
 //!
-//! Invariants of a built [`Router`]:
+//! Invariants of a built [`TopicRouter`]:
 //! - the exchange name is one RabbitMQ will let taskgate declare (non-empty,
 //!   at most 255 bytes, not in the reserved `amq.` namespace);
 //! - there is at least one queue, queue names are valid [`QueueName`]s,
 //!   unique, and not in the reserved `amq.` namespace;
 //! - every binding key is a well-formed topic pattern (see
 //!   [`validate_binding_key`]);
-//! - queues keep their configuration order, which is the order [`Router::route`]
+//! - queues keep their configuration order, which is the order [`TopicRouter::route`]
 //!   reports matches in.
 
 use super::{QueueName, TaskName};
@@ -123,22 +123,22 @@ impl QueueBinding {
 
 /// The validated topology: one topic exchange and the queues bound to it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Router {
+pub struct TopicRouter {
     exchange: String,
     queues: Vec<QueueBinding>,
 }
 
-impl Default for Router {
+impl Default for TopicRouter {
     /// The embedded default: `task_exchange` with `celery` bound `#`.
     fn default() -> Self {
-        Router::from_settings(&RoutingSettings::default()).expect("the built-in routing defaults are valid")
+        TopicRouter::from_settings(&RoutingSettings::default()).expect("the built-in routing defaults are valid")
     }
 }
 
-impl Router {
+impl TopicRouter {
     /// Validates the settings and builds the router. The first problem found
     /// is returned, naming the queue.
-    pub fn from_settings(settings: &RoutingSettings) -> Result<Router, RoutingConfigError> {
+    pub fn from_settings(settings: &RoutingSettings) -> Result<TopicRouter, RoutingConfigError> {
         validate_exchange_name(&settings.exchange).map_err(|reason| RoutingConfigError::InvalidExchange {
             exchange: settings.exchange.clone(),
             reason,
@@ -177,7 +177,7 @@ impl Router {
                 binding_key: entry.binding_key.clone(),
             });
         }
-        Ok(Router {
+        Ok(TopicRouter {
             exchange: settings.exchange.clone(),
             queues,
         })
@@ -204,7 +204,7 @@ impl Router {
     }
 
     /// Same as the module-level [`default_routing_key`]; here so that code
-    /// holding a router finds the rule next to [`Router::route`].
+    /// holding a router finds the rule next to [`TopicRouter::route`].
     pub fn default_routing_key(task: &TaskName) -> String {
         default_routing_key(task)
     }
@@ -348,8 +348,8 @@ mod tests {
         }
     }
 
-    fn router(queues: &[(&str, &str)]) -> Result<Router, RoutingConfigError> {
-        Router::from_settings(&RoutingSettings {
+    fn router(queues: &[(&str, &str)]) -> Result<TopicRouter, RoutingConfigError> {
+        TopicRouter::from_settings(&RoutingSettings {
             exchange: DEFAULT_EXCHANGE.to_owned(),
             queues: queues.iter().map(|(n, k)| queue(n, k)).collect(),
         })
@@ -545,7 +545,7 @@ mod tests {
         assert_eq!(key("cleanup"), "cleanup");
         assert_eq!(key(".hidden"), "");
         let name = TaskName::parse("export.project").unwrap();
-        assert_eq!(Router::default_routing_key(&name), "export");
+        assert_eq!(TopicRouter::default_routing_key(&name), "export");
     }
 
     // ---- settings and router ----
@@ -554,8 +554,8 @@ mod tests {
     fn defaults_route_everything_to_celery() {
         let settings: RoutingSettings = serde_json::from_value(json!({})).unwrap();
         assert_eq!(settings, RoutingSettings::default());
-        let router = Router::from_settings(&settings).unwrap();
-        assert_eq!(router, Router::default());
+        let router = TopicRouter::from_settings(&settings).unwrap();
+        assert_eq!(router, TopicRouter::default());
         assert_eq!(router.exchange(), "task_exchange");
         assert_eq!(router.queues().len(), 1);
         assert_eq!(router.queues()[0].queue().as_str(), "celery");
@@ -582,7 +582,7 @@ mod tests {
             figment::Figment::from(<figment::providers::Toml as figment::providers::Format>::string(toml))
                 .extract()
                 .unwrap();
-        let router = Router::from_settings(&settings).unwrap();
+        let router = TopicRouter::from_settings(&settings).unwrap();
         let task = TaskName::parse("export.project").unwrap();
         assert_eq!(
             names(&router.route(&default_routing_key(&task))),
@@ -613,7 +613,7 @@ mod tests {
     #[test]
     fn exchange_must_be_usable() {
         for bad in ["", "amq.topic", "task exchange", "x\n", &"x".repeat(256)] {
-            let error = Router::from_settings(&RoutingSettings {
+            let error = TopicRouter::from_settings(&RoutingSettings {
                 exchange: bad.to_owned(),
                 queues: default_queues(),
             })

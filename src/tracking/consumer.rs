@@ -36,7 +36,6 @@ use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_config::{BehaviorVersion, Region};
 use aws_sdk_sqs::types::{DeleteMessageBatchRequestEntry, QueueAttributeName};
-use backoff::backoff::Backoff;
 use chrono::Utc;
 use futures_util::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
@@ -87,9 +86,7 @@ async fn write_batch(shared: &Shared, records: &[TaskRecord], abandon: &Cancella
                 return true;
             }
             Err(error) => {
-                let delay = backoff
-                    .next_backoff()
-                    .unwrap_or(Duration::from_millis(shared.settings.retry_max_ms));
+                let delay = backoff.next_delay();
                 tracing::debug!(%error, rows = records.len(), ?delay, "tracking-queue batch not written; retrying");
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
@@ -152,9 +149,7 @@ async fn run_amqp(shared: Arc<Shared>, broker: BrokerSettings, queue: String) {
         };
         tracing::warn!(queue, reason = %failure, "tracking-queue consumer disconnected; reconnecting");
         set_connected(&shared, false, Some(failure));
-        let delay = backoff
-            .next_backoff()
-            .unwrap_or(Duration::from_millis(shared.settings.retry_max_ms));
+        let delay = backoff.next_delay();
         if !shared.pause(delay).await {
             return;
         }
@@ -406,7 +401,7 @@ async fn sqs_client(broker: &BrokerSettings) -> aws_sdk_sqs::Client {
         .build();
     let retries = RetryConfig::standard()
         .with_max_attempts(2)
-        .with_initial_backoff(Duration::from_millis(broker.reconnect_min_ms));
+        .with_initial_backoff(broker.reconnect_policy().first());
     let region = RegionProviderChain::first_try(broker.region.clone().map(Region::new))
         .or_default_provider()
         .or_else(Region::from_static(DEFAULT_REGION));
@@ -449,9 +444,7 @@ async fn run_sqs(shared: Arc<Shared>, broker: BrokerSettings, queue: String) {
         };
         tracing::debug!(queue = %sqs_name, %failure, "tracking queue not reachable");
         set_connected(&shared, false, Some(failure));
-        let delay = backoff
-            .next_backoff()
-            .unwrap_or(Duration::from_millis(shared.settings.retry_max_ms));
+        let delay = backoff.next_delay();
         if !shared.pause(delay).await {
             return;
         }
@@ -513,9 +506,7 @@ async fn receive_sqs(
                 };
                 tracing::debug!(queue = %sqs_name, %failure, "tracking-queue receive failed");
                 set_connected(&shared, false, Some(failure));
-                let delay = backoff
-                    .next_backoff()
-                    .unwrap_or(Duration::from_millis(shared.settings.retry_max_ms));
+                let delay = backoff.next_delay();
                 if !shared.pause(delay).await {
                     return;
                 }

@@ -40,6 +40,7 @@ pub mod writer;
 
 use crate::config::{Settings, TrackingSettings};
 use crate::outbox::Outbox;
+use crate::retry::RetryDelays;
 use chrono::{DateTime, Utc};
 use result::TaskResult;
 use serde::Serialize;
@@ -181,16 +182,9 @@ impl Shared {
         });
     }
 
-    /// Backoff for retrying the database, from the settings.
-    pub(crate) fn backoff(&self) -> backoff::ExponentialBackoff {
-        backoff::ExponentialBackoff {
-            initial_interval: Duration::from_millis(self.settings.retry_min_ms),
-            max_interval: Duration::from_millis(self.settings.retry_max_ms),
-            randomization_factor: 0.3,
-            multiplier: 2.0,
-            max_elapsed_time: None,
-            ..backoff::ExponentialBackoff::default()
-        }
+    /// Delays for retrying the database or a consumer, from the settings.
+    pub(crate) fn backoff(&self) -> RetryDelays {
+        self.settings.retry_policy().delays()
     }
 
     /// Sleeps `delay`; false when stopped meanwhile.
@@ -348,7 +342,6 @@ impl Tracking {
 /// Applies migrations until they succeed, then probes the database so the
 /// status (and fail-fast reads) follow outages; refreshes the gauges.
 async fn supervise_database(shared: Arc<Shared>) {
-    use backoff::backoff::Backoff;
     let mut backoff = shared.backoff();
     let mut last_probe: Option<Instant> = None;
     loop {
@@ -370,9 +363,7 @@ async fn supervise_database(shared: Arc<Shared>) {
                 }
                 Err(error) => {
                     tracing::debug!(%error, "tracking schema not ready; retrying");
-                    let delay = backoff
-                        .next_backoff()
-                        .unwrap_or(Duration::from_millis(shared.settings.retry_max_ms));
+                    let delay = backoff.next_delay();
                     refresh_gauges(&shared);
                     if !shared.pause(delay).await {
                         return;

@@ -22,7 +22,6 @@
 use super::record::{RecordSource, TaskRecord};
 use super::Shared;
 use crate::outbox::Outbox;
-use backoff::backoff::Backoff;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -116,9 +115,7 @@ pub(crate) async fn run(shared: Arc<Shared>) {
                 metrics::gauge!("taskgate_tracking_journal_depth").set(shared.outbox.journal_depth() as f64);
             }
             Err(error) => {
-                let delay = backoff
-                    .next_backoff()
-                    .unwrap_or(Duration::from_millis(shared.settings.retry_max_ms));
+                let delay = backoff.next_delay();
                 tracing::debug!(%error, pending = shared.outbox.journal_depth(), ?delay, "tracking journal not written; retrying");
                 if !shared.pause(delay).await {
                     return;

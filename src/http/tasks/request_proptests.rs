@@ -13,7 +13,7 @@
 use super::*;
 use crate::proptest_support::{config, json_value, mutated, mutation_without_overwrite, nested, DEEP};
 use crate::task::registry::{RegisteredTaskSettings, Registry, RegistrySettings};
-use crate::task::routing::{QueueBindingSettings, Router, RoutingSettings};
+use crate::task::routing::{QueueBindingSettings, RoutingSettings, TopicRouter};
 use crate::task::Task;
 use chrono::{DateTime, TimeZone, Utc};
 use proptest::collection::vec;
@@ -32,7 +32,7 @@ enum Route {
 struct Gate {
     strict: Registry,
     lenient: Registry,
-    router: Router,
+    router: TopicRouter,
 }
 
 fn gate() -> &'static Gate {
@@ -62,7 +62,7 @@ fn gate() -> &'static Gate {
             })
             .expect("test registry is valid")
         };
-        let router = Router::from_settings(&RoutingSettings {
+        let router = TopicRouter::from_settings(&RoutingSettings {
             exchange: "task_exchange".into(),
             queues: vec![
                 QueueBindingSettings {
