@@ -26,6 +26,13 @@
 //! let accepts scale. A writer arriving alone (the previous group had no
 //! company) is flushed at once, so light traffic pays no added latency.
 //!
+//! The relay's own flushes (its sent marks and completions,
+//! [`GroupCommitter::commit_soon`]) ride with the next accept's group while
+//! accepts are arriving: alone they would cost a flush of their own, and a
+//! producer sending one task at a time would wait behind it. They wait at
+//! most [`LINGER`] for company, and none at all when no accept came in the
+//! last [`ACCEPTS_RECENT`] (a drain with nothing arriving is not slowed).
+//!
 //! Why a dedicated thread rather than `spawn_blocking` per flush: the
 //! committer blocks on almost every accept, and handing each flush to the
 //! blocking pool cost a task hop and extra wake-ups per group, which showed
@@ -49,12 +56,17 @@ use tokio::sync::oneshot;
 pub const LINGER: Duration = Duration::from_micros(1000);
 /// A group this large is flushed without waiting out the linger.
 const MAX_GROUP: usize = 512;
+/// A relay flush waits for an accept to share its group only if one came
+/// in this recently.
+const ACCEPTS_RECENT: Duration = Duration::from_millis(5);
 
 /// What a writer waits for: an accept's outcome, or a bare flush (`None`).
 type Answer = Result<Option<AcceptOutcome>, OutboxError>;
 
 struct Request {
     accept: Option<PreparedAccept>,
+    /// A bare flush that may wait for the next accept's group.
+    may_wait: bool,
     answer: oneshot::Sender<Answer>,
 }
 
@@ -126,13 +138,16 @@ impl GroupCommitter {
         let thread = std::thread::Builder::new()
             .name("outbox-commit".into())
             .spawn(move || {
-                let mut group = Vec::new();
+                let mut group: Vec<Request> = Vec::new();
                 let mut busy = false;
+                let mut last_accept: Option<Instant> = None;
                 while let Ok(first) = receiver.recv() {
                     group.push(first);
                     while let Ok(next) = receiver.try_recv() {
                         group.push(next);
                     }
+                    let accepting = last_accept.is_some_and(|at| at.elapsed() < ACCEPTS_RECENT);
+                    let only_relay_flushes = group.iter().all(|request| request.may_wait);
                     if busy {
                         let deadline = Instant::now() + LINGER;
                         while group.len() < MAX_GROUP {
@@ -141,8 +156,25 @@ impl GroupCommitter {
                                 Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
                             }
                         }
+                    } else if only_relay_flushes && accepting {
+                        // Wait for the next accept (or the linger), not longer.
+                        let deadline = Instant::now() + LINGER;
+                        while group.iter().all(|request| request.may_wait) {
+                            match receiver.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                                Ok(next) => group.push(next),
+                                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
+                            }
+                        }
+                        while let Ok(next) = receiver.try_recv() {
+                            group.push(next);
+                        }
                     }
-                    busy = group.len() > 1;
+                    if group.iter().any(|request| request.accept.is_some()) {
+                        last_accept = Some(Instant::now());
+                    }
+                    // Company that was waited for does not make the next
+                    // group linger: only accepts arriving together do.
+                    busy = group.iter().filter(|request| !request.may_wait).count() > 1;
                     write_group(storage.as_ref(), &writer, &sequences, &visibility, &mut group);
                 }
             })
@@ -155,22 +187,33 @@ impl GroupCommitter {
 
     /// Stages, writes and flushes one accept with whatever else is waiting.
     pub(super) async fn accept(&self, accept: PreparedAccept) -> Result<AcceptOutcome, OutboxError> {
-        let outcome = self.send(Some(accept)).await?;
+        let outcome = self.send(Some(accept), false).await?;
         Ok(outcome.expect("an accept is answered with its outcome"))
     }
 
     /// Waits until everything applied before this call is durable.
     pub async fn commit(&self) -> Result<(), OutboxError> {
-        self.send(None).await.map(|_| ())
+        self.send(None, false).await.map(|_| ())
     }
 
-    async fn send(&self, accept: Option<PreparedAccept>) -> Answer {
+    /// [`GroupCommitter::commit`], but riding with the next accept's group
+    /// when accepts are arriving (at most [`LINGER`] later): for the
+    /// relay's writes, which no client is waiting for.
+    pub async fn commit_soon(&self) -> Result<(), OutboxError> {
+        self.send(None, true).await.map(|_| ())
+    }
+
+    async fn send(&self, accept: Option<PreparedAccept>, may_wait: bool) -> Answer {
         let stopped = || OutboxError::Storage(StorageError::Io("the outbox committer has stopped".into()));
         let (answer, receiver) = oneshot::channel();
         self.requests
             .as_ref()
             .ok_or_else(stopped)?
-            .send(Request { accept, answer })
+            .send(Request {
+                accept,
+                may_wait,
+                answer,
+            })
             .map_err(|_| stopped())?;
         receiver.await.map_err(|_| stopped())?
     }

@@ -1210,6 +1210,15 @@ impl Outbox {
         Ok(())
     }
 
+    /// [`Outbox::flush`] for the relay's own writes (sent marks and
+    /// completions): shares the next accept's flush when accepts are
+    /// arriving, so a producer never waits behind a flush of the relay's.
+    /// Unlike [`Outbox::flush`] it does not wake the relay, its caller:
+    /// accepts made durable by the same flush wake it themselves.
+    pub async fn flush_soon(&self) -> Result<(), OutboxError> {
+        self.committer.commit_soon().await
+    }
+
     /// The write or flush failure that stopped the store, if one did: the
     /// outbox then accepts and publishes nothing until taskgate restarts.
     pub fn storage_failure(&self) -> Option<&failure::RecordedFailure> {

@@ -368,12 +368,12 @@ impl Relay {
     /// far durable (see the module's invariants).
     async fn prepare_send(&self, lane: &Lane, entries: &[PendingEntry]) -> Result<(), OutboxError> {
         self.outbox.mark_sending(lane, entries)?;
-        self.outbox.flush().await
+        self.outbox.flush_soon().await
     }
 
     /// Makes the round's completions durable before the relay waits.
     async fn end_round(&self, lane: &Lane, outcome: RoundOutcome) -> RoundOutcome {
-        match self.outbox.flush().await {
+        match self.outbox.flush_soon().await {
             Ok(()) => outcome,
             Err(error) => {
                 tracing::error!(%lane, %error, "cannot make the published tasks' completion durable");
