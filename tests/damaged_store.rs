@@ -9,9 +9,10 @@
 //! record is still intact in the file (the test reads the bytes itself);
 //! the new outbox opens and `outbox stats --offline` counts them.
 //!
-//! Where sled opens a damaged log silently at an earlier state (it does,
-//! for some cuts and flips), salvage reads the whole store as sled gives
-//! it and reports the intact task records sled did not return
+//! Where sled opens a damaged log at an earlier state (it does, for some
+//! cuts and flips), `serve` still exits 65: the outbox's accepted-sequence
+//! watermark knows more was acknowledged. Salvage reads the whole store as
+//! sled gives it and reports the intact task records sled did not return
 //! (`raw_scan_unmatched`); `--include-unmatched` recovers them. The test
 //! asserts exactly that, case by case.
 
@@ -495,6 +496,15 @@ async fn a_damaged_outbox_never_panics_and_salvage_recovers_its_intact_tasks() {
                 report["raw_scan_unmatched"].as_u64().unwrap() >= missing.len() as u64,
                 "{}: the unmatched records are reported: {report:#}",
                 case.name
+            );
+            // The store's watermark knew more had been accepted: serve
+            // refused it rather than run with those tasks gone.
+            assert_eq!(
+                serve_outcome,
+                "exit 65",
+                "{}: a store that lost {} accepted tasks is not served: {served:#?}",
+                case.name,
+                missing.len()
             );
             let (_, with_unmatched) = salvage(&config, &damaged, &scratch, &["--include-unmatched"]);
             let with_unmatched: HashSet<String> = with_unmatched.into_iter().collect();

@@ -33,6 +33,11 @@
 //! most [`LINGER`] for company, and none at all when no accept came in the
 //! last [`ACCEPTS_RECENT`] (a drain with nothing arriving is not slowed).
 //!
+//! The committer also keeps the outbox's [`super::watermark`] (how far
+//! accepts are durable) up to date: at most once a second while accepting
+//! or idle, and at once for a bare [`GroupCommitter::commit`] (the final
+//! flush at shutdown) and when the outbox closes.
+//!
 //! Why a dedicated thread rather than `spawn_blocking` per flush: the
 //! committer blocks on almost every accept, and handing each flush to the
 //! blocking pool cost a task hop and extra wake-ups per group, which showed
@@ -42,6 +47,7 @@
 
 use super::accept::{AcceptWriter, PreparedAccept};
 use super::storage::{OutboxStorage, StorageError};
+use super::watermark::Watermark;
 use super::{AcceptOutcome, OutboxError, SequenceState};
 use crate::task::TaskId;
 use std::collections::HashSet;
@@ -85,6 +91,11 @@ impl Visibility {
             durable_below: AtomicU64::new(next_sequence),
             not_yet_durable: Mutex::new(HashSet::new()),
         }
+    }
+
+    /// Every sequence below it is durable.
+    pub(super) fn durable_below(&self) -> u64 {
+        self.durable_below.load(Ordering::Acquire)
     }
 
     pub(super) fn is_durable(&self, sequence: u64) -> bool {
@@ -133,6 +144,7 @@ impl GroupCommitter {
         writer: AcceptWriter,
         sequences: Arc<Mutex<SequenceState>>,
         visibility: Arc<Visibility>,
+        mut watermark: Watermark,
     ) -> Result<Self, StorageError> {
         let (requests, receiver) = mpsc::channel::<Request>();
         let thread = std::thread::Builder::new()
@@ -141,7 +153,17 @@ impl GroupCommitter {
                 let mut group: Vec<Request> = Vec::new();
                 let mut busy = false;
                 let mut last_accept: Option<Instant> = None;
-                while let Ok(first) = receiver.recv() {
+                loop {
+                    let first = match receiver.recv_timeout(super::watermark::REFRESH_EVERY) {
+                        Ok(first) => first,
+                        // Idle: let the watermark catch up with the last
+                        // groups (it is refreshed at most once a second).
+                        Err(RecvTimeoutError::Timeout) => {
+                            watermark.refresh(visibility.durable_below(), false);
+                            continue;
+                        }
+                        Err(RecvTimeoutError::Disconnected) => break,
+                    };
                     group.push(first);
                     while let Ok(next) = receiver.try_recv() {
                         group.push(next);
@@ -175,8 +197,17 @@ impl GroupCommitter {
                     // Company that was waited for does not make the next
                     // group linger: only accepts arriving together do.
                     busy = group.iter().filter(|request| !request.may_wait).count() > 1;
+                    // A bare flush that does not wait (the final flush at
+                    // shutdown, an operator's change) brings the watermark
+                    // up to date at once.
+                    let explicit_flush = group
+                        .iter()
+                        .any(|request| request.accept.is_none() && !request.may_wait);
                     write_group(storage.as_ref(), &writer, &sequences, &visibility, &mut group);
+                    watermark.refresh(visibility.durable_below(), explicit_flush);
                 }
+                // The channel closed: the outbox is closing.
+                watermark.refresh(visibility.durable_below(), true);
             })
             .map_err(|error| StorageError::Io(format!("cannot start the outbox committer thread: {error}")))?;
         Ok(Self {

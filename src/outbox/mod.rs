@@ -40,7 +40,7 @@
 //! | `d/{sequence:u64}` | [`DeadLetter`] (JSON): the task and the reason |
 //! | `i/{idempotency key}` | [`IdempotencyRecord`] (JSON), honoured for 24 h |
 //! | `p/{published at, ms:u64}{task id}` | the ids (16 bytes each) of the tasks one window published, the key's id first: retention index of published statuses (empty in older outboxes: the key's id alone) |
-//! | `m/sequence_reserved` | u64: sequences below it may be in use |
+//! | `m/sequence_reserved` | u64: the next sequence (every sequence in use lies below it), written by every batch that hands out sequences |
 //! | `m/counters` | [`PersistedCounters`] (JSON): pending depth and bytes per lane, depth per queue, dead letters |
 //! | `j/{sequence:u64}` | accepted [`Task`] (JSON) not yet recorded in the tracking database ([`journal`]) |
 //! | `m/operator_holds` | [`OperatorHolds`] (JSON): a pause or forced breaker state that outlives a restart; absent = none |
@@ -55,6 +55,11 @@
 //! readable before the flush that covers it returned ([`group_commit`]),
 //! and a failed write or flush stops the store ([`failure`]).
 //!
+//! Beside sled's files, `accepted-watermark` ([`watermark`]) records how
+//! far accepts were made durable, so a log that sled opens at an earlier
+//! state (damage in its middle) is refused as damaged instead of served
+//! with acknowledged tasks missing.
+//!
 //! Lane names never contain `\0` (they are exchange or queue names).
 
 mod accept;
@@ -67,6 +72,7 @@ pub mod journal;
 pub mod operations;
 pub mod salvage;
 pub mod storage;
+pub mod watermark;
 
 use crate::task::{QueueName, Task, TaskId, TaskName};
 use chrono::{DateTime, Utc};
@@ -92,9 +98,6 @@ const COUNTERS: &[u8] = b"m/counters";
 const JOURNAL: &[u8] = b"j/";
 const OPERATOR_HOLDS: &[u8] = b"m/operator_holds";
 const SENT_MARK: &[u8] = b"m/sent/";
-/// Sequences are reserved in blocks so that a normal accept writes no
-/// metadata; a crash only leaves a gap.
-const SEQUENCE_BLOCK: u64 = 1 << 20;
 pub const IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(24 * 3600);
 
 /// Outbox settings (`[outbox]`).
@@ -470,8 +473,10 @@ struct StoredQueues {
 }
 
 /// The sequence allocator, behind the insert lock. Invariant: every
-/// sequence ever written lies below the *stored* `m/sequence_reserved`
-/// (an open with stored counters starts from it without reading the lanes).
+/// sequence ever written lies below the *stored* `m/sequence_reserved`,
+/// which is exactly the next sequence: an open with stored counters starts
+/// from it without reading the lanes, and a store whose log went back in
+/// time shows it against the [`watermark`].
 #[derive(Clone, Copy)]
 struct SequenceState {
     next: u64,
@@ -479,16 +484,16 @@ struct SequenceState {
 }
 
 impl SequenceState {
-    /// Hands out `count` consecutive sequences and returns the first. When
-    /// they pass the reserved block, the new reservation joins `operations`,
-    /// to be written in the same batch. If that batch fails, the caller puts
-    /// back the state it had before: a reservation advanced in memory only
-    /// would let later writes use sequences the store never reserved.
+    /// Hands out `count` consecutive sequences and returns the first; the
+    /// new next sequence joins `operations`, to be written in the same
+    /// batch (one 8-byte key per batch). If that batch fails, the caller
+    /// puts back the state it had before: a sequence advanced in memory
+    /// only would let later writes use sequences the store never recorded.
     fn allocate(&mut self, count: u64, operations: &mut Vec<storage::WriteOperation>) -> u64 {
         let first = self.next;
         self.next = first + count;
         if self.next > self.reserved {
-            self.reserved = self.next + SEQUENCE_BLOCK;
+            self.reserved = self.next;
             operations.push((SEQUENCE_RESERVED.to_vec(), Some(self.reserved.to_be_bytes().to_vec())));
         }
         first
@@ -711,6 +716,23 @@ impl Outbox {
             ))
             .into());
         }
+        match watermark::read(&settings.path) {
+            watermark::Reading::Valid(accepted_below) if accepted_below > next => {
+                return Err(StorageError::Corrupt(format!(
+                    "the outbox at {} is damaged: it opened at an earlier state than it had acknowledged (tasks \
+                     up to sequence {accepted_below} were accepted, the store now ends below {next}), so accepted \
+                     tasks are missing from it. taskgate will not serve it: recover its tasks into a new outbox \
+                     with `taskgate outbox salvage --offline --include-unmatched --to-outbox NEW_DIR` \
+                     (docs/operations.md, \"A damaged outbox\")",
+                    settings.path.display()
+                ))
+                .into());
+            }
+            watermark::Reading::Unreadable(why) => {
+                tracing::warn!(%why, "the outbox's accepted-sequence watermark is unreadable; it is rewritten");
+            }
+            _ => {}
+        }
         let insert_lock = Arc::new(Mutex::new(SequenceState { next, reserved: next }));
         let counters = Arc::new(Mutex::new(counters));
         let refusing = Arc::new(AtomicBool::new(false));
@@ -729,7 +751,13 @@ impl Outbox {
             last_crowded_group: last_crowded_group.clone(),
             visibility: visibility.clone(),
         };
-        let committer = GroupCommitter::start(storage.clone(), writer, insert_lock.clone(), visibility.clone())?;
+        let committer = GroupCommitter::start(
+            storage.clone(),
+            writer,
+            insert_lock.clone(),
+            visibility.clone(),
+            watermark::Watermark::new(&settings.path),
+        )?;
         Ok(Arc::new(Self {
             storage,
             committer,

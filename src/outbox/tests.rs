@@ -609,3 +609,98 @@ async fn a_window_sent_again_counts_as_resent_across_a_restart() {
     let after_restart = outbox.mark_sending(&lane(), &head).unwrap();
     assert_eq!(after_restart, SendMark { resent: 3, moved: true });
 }
+
+/// Opens the outbox at `dir`, retrying while sled's threads of an outbox
+/// just dropped still hold its lock.
+async fn reopen(dir: &std::path::Path) -> Result<Arc<Outbox>, OutboxError> {
+    for _ in 0..100 {
+        match Outbox::open(&settings(dir)) {
+            Err(OutboxError::Storage(StorageError::Locked { .. })) => {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await
+            }
+            other => return other,
+        }
+    }
+    Outbox::open(&settings(dir))
+}
+
+fn copy_store(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_dir() {
+            copy_store(&entry.path(), &to.join(entry.file_name()));
+        } else {
+            std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+        }
+    }
+}
+
+/// A store that went back in time (what sled does with a log damaged in
+/// its middle: it replays up to the damage and stops) is refused as
+/// damaged, naming salvage, while an intact store, and the earlier store
+/// with its own watermark, open as usual.
+#[tokio::test]
+async fn a_store_older_than_its_watermark_is_refused_as_damaged() {
+    let dir = tempfile::tempdir().unwrap();
+    let current = dir.path().join("current");
+    let earlier = dir.path().join("earlier");
+    {
+        let outbox = Outbox::open(&settings(&current)).unwrap();
+        for n in 0..20 {
+            outbox
+                .accept(vec![(task("export.project", n), vec![lane()])], None)
+                .await
+                .unwrap();
+        }
+    }
+    // The committer wrote the watermark as it closed.
+    // (Each task takes two sequences: its entry and its journal entry.)
+    let watermark::Reading::Valid(after_20) = watermark::read(&settings(&current).path) else {
+        panic!("no watermark written at close");
+    };
+    assert!(after_20 >= 20);
+    reopen(&current).await.unwrap();
+    copy_store(&current, &earlier);
+    {
+        let outbox = reopen(&current).await.unwrap();
+        for n in 20..50 {
+            outbox
+                .accept(vec![(task("export.project", n), vec![lane()])], None)
+                .await
+                .unwrap();
+        }
+        // Published and completed tasks leave the store; the watermark
+        // and the stored next sequence still agree.
+        let head = outbox.head(&lane(), 10).unwrap();
+        outbox.complete(&head.iter().collect::<Vec<_>>()).unwrap();
+        outbox.flush().await.unwrap();
+    }
+    let watermark::Reading::Valid(after_50) = watermark::read(&settings(&current).path) else {
+        panic!("no watermark written at close");
+    };
+    assert!(after_50 >= after_20 + 30, "{after_20} then {after_50}");
+    assert_eq!(reopen(&current).await.unwrap().depth(), 40);
+    // The earlier store with its own witness is fine.
+    assert_eq!(reopen(&earlier).await.unwrap().depth(), 20);
+
+    // The earlier store under the later witness: 30 acknowledged tasks
+    // are not in it.
+    std::fs::copy(
+        settings(&current).path.join(watermark::FILE_NAME),
+        settings(&earlier).path.join(watermark::FILE_NAME),
+    )
+    .unwrap();
+    let refused = reopen(&earlier).await.err().expect("an earlier state is refused");
+    let message = refused.to_string();
+    assert!(
+        matches!(refused, OutboxError::Storage(StorageError::Corrupt(_))),
+        "{message}"
+    );
+    assert!(message.contains("earlier state"), "{message}");
+    assert!(message.contains("outbox salvage"), "{message}");
+    assert!(
+        message.contains(&settings(&earlier).path.display().to_string()),
+        "{message}"
+    );
+}
