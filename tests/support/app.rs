@@ -178,6 +178,10 @@ impl Drop for TestApp {
 /// One message as a consumer sees it.
 #[derive(Debug, Clone)]
 pub struct ReceivedMessage {
+    /// Set by RabbitMQ on a message an earlier test consumer received and
+    /// left unacknowledged (it had prefetched it when it closed): not a
+    /// second publish.
+    pub redelivered: bool,
     pub routing_key: String,
     pub exchange: String,
     pub headers: HashMap<String, Value>,
@@ -295,6 +299,7 @@ async fn consume_until(
             })
             .unwrap_or_default();
         received.push(ReceivedMessage {
+            redelivered: delivery.redelivered,
             routing_key: delivery.routing_key.as_str().to_owned(),
             exchange: delivery.exchange.as_str().to_owned(),
             headers,
