@@ -288,7 +288,11 @@ async fn listing_pages_with_a_cursor_and_export_streams_what_import_reads() {
     let gateway = start_gateway(settings, dir.path()).await;
     let mut ids = Vec::new();
     for n in 0..25 {
-        ids.push(gateway.post_task(&json!({"task": "export.project", "args": [n]})).await);
+        ids.push(
+            gateway
+                .post_accepted(json!({"task": "export.project", "args": [n]}))
+                .await,
+        );
     }
     let mut listed = Vec::new();
     let mut path = "/v1/outbox/tasks?limit=10".to_owned();
@@ -371,7 +375,7 @@ async fn a_pause_and_a_forced_breaker_survive_a_restart() {
         (breaker["state"].as_str(), breaker["forced"].as_bool()),
         (Some("forced_open"), Some(true))
     );
-    let held = gateway.post_task(&json!({"task": "export.held", "args": [1]})).await;
+    let held = gateway.post_accepted(json!({"task": "export.held", "args": [1]})).await;
     // The broker is up: only the holds keep the task in the outbox.
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     assert_eq!(gateway.report().await["depth"], 1, "a held relay publishes nothing");

@@ -157,7 +157,11 @@ async fn send_health_stats_list_pause_and_breaker_with_and_without_json() {
 
     let mut spooled = Vec::new();
     for n in 0..5 {
-        spooled.push(gateway.post_task(&json!({"task": "export.project", "args": [n]})).await);
+        spooled.push(
+            gateway
+                .post_accepted(json!({"task": "export.project", "args": [n]}))
+                .await,
+        );
     }
     let stats = taskgate(&config, &["outbox", "stats"]).await;
     stats.assert_success();
@@ -343,7 +347,11 @@ async fn drain_probes_at_once_with_the_breaker_open() {
     assert_eq!(gateway.state.breaker.snapshot().state, BreakerState::Open);
     let mut ids = Vec::new();
     for n in 0..20 {
-        ids.push(gateway.post_task(&json!({"task": "export.project", "args": [n]})).await);
+        ids.push(
+            gateway
+                .post_accepted(json!({"task": "export.project", "args": [n]}))
+                .await,
+        );
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(gateway.report().await["depth"], 20, "the open breaker holds the tasks");
@@ -384,7 +392,9 @@ async fn drain_times_out_while_the_broker_is_down_with_a_progress_bar_on_a_termi
     let gateway = start_gateway(settings(dir.path(), &broker_url, &[(&queue, "#")]), dir.path()).await;
     let config = gateway.config.clone();
     for n in 0..3 {
-        gateway.post_task(&json!({"task": "export.project", "args": [n]})).await;
+        gateway
+            .post_accepted(json!({"task": "export.project", "args": [n]}))
+            .await;
     }
     let drain = taskgate(&config, &["outbox", "drain", "--timeout", "2"]).await;
     assert_eq!(drain.code, Some(3), "{drain:#?}");
@@ -600,7 +610,11 @@ async fn dead_letters_are_listed_requeued_and_purged_and_purge_asks_first() {
     delete_queues(&[&queue]).await;
     let mut ids = Vec::new();
     for n in 0..3 {
-        ids.push(gateway.post_task(&json!({"task": "export.project", "args": [n]})).await);
+        ids.push(
+            gateway
+                .post_accepted(json!({"task": "export.project", "args": [n]}))
+                .await,
+        );
     }
     gateway
         .wait_for_report(Duration::from_secs(15), |report| report["dead_letters"] == 3)
@@ -647,7 +661,9 @@ async fn dead_letters_are_listed_requeued_and_purged_and_purge_asks_first() {
 
     delete_queues(&[&queue]).await;
     for n in 0..2 {
-        gateway.post_task(&json!({"task": "export.project", "args": [n]})).await;
+        gateway
+            .post_accepted(json!({"task": "export.project", "args": [n]}))
+            .await;
     }
     gateway
         .wait_for_report(Duration::from_secs(15), |report| report["dead_letters"] == 2)
@@ -676,7 +692,9 @@ async fn dead_letters_are_listed_requeued_and_purged_and_purge_asks_first() {
     // Outbox purge asks too.
     taskgate(&config, &["breaker", "open"]).await.assert_success();
     for n in 0..4 {
-        gateway.post_task(&json!({"task": "export.project", "args": [n]})).await;
+        gateway
+            .post_accepted(json!({"task": "export.project", "args": [n]}))
+            .await;
     }
     let declined = taskgate_with(&config, &["outbox", "purge"], Some("n\n"), &[]).await;
     assert_eq!(declined.code, Some(1), "{declined:#?}");
@@ -687,7 +705,9 @@ async fn dead_letters_are_listed_requeued_and_purged_and_purge_asks_first() {
     assert!(purged.stdout.contains("purged 4 pending tasks"), "{purged:#?}");
     assert_eq!(gateway.report().await["depth"], 0);
     for n in 0..2 {
-        gateway.post_task(&json!({"task": "export.project", "args": [n]})).await;
+        gateway
+            .post_accepted(json!({"task": "export.project", "args": [n]}))
+            .await;
     }
     let purged = taskgate(&config, &["outbox", "purge", "--yes", "--json"]).await;
     purged.assert_success();
@@ -709,7 +729,11 @@ async fn offline_dead_letters_and_purge_work_on_a_stopped_server() {
     delete_queues(&[&queue]).await;
     let mut ids = Vec::new();
     for n in 0..2 {
-        ids.push(gateway.post_task(&json!({"task": "export.project", "args": [n]})).await);
+        ids.push(
+            gateway
+                .post_accepted(json!({"task": "export.project", "args": [n]}))
+                .await,
+        );
     }
     gateway
         .wait_for_report(Duration::from_secs(15), |report| report["dead_letters"] == 2)
@@ -717,7 +741,7 @@ async fn offline_dead_letters_and_purge_work_on_a_stopped_server() {
     taskgate(&config, &["breaker", "open"]).await.assert_success();
     taskgate(&config, &["outbox", "pause"]).await.assert_success();
     gateway
-        .post_task(&json!({"task": "export.project", "args": ["pending"]}))
+        .post_accepted(json!({"task": "export.project", "args": ["pending"]}))
         .await;
     gateway.stop().await;
 

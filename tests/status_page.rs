@@ -239,7 +239,7 @@ async fn the_page_shows_the_breaker_and_follows_the_broker_going_down_live() {
     proxy.set_mode(FaultMode::Refuse);
     // With no connection each round fails at once; three open the breaker.
     gateway
-        .post_task(&json!({"task": "export.project", "args": ["org", "proj"]}))
+        .post_accepted(json!({"task": "export.project", "args": ["org", "proj"]}))
         .await;
     tokio::task::block_in_place(|| {
         browser.wait_until(
@@ -279,7 +279,7 @@ async fn the_page_is_complete_without_javascript() {
     settings.breaker.open_max_ms = 60_000;
     let gateway = start_gateway(settings, dir.path()).await;
     gateway
-        .post_task(&json!({"task": "export.project", "args": ["org", "proj"]}))
+        .post_accepted(json!({"task": "export.project", "args": ["org", "proj"]}))
         .await;
     gateway
         .wait_for_health(Duration::from_secs(15), |health| {

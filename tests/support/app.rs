@@ -18,6 +18,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use taskgate::app::Application;
 use taskgate::config::Settings;
+use taskgate::http::AppState;
 use taskgate::task::routing::QueueBindingSettings;
 
 pub const RABBITMQ_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
@@ -59,6 +60,9 @@ pub struct TestApp {
     pub base_url: String,
     pub client: reqwest::Client,
     pub settings: Settings,
+    /// The running gateway's shared state (breaker, relay, outbox), for
+    /// tests that drive or inspect it directly.
+    pub state: AppState,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     join: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
@@ -66,6 +70,7 @@ pub struct TestApp {
 pub async fn spawn_app(settings: Settings) -> TestApp {
     let application = Application::build(settings.clone()).await.expect("taskgate builds");
     let address = application.local_addr();
+    let state = application.state().clone();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let join = tokio::spawn(application.run_until_stopped(async move {
         let _ = stopped.await;
@@ -74,10 +79,11 @@ pub async fn spawn_app(settings: Settings) -> TestApp {
         address,
         base_url: format!("http://{address}"),
         client: reqwest::Client::builder()
-            .timeout(Duration::from_secs(10))
+            .timeout(Duration::from_secs(15))
             .build()
             .unwrap(),
         settings,
+        state,
         stop: Some(stop),
         join: Some(join),
     }

@@ -1,65 +1,50 @@
 //! Helpers for the operator-tooling tests (admin API, CLI, status page):
-//! an in-process gateway whose state a test can reach (breaker, relay) and
-//! whose real address is written into a config file for the CLI, and a
-//! runner for the `taskgate` binary that never hangs a test.
+//! the in-process gateway of [`super::app`] with its real address written
+//! into a config file for the CLI, and a runner for the `taskgate` binary
+//! that never hangs a test.
 
-use super::app::{binary_path, write_config};
+use super::app::{binary_path, spawn_app, write_config, TestApp};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
-use taskgate::app::Application;
 use taskgate::config::Settings;
-use taskgate::http::AppState;
 use tokio::io::AsyncWriteExt;
 
 /// How long one CLI invocation may take before the test fails.
 const CLI_DEADLINE: Duration = Duration::from_secs(90);
 
+/// A [`TestApp`] whose real address is also in a config file for the CLI
+/// (`config`, with `settings` as written there).
 pub struct OperatorGateway {
-    pub state: AppState,
-    pub base_url: String,
-    /// A config file the CLI reads: the gateway's settings, with its real
-    /// listen address.
+    pub app: TestApp,
     pub config: PathBuf,
     pub settings: Settings,
-    pub client: reqwest::Client,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    join: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl std::ops::Deref for OperatorGateway {
+    type Target = TestApp;
+
+    fn deref(&self) -> &TestApp {
+        &self.app
+    }
 }
 
 /// Builds and runs a gateway; `config_dir` receives `taskgate.toml`.
 pub async fn start_gateway(settings: Settings, config_dir: &Path) -> OperatorGateway {
-    let application = Application::build(settings.clone()).await.expect("taskgate builds");
-    let address = application.local_addr();
-    let state = application.state().clone();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let join = tokio::spawn(application.run_until_stopped(async move {
-        let _ = stopped.await;
-    }));
-    let mut file_settings = settings.clone();
-    file_settings.http.listen = address;
+    let app = spawn_app(settings).await;
+    let mut file_settings = app.settings.clone();
+    file_settings.http.listen = app.address;
     let config = config_dir.join("taskgate.toml");
     write_config(&file_settings, &config);
     OperatorGateway {
-        state,
-        base_url: format!("http://{address}"),
+        app,
         config,
         settings: file_settings,
-        client: reqwest::Client::builder()
-            .timeout(Duration::from_secs(15))
-            .build()
-            .unwrap(),
-        stop: Some(stop),
-        join: Some(join),
     }
 }
 
 impl OperatorGateway {
-    pub fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base_url)
-    }
-
     fn authorized(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
         match self.settings.http.admin_token.as_str() {
             "" => request,
@@ -82,14 +67,6 @@ impl OperatorGateway {
         response.json().await.unwrap()
     }
 
-    /// Posts a task and returns its id.
-    pub async fn post_task(&self, body: &Value) -> String {
-        let response = self.client.post(self.url("/v1/tasks")).json(body).send().await.unwrap();
-        assert_eq!(response.status(), 202, "POST /v1/tasks {body}");
-        let accepted: Value = response.json().await.unwrap();
-        accepted["id"].as_str().unwrap().to_owned()
-    }
-
     /// Polls the outbox report until `predicate` holds.
     pub async fn wait_for_report(&self, timeout: Duration, predicate: impl Fn(&Value) -> bool) -> Value {
         let deadline = Instant::now() + timeout;
@@ -103,40 +80,9 @@ impl OperatorGateway {
         }
     }
 
-    /// Polls `/v1/health` until `predicate` holds.
-    pub async fn wait_for_health(&self, timeout: Duration, predicate: impl Fn(&Value) -> bool) -> Value {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let health: Value = self
-                .client
-                .get(self.url("/v1/health"))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            if predicate(&health) {
-                return health;
-            }
-            assert!(Instant::now() < deadline, "health never matched; last: {health:#}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    pub async fn stop(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        self.join.take().unwrap().await.unwrap().unwrap();
-    }
-}
-
-impl Drop for OperatorGateway {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
+    /// Graceful stop, which must succeed.
+    pub async fn stop(self) {
+        self.app.stop().await.expect("the gateway stops cleanly");
     }
 }
 
