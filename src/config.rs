@@ -701,7 +701,7 @@ fn validate_tracking(tracking: &TrackingSettings, environment: Environment) -> R
 /// SQS settings that SQS would otherwise refuse only at the first call, in
 /// the background: queue names, the FIFO group id, the endpoint.
 fn validate_sqs(broker: &BrokerSettings, routing: &RoutingSettings) -> Result<(), ConfigError> {
-    use crate::broker::sqs;
+    use crate::broker::sqs_naming as sqs;
     if broker.region.as_deref().is_some_and(|region| region.trim().is_empty()) {
         return Err(ConfigError::key(
             "broker.region",

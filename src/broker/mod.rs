@@ -12,6 +12,7 @@
 pub mod amqp;
 pub mod error;
 pub mod sqs;
+pub mod sqs_naming;
 
 use crate::outbox::{Lane, PendingEntry};
 use crate::task::Task;

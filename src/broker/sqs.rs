@@ -42,6 +42,9 @@
 //! Error classification lives in [`super::error`].
 
 use super::error::{SqsErrorClass, SqsFailure};
+pub use super::sqs_naming::{
+    is_fifo, is_valid_message_id, sqs_queue_name, validate_sqs_queue_name, MAX_MESSAGE_ID_CHARS, MAX_QUEUE_NAME_CHARS,
+};
 use super::{BrokerStatus, PublishError, PublishResult, Publisher};
 use crate::celery;
 use crate::config::{mask_url_password, BrokerSettings};
@@ -70,10 +73,6 @@ pub const MAX_MESSAGE_BYTES: usize = 1_048_576;
 pub const MAX_BATCH_BYTES: usize = 1_048_576;
 /// Most entries one `SendMessageBatch` call may carry.
 pub const MAX_BATCH_ENTRIES: usize = 10;
-/// Longest SQS queue name, `.fifo` included.
-pub const MAX_QUEUE_NAME_CHARS: usize = 80;
-/// Longest `MessageGroupId` / `MessageDeduplicationId`.
-pub const MAX_MESSAGE_ID_CHARS: usize = 128;
 /// Region kombu falls back to when none is configured anywhere.
 const DEFAULT_REGION: &str = "us-east-1";
 /// kombu's `default_visibility_timeout`: a queue created by taskgate must
@@ -84,60 +83,6 @@ const KOMBU_VISIBILITY_TIMEOUT_SECONDS: &str = "1800";
 pub const MESSAGE_GROUP_PROPERTY: &str = "message_group_id";
 /// Counts `SendMessageBatch` calls, labelled with the SQS queue name.
 pub const BATCH_CALLS_METRIC: &str = "taskgate_sqs_send_message_batch_calls_total";
-
-const FIFO_SUFFIX: &str = ".fifo";
-
-/// kombu's `entity_name(queue_name_prefix + name)`: `.` becomes `-`, other
-/// ASCII punctuation except `-` and `_` becomes `_`, and a `.fifo` suffix
-/// is kept as it is.
-pub fn sqs_queue_name(prefix: &str, queue: &str) -> String {
-    let full = format!("{prefix}{queue}");
-    let (stem, suffix) = match full.strip_suffix(FIFO_SUFFIX) {
-        Some(stem) => (stem, FIFO_SUFFIX),
-        None => (full.as_str(), ""),
-    };
-    let translated: String = stem
-        .chars()
-        .map(|c| match c {
-            '.' => '-',
-            '-' | '_' => c,
-            c if c.is_ascii_punctuation() => '_',
-            c => c,
-        })
-        .collect();
-    translated + suffix
-}
-
-/// Whether an SQS queue name denotes a FIFO queue.
-pub fn is_fifo(sqs_name: &str) -> bool {
-    sqs_name.ends_with(FIFO_SUFFIX)
-}
-
-/// Checks a name [`sqs_queue_name`] produced against SQS's rules: 1 to 80
-/// characters, ASCII letters, digits, `-` and `_`, plus a `.fifo` suffix.
-pub fn validate_sqs_queue_name(sqs_name: &str) -> Result<(), String> {
-    let stem = sqs_name.strip_suffix(FIFO_SUFFIX).unwrap_or(sqs_name);
-    if stem.is_empty() || sqs_name.chars().count() > MAX_QUEUE_NAME_CHARS {
-        return Err(format!(
-            "SQS queue name {sqs_name:?} must be 1 to {MAX_QUEUE_NAME_CHARS} characters long"
-        ));
-    }
-    if let Some(bad) = stem
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_')))
-    {
-        return Err(format!(
-            "SQS queue name {sqs_name:?} contains {bad:?}; SQS allows only ASCII letters, digits, '-' and '_'"
-        ));
-    }
-    Ok(())
-}
-
-/// Whether `text` may be a `MessageGroupId` or `MessageDeduplicationId`:
-/// 1 to 128 ASCII letters, digits or punctuation.
-pub fn is_valid_message_id(text: &str) -> bool {
-    !text.is_empty() && text.len() <= MAX_MESSAGE_ID_CHARS && text.bytes().all(|b| b.is_ascii_graphic())
-}
 
 /// `MessageDeduplicationId` for a task's copy on one queue: the same on
 /// every retry (so SQS drops a duplicate sent within its 5-minute window),
@@ -411,29 +356,8 @@ impl SqsPublisher {
         }
     }
 
-    /// Loads the AWS configuration (credentials chain, region chain) and
-    /// builds the client with taskgate's timeouts and retry policy.
     async fn build_client(&self) -> Client {
-        let timeouts = TimeoutConfig::builder()
-            .connect_timeout(Duration::from_millis(self.settings.connect_timeout_ms))
-            .operation_attempt_timeout(self.attempt_timeout())
-            .operation_timeout(self.operation_timeout())
-            .build();
-        // One SDK retry at most: the relay retries behind the breaker.
-        let retries = RetryConfig::standard()
-            .with_max_attempts(2)
-            .with_initial_backoff(self.settings.reconnect_policy().first());
-        let region = RegionProviderChain::first_try(self.settings.region.clone().map(Region::new))
-            .or_default_provider()
-            .or_else(Region::from_static(DEFAULT_REGION));
-        let mut loader = aws_config::defaults(BehaviorVersion::latest())
-            .region(region)
-            .timeout_config(timeouts)
-            .retry_config(retries);
-        if let Some(endpoint_url) = &self.settings.endpoint_url {
-            loader = loader.endpoint_url(endpoint_url);
-        }
-        Client::new(&loader.load().await)
+        client(&self.settings, self.attempt_timeout()).await
     }
 
     async fn manage_connection(self: Arc<Self>) {
@@ -874,6 +798,34 @@ impl Publisher for SqsPublisher {
 }
 
 /// Where the publisher sends, for health and logs.
+/// Loads the AWS configuration (credentials chain, region chain) and
+/// builds a client with taskgate's timeouts and retry policy: the SDK's
+/// connect timeout from `broker.connect_timeout_ms`, `attempt_timeout` per
+/// attempt and twice that per operation, and one SDK retry at most (the
+/// relay and the tracking consumer do the real retrying). The publisher
+/// and the tracking consumer both build theirs here.
+pub async fn client(settings: &BrokerSettings, attempt_timeout: Duration) -> Client {
+    let timeouts = TimeoutConfig::builder()
+        .connect_timeout(Duration::from_millis(settings.connect_timeout_ms))
+        .operation_attempt_timeout(attempt_timeout)
+        .operation_timeout(attempt_timeout * 2)
+        .build();
+    let retries = RetryConfig::standard()
+        .with_max_attempts(2)
+        .with_initial_backoff(settings.reconnect_policy().first());
+    let region = RegionProviderChain::first_try(settings.region.clone().map(Region::new))
+        .or_default_provider()
+        .or_else(Region::from_static(DEFAULT_REGION));
+    let mut loader = aws_config::defaults(BehaviorVersion::latest())
+        .region(region)
+        .timeout_config(timeouts)
+        .retry_config(retries);
+    if let Some(endpoint_url) = &settings.endpoint_url {
+        loader = loader.endpoint_url(endpoint_url);
+    }
+    Client::new(&loader.load().await)
+}
+
 fn endpoint_description(settings: &BrokerSettings) -> String {
     match (&settings.endpoint_url, &settings.region) {
         (Some(url), _) => mask_url_password(url),

@@ -6,8 +6,8 @@
 //! unless `--yes`.
 
 use super::admin_client::AdminClient;
+use super::command::{CommandError, ServerArgs};
 use super::offline::{OfflineError, OfflineOutbox};
-use super::operator::{CommandError, ServerArgs};
 use super::output::{self, print_json};
 use crate::config::Settings;
 use crate::http::admin::{DeadLetterPage, Purged, MAX_PAGE};

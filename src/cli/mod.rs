@@ -18,6 +18,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 pub mod admin_client;
+pub mod command;
 pub mod dead_letters;
 pub mod offline;
 pub mod operator;

@@ -9,8 +9,8 @@
 //! what is readable out of a damaged outbox ([`crate::outbox::salvage`]).
 
 use super::admin_client::{AdminClient, ClientError};
+use super::command::{describe_breaker, CommandError, ServerArgs};
 use super::offline::OfflineOutbox;
-use super::operator::{describe_breaker, CommandError, ServerArgs};
 use super::output::{self, print_json};
 use crate::config::BrokerKind;
 use crate::config::Settings;

@@ -31,10 +31,6 @@ use crate::broker::sqs::sqs_queue_name;
 use crate::celery::decode::{decode_task_message, DecodeError};
 use crate::celery::sqs::decode_sqs_message_body;
 use crate::config::{mask_url_password, BrokerKind, BrokerSettings};
-use aws_config::meta::region::RegionProviderChain;
-use aws_config::retry::RetryConfig;
-use aws_config::timeout::TimeoutConfig;
-use aws_config::{BehaviorVersion, Region};
 use aws_sdk_sqs::types::{DeleteMessageBatchRequestEntry, QueueAttributeName};
 use chrono::Utc;
 use futures_util::StreamExt;
@@ -52,8 +48,6 @@ use tokio_util::sync::CancellationToken;
 const LAG_INTERVAL: Duration = Duration::from_secs(5);
 /// SQS long-poll wait per receive; short enough for a prompt shutdown.
 const SQS_WAIT_SECONDS: i32 = 5;
-/// Region kombu falls back to when none is configured anywhere.
-const DEFAULT_REGION: &str = "us-east-1";
 
 pub(crate) fn spawn(shared: Arc<Shared>, broker: BrokerSettings, queue: String) -> JoinHandle<()> {
     tokio::spawn(async move {
@@ -392,27 +386,11 @@ fn amqp_to_json(value: &AMQPValue, depth: usize) -> Value {
 
 // ----------------------------------------------------------------- SQS
 
+/// The tracking consumer's client: the publisher's set-up, with room in
+/// each attempt for a long poll.
 async fn sqs_client(broker: &BrokerSettings) -> aws_sdk_sqs::Client {
     let attempt = Duration::from_millis(broker.publish_timeout_ms) + Duration::from_secs(SQS_WAIT_SECONDS as u64);
-    let timeouts = TimeoutConfig::builder()
-        .connect_timeout(Duration::from_millis(broker.connect_timeout_ms))
-        .operation_attempt_timeout(attempt)
-        .operation_timeout(attempt * 2)
-        .build();
-    let retries = RetryConfig::standard()
-        .with_max_attempts(2)
-        .with_initial_backoff(broker.reconnect_policy().first());
-    let region = RegionProviderChain::first_try(broker.region.clone().map(Region::new))
-        .or_default_provider()
-        .or_else(Region::from_static(DEFAULT_REGION));
-    let mut loader = aws_config::defaults(BehaviorVersion::latest())
-        .region(region)
-        .timeout_config(timeouts)
-        .retry_config(retries);
-    if let Some(endpoint_url) = &broker.endpoint_url {
-        loader = loader.endpoint_url(endpoint_url);
-    }
-    aws_sdk_sqs::Client::new(&loader.load().await)
+    crate::broker::sqs::client(broker, attempt).await
 }
 
 fn sqs_error(operation: &str, error: impl std::error::Error) -> String {
