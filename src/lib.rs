@@ -43,6 +43,8 @@
 //!   operator commands with their admin client and `--offline` mode.
 //! - `proptest_support` (tests only): what the property tests share.
 
+#![forbid(unsafe_code)]
+
 pub mod app;
 pub mod broker;
 pub mod celery;

@@ -235,7 +235,7 @@ impl AcceptWriter {
         }
         let added_bytes = request.pending_bytes();
         let used = self.counters.lock().expect("counters poisoned").bytes + group.added_bytes;
-        if used + added_bytes > self.max_bytes {
+        if !super::within_limit(used, added_bytes, self.max_bytes) {
             self.refusing.store(true, Ordering::SeqCst);
             return Err(OutboxError::Full {
                 used,
@@ -304,7 +304,7 @@ impl AcceptWriter {
     /// Logs when the journal fills up and when it has room again.
     fn journal_room(&self, tasks: u64, staged: u64) -> bool {
         let depth = self.counters.lock().expect("counters poisoned").journal + staged;
-        let room = depth + tasks <= self.max_journal_entries;
+        let room = super::within_limit(depth, tasks, self.max_journal_entries);
         let was_skipping = self.journal_skipping.swap(!room, Ordering::SeqCst);
         if !room && !was_skipping {
             tracing::error!(

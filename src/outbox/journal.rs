@@ -118,7 +118,7 @@ impl Outbox {
     /// Whether the journal holds `outbox.max_journal_entries`: new tasks are
     /// then accepted without an entry (invariant 5).
     pub fn journal_is_full(&self) -> bool {
-        self.journal_depth() >= self.settings.max_journal_entries
+        !super::within_limit(self.journal_depth(), 1, self.settings.max_journal_entries)
     }
 
     /// When the oldest unrecorded task was accepted (one key read).

@@ -472,6 +472,14 @@ struct StoredQueues {
     queues: Vec<QueueName>,
 }
 
+/// The outbox's one limit rule, for its pending bytes (`outbox.max_bytes`)
+/// and its tracking journal (`outbox.max_journal_entries`): `adding` more
+/// fit while the total stays at or under `limit`; full means not even one
+/// more fits. Every accept, import, requeue and room check asks it.
+pub(crate) fn within_limit(used: u64, adding: u64, limit: u64) -> bool {
+    used.saturating_add(adding) <= limit
+}
+
 /// The sequence allocator, behind the insert lock. Invariant: every
 /// sequence ever written lies below the *stored* `m/sequence_reserved`,
 /// which is exactly the next sequence: an open with stored counters starts
@@ -1100,7 +1108,7 @@ impl Outbox {
             return false;
         }
         let bytes = self.bytes();
-        if bytes >= self.settings.max_bytes {
+        if !within_limit(bytes, 1, self.settings.max_bytes) {
             return false;
         }
         if self.refusing.load(Ordering::SeqCst) {

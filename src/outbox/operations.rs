@@ -443,7 +443,7 @@ impl Outbox {
         let mut sequences = self.insert_lock.lock().expect("insert lock poisoned");
         {
             let counters = self.counters.lock().expect("counters poisoned");
-            if counters.bytes + encoded.len() as u64 > self.settings.max_bytes {
+            if !super::within_limit(counters.bytes, encoded.len() as u64, self.settings.max_bytes) {
                 return Err(OutboxError::Full {
                     used: counters.bytes,
                     limit: self.settings.max_bytes,
