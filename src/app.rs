@@ -23,7 +23,7 @@ use crate::broker::sqs::SqsPublisher;
 use crate::broker::Publisher;
 use crate::config::{BrokerKind, Environment, Settings};
 use crate::health::HealthMonitor;
-use crate::http::{self, AppState};
+use crate::http::{self, AppState, Services};
 use crate::outbox::Outbox;
 use crate::relay::breaker::Breaker;
 use crate::relay::Relay;
@@ -108,7 +108,7 @@ impl Application {
             background.clone(),
         );
         spawn_maintenance(outbox.clone(), background.clone());
-        let state = AppState {
+        let state = AppState::new(Services {
             settings,
             registry,
             router,
@@ -119,7 +119,7 @@ impl Application {
             health,
             metrics: metrics_handle(),
             tracking,
-        };
+        });
         Ok(Self {
             listener,
             state,

@@ -40,9 +40,28 @@ use problem::Problem;
 use std::sync::Arc;
 use tower_http::trace::TraceLayer;
 
-/// Everything a handler may touch; cheap to clone.
+/// Everything a handler may touch. One `Arc`: axum clones the state for
+/// every request, and eleven `Arc`s cloned and dropped per request showed
+/// in the accept profile (docs/benchmarks.md).
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Services>);
+
+impl AppState {
+    pub fn new(services: Services) -> Self {
+        Self(Arc::new(services))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Services;
+
+    fn deref(&self) -> &Services {
+        &self.0
+    }
+}
+
+/// What [`AppState`] holds.
+pub struct Services {
     pub settings: Arc<Settings>,
     pub registry: Arc<Registry>,
     pub router: Arc<TopicRouter>,
