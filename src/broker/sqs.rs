@@ -138,12 +138,12 @@ fn message_group_id(task: &Task, default: &str) -> Result<String, PublishError> 
     Ok(group)
 }
 
-/// Whether a message of `size` bytes still fits a batch that holds
-/// `entries` messages of `bytes` bytes in all. An empty batch takes any
-/// message up to [`MAX_MESSAGE_BYTES`].
 /// `SendMessageBatch` calls in flight per standard queue.
 const BATCHES_IN_FLIGHT: usize = 4;
 
+/// Whether a message of `size` bytes still fits a batch that holds
+/// `entries` messages of `bytes` bytes in all. An empty batch takes any
+/// message up to [`MAX_MESSAGE_BYTES`].
 fn batch_has_room(entries: usize, bytes: usize, size: usize) -> bool {
     entries == 0 || (entries < MAX_BATCH_ENTRIES && bytes + size <= MAX_BATCH_BYTES)
 }

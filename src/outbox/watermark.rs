@@ -128,10 +128,14 @@ impl Watermark {
                 .write(true)
                 .truncate(false)
                 .open(&self.path)?;
-            if created {
-                // Its name must survive a power loss as well as its bytes.
+            // A new file, or one of another length (damaged): exactly one
+            // record long from now on.
+            if created || file.metadata()?.len() != LENGTH as u64 {
                 file.set_len(LENGTH as u64)?;
                 file.sync_all()?;
+            }
+            if created {
+                // Its name must survive a power loss as well as its bytes.
                 if let Some(directory) = self.path.parent() {
                     File::open(directory)?.sync_all()?;
                 }
@@ -168,5 +172,10 @@ mod tests {
         assert!(matches!(read(dir.path()), Reading::Unreadable(_)));
         std::fs::write(&path, b"short").unwrap();
         assert!(matches!(read(dir.path()), Reading::Unreadable(_)));
+        // A damaged file of another length is rewritten to one record.
+        std::fs::write(&path, vec![7u8; 100]).unwrap();
+        let mut watermark = Watermark::new(dir.path());
+        watermark.refresh(60, true);
+        assert_eq!(read(dir.path()), Reading::Valid(60));
     }
 }
