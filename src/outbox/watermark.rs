@@ -114,6 +114,7 @@ impl Watermark {
         match self.write(durable_below) {
             Ok(()) => self.written = Some(durable_below),
             Err(error) => {
+                metrics::counter!("taskgate_outbox_storage_errors_total", "operation" => "watermark").increment(1);
                 tracing::warn!(path = %self.path.display(), %error, "cannot update the outbox's accepted-sequence watermark");
             }
         }
