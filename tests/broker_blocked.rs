@@ -103,17 +103,18 @@ async fn a_blocked_connection_spools_without_resending_and_delivers_once_after()
         latencies.push(took);
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    // A POST that waited on the blocked broker would take the whole
-    // publish timeout (1 s). One slow disk sync on a loaded CI machine
-    // (150 ms seen once) is not that, so each POST is held to half the
-    // timeout and the typical one to 50 ms.
+    // The bound is 100 ms per POST while blocked. A POST that
+    // waited on the blocked broker would take the whole publish timeout
+    // (1 s). One slow disk sync on a loaded CI machine (150 ms seen once)
+    // is not that, so the 95th percentile (19 of these 20) is held to
+    // 100 ms and the slowest to half the publish timeout.
     let mut sorted = latencies.clone();
     sorted.sort();
     let slowest = sorted.last().copied().unwrap_or_default();
-    let median = sorted[sorted.len() / 2];
+    let p95 = sorted[sorted.len() * 95 / 100 - 1];
     assert!(
-        slowest < Duration::from_millis(500) && median < Duration::from_millis(50),
-        "POSTs while blocked must stay fast: {latencies:?} (before the alarm: {before:?})"
+        p95 < Duration::from_millis(100) && slowest < Duration::from_millis(500),
+        "POSTs while blocked must answer in under 100 ms: {latencies:?} (before the alarm: {before:?})"
     );
     assert_eq!(ready_messages(&queue).await, 0, "nothing got through while blocked");
     let metrics = app.metrics().await;

@@ -324,6 +324,19 @@ async fn connection_failures_and_returned_messages_are_logged_once_and_readably(
         "{}",
         refusals[0]
     );
+    // A new cause (the connection now accepted, then reset) is logged at
+    // warn again, with that cause.
+    proxy.set_mode(FaultMode::Drop);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let failures: Vec<String> = log()
+        .lines()
+        .filter(|line| line.contains("cannot connect to the AMQP broker"))
+        .map(str::to_owned)
+        .collect();
+    assert!(
+        failures.len() >= 2 && failures[1].contains("WARN") && !failures[1].contains("Connection refused"),
+        "the change of cause is logged: {failures:#?}"
+    );
 
     proxy.set_mode(FaultMode::Pass);
     let client = reqwest::Client::builder()
@@ -367,7 +380,15 @@ async fn connection_failures_and_returned_messages_are_logged_once_and_readably(
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    for expected in [id.as_str(), "doomed.job", "312", "NO_ROUTE", exchange.as_str()] {
+    let queue_field = format!("queue={doomed}");
+    for expected in [
+        id.as_str(),
+        "doomed.job",
+        queue_field.as_str(),
+        "312",
+        "NO_ROUTE",
+        exchange.as_str(),
+    ] {
         assert!(returned.contains(expected), "{expected:?} in {returned}");
     }
     assert!(

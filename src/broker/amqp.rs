@@ -38,6 +38,7 @@ use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
 use lapin::Confirmation;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use serde_json::Value;
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
@@ -135,11 +136,27 @@ struct LiveConnection {
     channel: Channel,
 }
 
+/// Why a configured queue is not declared as configured.
+enum QueueDeclareError {
+    /// It exists with other arguments; bound and used as it is.
+    UsedAsItIs(String),
+    /// It could not be declared (or bound) at all: the broker's reason.
+    Undeclared(String),
+}
+
+/// While some configured queue could not be declared, declaring is tried
+/// again this often on the live connection, so a queue an operator fixed
+/// (permissions, a conflicting declaration deleted) is used without a
+/// reconnect.
+const REDECLARE_INTERVAL: Duration = Duration::from_secs(10);
+
 pub struct AmqpPublisher {
     settings: BrokerSettings,
     router: TopicRouter,
     origin: String,
     live: Mutex<Option<Arc<LiveConnection>>>,
+    /// Queues that could not be declared at all, with the broker's reason.
+    undeclared: Mutex<HashMap<String, String>>,
     status: watch::Sender<BrokerStatus>,
     /// Signalled when a publish finds the connection unusable.
     connection_lost: Notify,
@@ -158,6 +175,7 @@ impl AmqpPublisher {
             router,
             origin: celery::default_origin(),
             live: Mutex::new(None),
+            undeclared: Mutex::new(HashMap::new()),
             status,
             connection_lost: Notify::new(),
             reconnect_now: Notify::new(),
@@ -279,8 +297,13 @@ impl AmqpPublisher {
                     *self.live.lock().expect("live lock") = Some(live.clone());
                     self.set_status(true, None);
                     tracing::info!(endpoint = %self.endpoint(), "connected to the AMQP broker");
+                    let mut redeclare = tokio::time::interval(REDECLARE_INTERVAL);
+                    redeclare.reset();
                     let reason = loop {
                         tokio::select! {
+                            _ = redeclare.tick(), if !self.status.borrow().queue_errors.is_empty() => {
+                                self.declare_queues(&live.connection, self.router.exchange()).await;
+                            }
                             event = events.next() => match event {
                                 Some(lapin::Event::Error(error)) => break format!("connection error: {error}"),
                                 Some(lapin::Event::ConnectionBlocked(reason)) => self.set_blocked(Some(reason)),
@@ -344,25 +367,43 @@ impl AmqpPublisher {
                 FieldTable::default(),
             )
             .await?;
-        // Each queue on a channel of its own: a queue that cannot be
-        // declared as configured (PRECONDITION_FAILED: it exists with other
-        // arguments; ACCESS_REFUSED) closes only that channel, so the other
-        // queues are still declared and keep receiving. The failure is
-        // named in health (`broker:topology`).
+        self.declare_queues(&connection, exchange).await;
+        Ok(LiveConnection { connection, channel })
+    }
+
+    /// Declares and binds every configured queue, each on a channel of its
+    /// own: a queue that cannot be declared as configured
+    /// (PRECONDITION_FAILED: it exists with other arguments; ACCESS_REFUSED)
+    /// closes only that channel, so the other queues are still declared and
+    /// keep receiving. The failures are named in health
+    /// (`broker:topology`); a queue that could not be declared at all is
+    /// remembered with the broker's reason, which its returned tasks are
+    /// dead-lettered with.
+    async fn declare_queues(&self, connection: &Connection, exchange: &str) {
         let mut queue_errors = Vec::new();
+        let mut undeclared = HashMap::new();
         for binding in self.router.queues() {
-            if let Err(error) = self.declare_queue(&connection, binding, exchange).await {
-                let problem = format!("queue {}: {error}", binding.queue().as_str());
-                tracing::warn!(queue = binding.queue().as_str(), %error, "cannot declare a configured queue");
-                queue_errors.push(problem);
-            }
+            let queue = binding.queue().as_str();
+            let problem = match self.declare_queue(connection, binding, exchange).await {
+                Ok(()) => continue,
+                Err(QueueDeclareError::UsedAsItIs(declare_error)) => format!(
+                    "exists with other arguments than taskgate declares and is used as it is \
+                     (make them match): {declare_error}"
+                ),
+                Err(QueueDeclareError::Undeclared(declare_error)) => {
+                    undeclared.insert(queue.to_owned(), declare_error.clone());
+                    format!("cannot be declared, so its tasks are dead-lettered as unroutable: {declare_error}")
+                }
+            };
+            tracing::warn!(queue, %problem, "cannot declare a configured queue");
+            queue_errors.push(format!("queue {queue}: {problem}"));
         }
+        *self.undeclared.lock().expect("undeclared lock") = undeclared;
         self.status.send_if_modified(|status| {
             let changed = status.queue_errors != queue_errors;
             status.queue_errors = queue_errors;
             changed
         });
-        Ok(LiveConnection { connection, channel })
     }
 
     /// Declares and binds one queue on a channel of its own (closed after).
@@ -373,7 +414,7 @@ impl AmqpPublisher {
         connection: &Connection,
         binding: &crate::task::routing::QueueBinding,
         exchange: &str,
-    ) -> Result<(), String> {
+    ) -> Result<(), QueueDeclareError> {
         let mut arguments = FieldTable::default();
         if self.settings.quorum_queues {
             arguments.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
@@ -392,7 +433,8 @@ impl AmqpPublisher {
             let _ = channel.close(200, "declared".into()).await;
             bound
         };
-        let channel = connection.create_channel().await.map_err(|error| error.to_string())?;
+        let undeclared = |error: lapin::Error| QueueDeclareError::Undeclared(error.to_string());
+        let channel = connection.create_channel().await.map_err(undeclared)?;
         let declared = channel
             .queue_declare(
                 queue.into(),
@@ -404,22 +446,29 @@ impl AmqpPublisher {
             )
             .await;
         match declared {
-            Ok(_) => bind(channel).await.map_err(|error| format!("binding failed: {error}")),
+            Ok(_) => bind(channel)
+                .await
+                .map_err(|error| QueueDeclareError::Undeclared(format!("binding failed: {error}"))),
             Err(declare_error) => {
                 // The broker closed the channel; bind the queue as it is
                 // on a fresh one if it exists at all.
-                let channel = connection.create_channel().await.map_err(|error| error.to_string())?;
+                let channel = connection.create_channel().await.map_err(undeclared)?;
                 match bind(channel).await {
-                    Ok(()) => Err(format!(
-                        "exists with other arguments than taskgate declares and is used as it is \
-                         (make them match): {declare_error}"
-                    )),
-                    Err(_) => Err(format!(
-                        "cannot be declared, so its tasks are refused as unroutable: {declare_error}"
-                    )),
+                    Ok(()) => Err(QueueDeclareError::UsedAsItIs(declare_error.to_string())),
+                    Err(_) => Err(QueueDeclareError::Undeclared(declare_error.to_string())),
                 }
             }
         }
+    }
+
+    /// The broker's reason, if one of `task`'s queues could not be declared.
+    fn undeclared_queue(&self, task: &Task) -> Option<(String, String)> {
+        let undeclared = self.undeclared.lock().expect("undeclared lock");
+        task.queues.iter().find_map(|queue| {
+            undeclared
+                .get(queue.as_str())
+                .map(|reason| (queue.as_str().to_owned(), reason.clone()))
+        })
     }
 
     fn log_connect_failure(&self, logged_cause: &mut Option<String>, cause: &str) {
@@ -479,11 +528,12 @@ impl AmqpPublisher {
         // starts on the first one while the rest are encoded.
         let mut sending = Vec::with_capacity(entries.len());
         for (index, entry) in entries.iter().enumerate() {
-            if PublishError::has_expired(&entry.task, chrono::Utc::now()) {
-                results[index] = Some(Err(PublishError::expired()));
+            let now = chrono::Utc::now();
+            if PublishError::has_expired(&entry.task, now) {
+                results[index] = Some(Err(PublishError::Expired));
                 continue;
             }
-            let message = celery::encode(&entry.task, &self.origin);
+            let message = celery::encode_at(&entry.task, &self.origin, now);
             let properties = basic_properties(&message);
             let channel = live.channel.clone();
             let routing_key = ShortString::from(entry.task.routing_key.as_str());
@@ -516,14 +566,18 @@ impl AmqpPublisher {
             if connection_broken {
                 break;
             }
-            match self.within_deadline(publish, &mut deadline, timeout).await {
-                Some(Ok(confirm)) => confirms.push((index, confirm)),
-                Some(Err(error)) => {
-                    connection_broken = true;
-                    results[index] = Some(Err(PublishError::from_amqp(&error)));
+            results[index] = match self.within_deadline(publish, &mut deadline, timeout).await {
+                Some(Ok(confirm)) => {
+                    confirms.push((index, confirm));
+                    continue;
                 }
-                None => connection_broken = true,
-            }
+                Some(Err(error)) => Some(Err(PublishError::from_amqp(&error))),
+                None => Some(Err(PublishError::timed_out(
+                    "handing the message to the connection",
+                    timeout,
+                ))),
+            };
+            connection_broken = true;
         }
         if let Some(handed_over) = handed_over {
             let _ = handed_over.send(());
@@ -534,23 +588,33 @@ impl AmqpPublisher {
             results[index] = Some(match self.within_deadline(confirm, &mut deadline, timeout).await {
                 Some(Ok(Confirmation::Ack(None))) => Ok(()),
                 Some(Ok(Confirmation::Ack(Some(returned)))) | Some(Ok(Confirmation::Nack(Some(returned)))) => {
+                    let queues = entry
+                        .task
+                        .queues
+                        .iter()
+                        .map(|queue| queue.as_str())
+                        .collect::<Vec<_>>()
+                        .join(",");
                     // One readable line (lapin's own, which prints the whole
-                    // message as bytes, is filtered out by
-                    // the CLI's default log filter).
+                    // message as bytes, is filtered out by the CLI's default
+                    // log filter).
                     tracing::warn!(
                         task_id = %entry.task.id,
                         task = %entry.task.task,
+                        queue = %if queues.is_empty() { "none" } else { queues.as_str() },
                         exchange,
                         routing_key = %entry.task.routing_key,
                         reply_code = returned.reply_code,
                         reply_text = %returned.reply_text,
                         "the broker returned the message: no queue is bound for its routing key"
                     );
-                    Err(PublishError::unroutable(
-                        exchange,
-                        &entry.task.routing_key,
-                        &format!("{} {}", returned.reply_code, returned.reply_text),
-                    ))
+                    let reply = format!("{} {}", returned.reply_code, returned.reply_text);
+                    Err(match self.undeclared_queue(&entry.task) {
+                        Some((queue, reason)) => PublishError::Permanent(format!(
+                            "unroutable: queue {queue:?} could not be declared ({reason}); the broker returned the message ({reply})"
+                        )),
+                        None => PublishError::unroutable(exchange, &entry.task.routing_key, &reply),
+                    })
                 }
                 Some(Ok(Confirmation::Nack(None))) => {
                     Err(PublishError::Transient("the broker nacked the message".into()))
@@ -576,9 +640,23 @@ impl AmqpPublisher {
             // state: start over on a fresh connection.
             self.connection_lost.notify_one();
         }
+        // What is left was never handed to the connection: a message before
+        // it failed, so it was not sent (and is no attempt on the task).
+        let cause = results
+            .iter()
+            .flatten()
+            .find_map(|result| result.as_ref().err().filter(|error| error.is_retryable()))
+            .map(ToString::to_string)
+            .unwrap_or_else(|| "the connection failed".to_owned());
         results
             .into_iter()
-            .map(|result| result.unwrap_or_else(|| Err(PublishError::timed_out("publishing", timeout))))
+            .map(|result| {
+                result.unwrap_or_else(|| {
+                    Err(PublishError::Unsent(format!(
+                        "not sent: a message before it in the window failed ({cause})"
+                    )))
+                })
+            })
             .collect()
     }
 }

@@ -2,10 +2,10 @@
 //!
 //! Transient failures (no connection, timeouts, `nack`, a closed channel,
 //! throttling) keep the task at the head of its lane and count against the
-//! circuit breaker. A message that never left taskgate (no connection, or
-//! held back behind a failure to keep order) is [`PublishError::Unsent`]:
-//! retried like any transient failure, but not counted as an attempt on
-//! the task. Permanent failures (unroutable with `mandatory`, a message the
+//! circuit breaker. A message that never left taskgate (no connection, a
+//! blocked connection, or not handed over because one before it failed) is
+//! [`PublishError::Unsent`]: retried like any transient failure, but not
+//! counted as an attempt on the task. Permanent failures (unroutable with `mandatory`, a message the
 //! broker will never take, access denied, a missing queue that we may not
 //! create) move the task to the dead letters: retrying cannot help, and it
 //! must not block the tasks behind it.
@@ -31,6 +31,12 @@ pub enum PublishError {
     Unsent(String),
     #[error("{0}")]
     Permanent(String),
+    /// The task's `expires` passed before it was encoded: never sent, and
+    /// dead-lettered as [`EXPIRED`] without counting an attempt (RabbitMQ
+    /// would drop it at once with `expiration: "0"`, and a worker would
+    /// discard it).
+    #[error("expired")]
+    Expired,
 }
 
 impl PublishError {
@@ -70,15 +76,11 @@ impl PublishError {
         ))
     }
 
-    /// A task whose `expires` passed before it was encoded: never sent
-    /// (RabbitMQ would drop it at once with `expiration: "0"`).
-    pub fn expired() -> Self {
-        Self::Permanent(EXPIRED.to_owned())
-    }
-
     /// Whether `task` expired by `now` and must not be sent.
     /// Less than a millisecond left counts: Celery's `expiration` would
-    /// round it to `"0"`.
+    /// round it to `"0"`. A publisher encodes with the same `now`
+    /// ([`crate::celery::encode_at`]), so a task that passes this check is
+    /// never sent with `expiration: "0"`.
     pub fn has_expired(task: &crate::task::Task, now: chrono::DateTime<chrono::Utc>) -> bool {
         task.expires
             .is_some_and(|expires| expires < now + chrono::Duration::milliseconds(1))

@@ -533,10 +533,11 @@ impl SqsPublisher {
 
     /// Encodes an entry as kombu would send it to `sqs_name`.
     fn prepare(&self, index: usize, entry: &PendingEntry, sqs_name: &str) -> Result<OutgoingMessage, PublishError> {
-        if PublishError::has_expired(&entry.task, chrono::Utc::now()) {
-            return Err(PublishError::expired());
+        let now = chrono::Utc::now();
+        if PublishError::has_expired(&entry.task, now) {
+            return Err(PublishError::Expired);
         }
-        let message = celery::encode(&entry.task, &self.origin);
+        let message = celery::encode_at(&entry.task, &self.origin, now);
         let body = celery::sqs_message_body(
             &message,
             self.router.exchange(),

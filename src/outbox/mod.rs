@@ -973,7 +973,7 @@ impl Outbox {
     /// window, or by a process that crashed before their completion was
     /// durable) and moves the lane's mark past the window. The mark is
     /// written, not flushed: the caller flushes before sending when it
-    /// moved. Re-sends are counted in `taskgate_republished_total`.
+    /// moved. The caller counts the re-sends (`taskgate_republished_total`).
     pub fn mark_sending(&self, lane: &Lane, entries: &[PendingEntry]) -> Result<SendMark, OutboxError> {
         let Some(last) = entries.last().map(|entry| entry.sequence) else {
             return Ok(SendMark {
@@ -1000,9 +1000,6 @@ impl Outbox {
             marks.insert(lane.clone(), Some(last));
         } else {
             marks.insert(lane.clone(), mark);
-        }
-        if resent > 0 {
-            metrics::counter!("taskgate_republished_total").increment(resent);
         }
         Ok(SendMark { resent, moved })
     }

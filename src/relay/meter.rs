@@ -1,5 +1,6 @@
 //! Counts confirmed publishes and derives a recent publish rate, for the
-//! status page and the admin API.
+//! status page and the admin API; counts re-sends (messages handed to the
+//! broker again), the one place `taskgate_republished_total` is kept.
 //!
 //! Invariant: memory is fixed (one slot per second of the window); the rate
 //! is the count of the last [`WINDOW_SECONDS`] *completed* seconds divided
@@ -23,6 +24,7 @@ pub struct PublishRate {
 pub struct PublishMeter {
     started: Instant,
     total: AtomicU64,
+    republished: AtomicU64,
     /// `(second since start, count)` per slot; a slot whose second is not
     /// the current one is stale and reads as zero.
     slots: Mutex<[(u64, u64); WINDOW_SECONDS as usize]>,
@@ -33,6 +35,7 @@ impl Default for PublishMeter {
         Self {
             started: Instant::now(),
             total: AtomicU64::new(0),
+            republished: AtomicU64::new(0),
             slots: Mutex::new([(u64::MAX, 0); WINDOW_SECONDS as usize]),
         }
     }
@@ -56,6 +59,20 @@ impl PublishMeter {
             *slot = (second, 0);
         }
         slot.1 += count;
+    }
+
+    /// Notes `count` messages about to be handed to the broker again (see
+    /// [`crate::outbox::Outbox::mark_sending`]).
+    pub fn record_republished(&self, count: u64) {
+        if count > 0 {
+            metrics::counter!("taskgate_republished_total").increment(count);
+            self.republished.fetch_add(count, Ordering::Relaxed);
+        }
+    }
+
+    /// Re-sends since start.
+    pub fn republished_total(&self) -> u64 {
+        self.republished.load(Ordering::Relaxed)
     }
 
     pub fn rate(&self) -> PublishRate {

@@ -174,6 +174,12 @@ impl Relay {
     }
 
     /// Confirmed publishes since start and the recent rate.
+    /// Messages handed to the broker again since start (after a failed
+    /// slice, or a crash before their completion was durable).
+    pub fn republished_total(&self) -> u64 {
+        self.published.republished_total()
+    }
+
     pub fn publish_rate(&self) -> PublishRate {
         self.published.rate()
     }
@@ -286,10 +292,12 @@ impl Relay {
         let mut last_read: Option<u64> = None;
         let mut sent = 0;
         let mut outcome = RoundOutcome::Idle;
-        // Set at the first slice that was not accepted in full.
-        let mut failed = false;
+        // What failed first in this round: from then on nothing is sent,
+        // and the slices already sent behind it are settled without
+        // completing anything.
+        let mut failure: Option<String> = None;
         loop {
-            while !failed
+            while failure.is_none()
                 && !in_flight.iter().any(|slice| slice.failed.load(Ordering::SeqCst))
                 && in_flight.len() < slices_in_flight
                 && sent < slices_per_round
@@ -316,7 +324,7 @@ impl Relay {
                     }
                     Err(error) => {
                         tracing::error!(%lane, %error, "cannot read the outbox");
-                        failed = true;
+                        failure = Some(format!("cannot read the outbox: {error}"));
                         outcome = RoundOutcome::Blocked;
                         break;
                     }
@@ -327,7 +335,7 @@ impl Relay {
                 }
                 if let Err(error) = self.prepare_send(lane, &entries).await {
                     tracing::error!(%lane, %error, "cannot record the window about to be sent");
-                    failed = true;
+                    failure = Some(format!("cannot record the window about to be sent: {error}"));
                     outcome = RoundOutcome::Blocked;
                     break;
                 }
@@ -342,21 +350,24 @@ impl Relay {
                 Err(join) => {
                     // The slice stays in the outbox and is published again.
                     tracing::error!(%lane, %join, "publishing task failed");
-                    failed = true;
+                    failure.get_or_insert_with(|| format!("publishing task failed: {join}"));
                     outcome = RoundOutcome::Blocked;
                     continue;
                 }
             };
-            if failed {
-                // Behind a failure: kept for the re-send, in order.
+            if let Some(cause) = &failure {
+                // Behind a failure: nothing is completed (kept for the
+                // re-send, in order), but what reached the broker counts
+                // as an attempt and every entry says why it waits.
+                if let Err(error) = self.settle(&published, results, Some(cause.clone())) {
+                    tracing::error!(%lane, %error, "cannot update the outbox after publishing");
+                }
                 continue;
             }
-            let accepted_in_full = results
-                .iter()
-                .all(|result| !result.as_ref().is_err_and(PublishError::is_retryable));
-            outcome = self.finish_window(lane, permit, &published, results);
-            if !accepted_in_full || matches!(outcome, RoundOutcome::Blocked) {
-                failed = true;
+            let (window_outcome, window_failure) = self.finish_window(lane, permit, &published, results);
+            outcome = window_outcome;
+            if let Some(cause) = window_failure {
+                failure = Some(cause);
                 outcome = RoundOutcome::Blocked;
             }
         }
@@ -367,7 +378,8 @@ impl Relay {
     /// mark; then one flush makes the mark and every completion settled so
     /// far durable (see the module's invariants).
     async fn prepare_send(&self, lane: &Lane, entries: &[PendingEntry]) -> Result<(), OutboxError> {
-        self.outbox.mark_sending(lane, entries)?;
+        let mark = self.outbox.mark_sending(lane, entries)?;
+        self.published.record_republished(mark.resent);
         self.outbox.flush_soon().await
     }
 
@@ -426,86 +438,110 @@ impl Relay {
         Ok(live)
     }
 
-    /// Settles one window and tells the breaker how it went.
+    /// Settles one window and tells the breaker how it went. Returns the
+    /// cause when the lane must stop here (a retryable failure, or an
+    /// outbox that could not be updated).
     fn finish_window(
         &self,
         lane: &Lane,
         permit: Permit,
         entries: &[PendingEntry],
         results: Vec<Result<(), PublishError>>,
-    ) -> RoundOutcome {
-        match self.settle(entries, results) {
+    ) -> (RoundOutcome, Option<String>) {
+        match self.settle(entries, results, None) {
             Ok(None) => {
                 self.breaker.on_success(permit);
-                RoundOutcome::Progress
+                (RoundOutcome::Progress, None)
             }
             Ok(Some(error)) => {
                 self.breaker.on_failure();
                 tracing::debug!(%lane, %error, "publish round failed");
-                RoundOutcome::Blocked
+                (RoundOutcome::Blocked, Some(error))
             }
             Err(error) => {
                 tracing::error!(%lane, %error, "cannot update the outbox after publishing");
-                RoundOutcome::Blocked
+                (
+                    RoundOutcome::Blocked,
+                    Some(format!("cannot update the outbox after publishing: {error}")),
+                )
             }
         }
     }
 
-    /// Applies a window's results to the outbox. Returns the first transient
-    /// error, if any.
+    /// Applies a window's results to the outbox. Returns the first
+    /// retryable error, if any; `earlier_failure` is the cause when a slice
+    /// sent before this one already failed.
     ///
     /// Order per lane holds under nacks: from the first entry that must be
     /// retried on, nothing is completed, so the entries the broker
     /// confirmed after it stay in the outbox and are sent again after it,
     /// in order (duplicates, counted in `taskgate_republished_total` when
-    /// they are re-sent, as at-least-once allows). An entry the broker
-    /// refused for good (returned) is dead-lettered wherever it stands: it
-    /// would be refused again.
+    /// they are re-sent, as at-least-once allows). Each of those counts as
+    /// an attempt, and its `last_error` says it waits behind the failure.
+    /// An entry the broker refused for good (returned) is dead-lettered
+    /// wherever it stands: it would be refused again. One that expired
+    /// before it was encoded is dead-lettered as [`EXPIRED`], no attempt.
     fn settle(
         &self,
         entries: &[PendingEntry],
         results: Vec<Result<(), PublishError>>,
+        earlier_failure: Option<String>,
     ) -> Result<Option<String>, crate::outbox::OutboxError> {
         let mut confirmed = Vec::with_capacity(entries.len());
         let mut failed = Vec::new();
         let mut unsent = Vec::new();
-        let mut first_error = None;
         // Confirmed behind the first failure: kept for the re-send.
-        let mut held_back = 0_u64;
+        let mut held_back = Vec::new();
+        let mut first_error = None;
         for (entry, result) in entries.iter().zip(results) {
             match result {
-                Ok(()) if first_error.is_none() => confirmed.push(entry),
-                Ok(()) => held_back += 1,
+                Ok(()) if first_error.is_none() && earlier_failure.is_none() => confirmed.push(entry),
+                Ok(()) => held_back.push(entry),
                 Err(PublishError::Permanent(reason)) => {
                     metrics::counter!("taskgate_publish_failures_total", "kind" => "permanent").increment(1);
                     self.outbox.dead_letter(entry, &reason, Attempt::Made)?;
                 }
+                Err(PublishError::Expired) => {
+                    metrics::counter!("taskgate_expired_total").increment(1);
+                    self.outbox.dead_letter(entry, EXPIRED, Attempt::NotMade)?;
+                }
                 Err(PublishError::Transient(reason)) => {
                     metrics::counter!("taskgate_publish_failures_total", "kind" => "transient").increment(1);
-                    failed.push(entry);
+                    failed.push((entry, reason.clone()));
                     first_error.get_or_insert(reason);
                 }
                 Err(PublishError::Unsent(reason)) => {
                     metrics::counter!("taskgate_publish_failures_total", "kind" => "unsent").increment(1);
-                    unsent.push(entry);
+                    unsent.push((entry, reason.clone()));
                     first_error.get_or_insert(reason);
                 }
             }
         }
-        if held_back > 0 {
-            tracing::debug!(
-                held_back,
-                "confirmed tasks behind a failed one stay queued, to be sent again in order"
-            );
-        }
         metrics::counter!("taskgate_published_total").increment(confirmed.len() as u64);
         self.published.record(confirmed.len() as u64);
         self.outbox.complete(&confirmed)?;
-        if let Some(error) = &first_error {
-            self.outbox.record_failure(&failed, error, Attempt::Made)?;
-            self.outbox.record_failure(&unsent, error, Attempt::NotMade)?;
+        // Each entry keeps its own error (a timeout, a nack, "not sent"),
+        // so `last_error` says what happened to that task; entries with the
+        // same error are written together.
+        for (attempt, entries) in [(Attempt::Made, failed), (Attempt::NotMade, unsent)] {
+            for group in entries.chunk_by(|(_, one), (_, other)| one == other) {
+                let members: Vec<&PendingEntry> = group.iter().map(|(entry, _)| *entry).collect();
+                self.outbox.record_failure(&members, &group[0].1, attempt)?;
+            }
         }
-        Ok(first_error)
+        if let Some(cause) = earlier_failure.as_ref().or(first_error.as_ref()) {
+            if !held_back.is_empty() {
+                tracing::debug!(
+                    held_back = held_back.len(),
+                    "confirmed tasks behind a failed one stay queued, to be sent again in order"
+                );
+                let reason = format!(
+                    "confirmed by the broker, but kept to be sent again in order behind a task that failed ({cause})"
+                );
+                self.outbox.record_failure(&held_back, &reason, Attempt::Made)?;
+            }
+        }
+        Ok(first_error.or(earlier_failure))
     }
 }
 
@@ -735,10 +771,12 @@ mod tests {
             outbox,
             publisher,
             relay,
+            ids,
             ..
         } = &scripted(0..40, Some(7), false).await;
 
         assert!(matches!(relay.round().await, RoundOutcome::Blocked));
+        assert_eq!(relay.republished_total(), 0);
         let windows = publisher.windows.lock().unwrap().clone();
         // Four slices at once, then one more as each of the first three is
         // settled; the nacked 7 stops the sending.
@@ -770,6 +808,25 @@ mod tests {
             json!(7)
         );
 
+        // What reached the broker counts as an attempt, and each task says
+        // why it waits: the nacked one, those confirmed behind it (kept for
+        // the re-send), and none for those never sent.
+        let status = |number: usize| outbox.status(&ids[number]).unwrap().unwrap();
+        assert_eq!(
+            (status(7).attempts, status(7).last_error.as_deref()),
+            (1, Some("nacked"))
+        );
+        for number in 8..=13 {
+            let status = status(number);
+            assert_eq!(status.attempts, 1, "{status:?}");
+            let error = status.last_error.unwrap_or_default();
+            assert!(
+                error.contains("kept to be sent again in order behind a task that failed (nacked)"),
+                "{number}: {error}"
+            );
+        }
+        assert_eq!((status(14).attempts, status(14).last_error), (0, None));
+
         while outbox.depth() > 0 {
             assert!(matches!(relay.round().await, RoundOutcome::Progress));
         }
@@ -779,6 +836,8 @@ mod tests {
             (7..40).collect::<Vec<_>>(),
             "the rest in order, from the nacked task"
         );
+        // 7 to 13 went out twice, and every duplicate was counted.
+        assert_eq!(relay.republished_total(), 7);
         assert!(*publisher.most_unconfirmed.lock().unwrap() <= WINDOW);
         assert!(matches!(relay.round().await, RoundOutcome::Idle));
     }
