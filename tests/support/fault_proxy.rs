@@ -1,5 +1,6 @@
 //! Owns the TCP fault-injection proxy used by integration tests to simulate a
-//! broker that refuses, drops, blackholes or slows down connections.
+//! broker that refuses, drops, blackholes or slows down connections, or one
+//! that accepts AMQP connections but never takes a message.
 //!
 //! ```ignore
 //! let proxy = FaultProxy::start(rabbitmq_addr)?;      // listens on 127.0.0.1:0
@@ -24,15 +25,28 @@
 //! | `Drop` | accepted, then reset at once | reset |
 //! | `Blackhole` | accepted, nothing forwarded or answered | frozen: nothing forwarded either way |
 //! | `Slow(d)` | forwarded, each chunk delayed by `d` | same |
+//! | `FreezeOnPublish` | forwarded until the client's first AMQP `basic.publish`, then frozen both ways | frozen at once if they published before, else as new ones |
 //!
 //! Leaving `Blackhole` for `Pass`/`Slow` resumes frozen connections (like a
 //! healed network partition), and connections accepted during the blackhole are
-//! connected to the upstream then. Dropping the [`FaultProxy`] stops the thread
-//! and closes every socket it holds.
+//! connected to the upstream then; leaving `FreezeOnPublish` resumes its frozen
+//! connections the same way (the held publish is forwarded then). Dropping the
+//! [`FaultProxy`] stops the thread and closes every socket it holds.
+//!
+//! `FreezeOnPublish` is the one mode that reads the bytes: a timer cannot tell
+//! the handshake, declares and `confirm.select` from a publish sent a
+//! millisecond after them, and a broker that "accepts connections but not
+//! messages" must let every reconnect succeed and still never confirm
+//! anything. Frozen connections stay open (no FIN, no RST), so only the
+//! client's own timeouts (publish confirm, heartbeat) notice.
+//! [`FaultProxy::accepted_connections`] counts the connections accepted, so a
+//! test can tell how often its client reconnected.
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc as std_mpsc;
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -61,11 +75,26 @@ pub enum FaultMode {
     Blackhole,
     /// Delay each forwarded chunk (both directions) by the given duration.
     Slow(Duration),
+    /// Forward each connection until its client sends an AMQP `basic.publish`,
+    /// then forward nothing either way (the publish is held): the handshake,
+    /// declares and `confirm.select` of every reconnect succeed, no message
+    /// is ever confirmed.
+    FreezeOnPublish,
 }
 
 impl FaultMode {
     fn kills_connections(self) -> bool {
         matches!(self, FaultMode::Refuse | FaultMode::Drop)
+    }
+
+    /// Whether a connection holds its bytes now; `published` says whether its
+    /// client has sent a `basic.publish` yet.
+    fn freezes(self, published: bool) -> bool {
+        match self {
+            FaultMode::Blackhole => true,
+            FaultMode::FreezeOnPublish => published,
+            _ => false,
+        }
     }
 }
 
@@ -82,6 +111,7 @@ pub struct FaultProxy {
     upstream: SocketAddr,
     commands: Option<mpsc::UnboundedSender<Command>>,
     thread: Option<JoinHandle<()>>,
+    accepted: Arc<AtomicU64>,
 }
 
 impl FaultProxy {
@@ -89,6 +119,8 @@ impl FaultProxy {
     pub fn start(upstream: SocketAddr) -> io::Result<FaultProxy> {
         let (commands_tx, commands_rx) = mpsc::unbounded_channel();
         let (started_tx, started_rx) = std_mpsc::channel::<io::Result<SocketAddr>>();
+        let accepted = Arc::new(AtomicU64::new(0));
+        let counted = accepted.clone();
         let thread = std::thread::Builder::new()
             .name(format!("fault-proxy-{upstream}"))
             .spawn(move || {
@@ -105,7 +137,7 @@ impl FaultProxy {
                     match bound {
                         Ok((addr, listener)) => {
                             let _ = started_tx.send(Ok(addr));
-                            supervise(listener, addr, upstream, commands_rx).await;
+                            supervise(listener, addr, upstream, commands_rx, counted).await;
                         }
                         Err(err) => {
                             let _ = started_tx.send(Err(err));
@@ -124,7 +156,14 @@ impl FaultProxy {
             upstream,
             commands: Some(commands_tx),
             thread: Some(thread),
+            accepted,
         })
+    }
+
+    /// Connections accepted since start, in every mode (also those `Drop`
+    /// resets at once); `Refuse` accepts none.
+    pub fn accepted_connections(&self) -> u64 {
+        self.accepted.load(Ordering::SeqCst)
     }
 
     /// The address clients connect to (stable across mode changes).
@@ -211,6 +250,7 @@ async fn supervise(
     addr: SocketAddr,
     upstream: SocketAddr,
     mut commands: mpsc::UnboundedReceiver<Command>,
+    accepted_count: Arc<AtomicU64>,
 ) {
     let (state_tx, _) = watch::channel(ProxyState {
         mode: FaultMode::Pass,
@@ -241,6 +281,7 @@ async fn supervise(
             }
             accepted = accept_on(listener.as_ref()) => {
                 let Ok(client) = accepted else { continue };
+                accepted_count.fetch_add(1, Ordering::SeqCst);
                 let _ = client.set_nodelay(true);
                 let state = *state_tx.borrow();
                 if state.mode.kills_connections() {
@@ -295,11 +336,22 @@ async fn run_connection(client: TcpStream, upstream: SocketAddr, state: watch::R
 }
 
 async fn forward(mut client: TcpStream, mut server: TcpStream, state: watch::Receiver<ProxyState>, born_epoch: u64) {
+    // Set once the client sent a `basic.publish`; read by both directions, so
+    // `FreezeOnPublish` freezes the broker's answers too.
+    let published = AtomicBool::new(false);
     let outcome = {
         let (client_read, client_write) = client.split();
         let (server_read, server_write) = server.split();
-        let to_server = pump(client_read, server_write, state.clone(), born_epoch);
-        let to_client = pump(server_read, client_write, state.clone(), born_epoch);
+        // Only the client's bytes are scanned: it is the one that publishes.
+        let to_server = pump(
+            client_read,
+            server_write,
+            state.clone(),
+            born_epoch,
+            Some(PublishScanner::default()),
+            &published,
+        );
+        let to_client = pump(server_read, client_write, state.clone(), born_epoch, None, &published);
         tokio::select! {
             (a, b) = async { tokio::join!(to_server, to_client) } => {
                 if a.is_ok() && b.is_ok() { Outcome::Closed } else { Outcome::Failed }
@@ -324,11 +376,16 @@ enum Outcome {
 
 /// Copies one direction chunk by chunk, applying the mode to each chunk.
 /// On EOF it half-closes the writer, so protocol-level shutdowns pass through.
+/// With a `scanner`, every chunk is scanned (in every mode, so frame
+/// boundaries are known when `FreezeOnPublish` is switched on later) and
+/// `published` is set at the first `basic.publish`.
 async fn pump<R, W>(
     mut reader: R,
     mut writer: W,
     mut state: watch::Receiver<ProxyState>,
     born_epoch: u64,
+    mut scanner: Option<PublishScanner>,
+    published: &AtomicBool,
 ) -> io::Result<()>
 where
     R: AsyncReadExt + Unpin,
@@ -341,9 +398,14 @@ where
             let _ = writer.shutdown().await;
             return Ok(());
         }
-        // Hold the chunk while blackholed; never forward it once a mode killed
+        if scanner.as_mut().is_some_and(|scanner| scanner.feed(&buf[..n])) {
+            // Before the chunk is forwarded: the publish in it is held too.
+            published.store(true, Ordering::SeqCst);
+        }
+        // Hold the chunk while frozen; never forward it once a mode killed
         // this connection (the kill branch in `forward` resets it).
-        let current = match state.wait_for(|state| state.mode != FaultMode::Blackhole).await {
+        let frozen = |state: &ProxyState| state.mode.freezes(published.load(Ordering::SeqCst));
+        let current = match state.wait_for(|state| !frozen(state)).await {
             Ok(current) => *current,
             Err(_) => return Ok(()),
         };
@@ -354,5 +416,80 @@ where
             tokio::time::sleep(delay).await;
         }
         writer.write_all(&buf[..n]).await?;
+    }
+}
+
+/// AMQP 0-9-1 `basic.publish`: class 60, method 40.
+const BASIC_PUBLISH: [u8; 4] = [0, 60, 0, 40];
+/// What an AMQP 0-9-1 client sends first.
+const PROTOCOL_HEADER: &[u8; 8] = b"AMQP\x00\x00\x09\x01";
+/// Frame type, channel and payload size.
+const FRAME_HEADER_LEN: usize = 7;
+const METHOD_FRAME: u8 = 1;
+
+/// Follows the frames a client sends, across chunk boundaries, far enough to
+/// see the first `basic.publish`. A stream that does not start with the AMQP
+/// 0-9-1 header (the proxy's self-tests echo plain bytes) is never matched.
+#[derive(Default)]
+struct PublishScanner {
+    /// Protocol header bytes matched so far.
+    header_seen: usize,
+    /// The current frame's header and, for a method frame, its class and
+    /// method ids, as far as they arrived.
+    frame_start: Vec<u8>,
+    /// Bytes of the current frame still to pass over (payload and frame end).
+    skip: usize,
+    /// Not AMQP 0-9-1, or a frame that makes no sense: stop looking.
+    given_up: bool,
+    published: bool,
+}
+
+impl PublishScanner {
+    /// Scans the next bytes of the stream; true once a `basic.publish` was seen.
+    fn feed(&mut self, mut bytes: &[u8]) -> bool {
+        while !bytes.is_empty() && !self.published && !self.given_up {
+            if self.header_seen < PROTOCOL_HEADER.len() {
+                if bytes[0] != PROTOCOL_HEADER[self.header_seen] {
+                    self.given_up = true;
+                }
+                self.header_seen += 1;
+                bytes = &bytes[1..];
+            } else if self.skip > 0 {
+                let passed = self.skip.min(bytes.len());
+                self.skip -= passed;
+                bytes = &bytes[passed..];
+            } else {
+                self.frame_start.push(bytes[0]);
+                bytes = &bytes[1..];
+                self.frame_started();
+            }
+        }
+        self.published
+    }
+
+    /// After one more byte of a frame's start: decides once enough of it
+    /// arrived whether it is the publish, and how much of it to pass over.
+    fn frame_started(&mut self) {
+        let start = &self.frame_start;
+        if start.len() < FRAME_HEADER_LEN {
+            return;
+        }
+        let size = u32::from_be_bytes([start[3], start[4], start[5], start[6]]) as usize;
+        let ids = BASIC_PUBLISH.len();
+        if start[0] == METHOD_FRAME {
+            if size < ids {
+                self.given_up = true;
+                return;
+            }
+            if start.len() < FRAME_HEADER_LEN + ids {
+                return;
+            }
+            self.published = start[FRAME_HEADER_LEN..] == BASIC_PUBLISH;
+            // The rest of the payload and the frame-end octet.
+            self.skip = size - ids + 1;
+        } else {
+            self.skip = size + 1;
+        }
+        self.frame_start.clear();
     }
 }
