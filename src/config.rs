@@ -588,6 +588,41 @@ fn validate_http_limits(http: &HttpSettings) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// A `postgres://` URL's query parameter `name` (libpq's spelling), if set.
+pub fn postgres_url_parameter(database_url: &str, name: &str) -> Option<String> {
+    let url = url::Url::parse(database_url).ok()?;
+    url.query_pairs()
+        .find(|(key, _)| key == name)
+        .map(|(_, value)| value.into_owned())
+}
+
+/// The TLS files a `postgres://` URL names (`sslrootcert`, `sslcert`,
+/// `sslkey`) must be readable, and `sslmode` one libpq knows, so a wrong
+/// path is a start-up error rather than a tracking writer that never
+/// connects.
+fn validate_postgres_tls(database_url: &str) -> Result<(), ConfigError> {
+    const KEY: &str = "tracking.database_url";
+    if url::Url::parse(database_url).is_err() {
+        return Err(ConfigError::key(KEY, "is not a valid postgres:// URL"));
+    }
+    if let Some(mode) = postgres_url_parameter(database_url, "sslmode") {
+        const MODES: [&str; 6] = ["disable", "allow", "prefer", "require", "verify-ca", "verify-full"];
+        if !MODES.contains(&mode.as_str()) {
+            return Err(ConfigError::key(
+                KEY,
+                format!("sslmode={mode} is not one of {}", MODES.join(", ")),
+            ));
+        }
+    }
+    for parameter in ["sslrootcert", "sslcert", "sslkey"] {
+        if let Some(path) = postgres_url_parameter(database_url, parameter) {
+            std::fs::read(&path)
+                .map_err(|error| ConfigError::key(KEY, format!("{parameter}={path}: cannot read it: {error}")))?;
+        }
+    }
+    Ok(())
+}
+
 /// TLS files for `amqps://`: readable, and holding what they claim, so a
 /// wrong path is a start-up error rather than a background connect loop.
 fn validate_amqp_tls(broker: &BrokerSettings) -> Result<(), ConfigError> {
@@ -661,6 +696,9 @@ fn validate_tracking(tracking: &TrackingSettings, environment: Environment) -> R
             "tracking.database_url",
             "production requires a postgres:// database URL (SQLite is for development)",
         ));
+    }
+    if tracking.is_postgres() {
+        validate_postgres_tls(&tracking.database_url)?;
     }
     if let Some(queue) = &tracking.sync_queue {
         crate::task::QueueName::parse(queue).map_err(|reason| ConfigError::key("tracking.sync_queue", reason))?;

@@ -804,3 +804,36 @@ async fn offline_dead_letters_and_purge_work_on_a_stopped_server() {
 fn restarted_settings(config: &Path) -> taskgate::config::Settings {
     taskgate::config::load(Some(config)).unwrap()
 }
+
+/// Production hygiene (issue 14), as `serve` meets it: an admin or submit
+/// token shorter than 32 bytes is a configuration error (exit 64, naming
+/// the key) before anything listens; a long one starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_in_production_refuses_a_short_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let production = |admin: &str, submit: &str| {
+        let mut settings = settings(dir.path(), RABBITMQ_URL, &[(&unique("prod"), "#")]);
+        settings.environment = taskgate::config::Environment::Production;
+        settings.tracking.database_url = "postgres://postgres@127.0.0.1:5432/postgres".into();
+        settings.http.admin_token = admin.into();
+        settings.http.submit_token = submit.into();
+        settings
+    };
+    let long = "a-production-token-of-32-bytes-x";
+    assert_eq!(long.len(), 32);
+    let config = dir.path().join("production.toml");
+    for (settings, key) in [
+        (production("short-admin-token", long), "http.admin_token"),
+        (production(long, "short-submit"), "http.submit_token"),
+    ] {
+        write_config(&settings, &config);
+        let run = taskgate(&config, &["serve"]).await;
+        assert_eq!(run.code, Some(64), "{key}: {run:#?}");
+        assert!(
+            run.stderr.contains(key) && run.stderr.contains("32"),
+            "names {key} and the rule: {run:#?}"
+        );
+    }
+    write_config(&production(long, long), &config);
+    taskgate(&config, &["check-config"]).await.assert_success();
+}

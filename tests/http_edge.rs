@@ -277,6 +277,38 @@ async fn a_foreign_host_is_misdirected_and_changes_nothing() {
         assert_eq!(answer.status, 202, "{host}: {answer:?}");
     }
     assert_eq!(outbox_depth(&app).await, 3);
+    // The status page works under an allowed name too: the page, and the
+    // health stream it opens from its own origin.
+    let allowed = format!("taskgate.test:{port}");
+    let page = exchange(
+        address,
+        &format!("GET / HTTP/1.1\r\nHost: {allowed}\r\nAccept: text/html\r\nConnection: close\r\n\r\n"),
+    )
+    .await;
+    assert_eq!(page.status, 200, "{page:?}");
+    assert!(page.body.contains("id=\"status\""), "the status page: {page:?}");
+    let mut stream = TcpStream::connect(address).await.unwrap();
+    stream
+        .write_all(
+            format!(
+                "GET /v1/health/stream HTTP/1.1\r\nHost: {allowed}\r\nOrigin: http://{allowed}\r\n\
+                 Sec-Fetch-Site: same-origin\r\nAccept: text/event-stream\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut head = vec![0_u8; 512];
+    let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut head))
+        .await
+        .expect("the stream answers at once")
+        .unwrap();
+    let head = String::from_utf8_lossy(&head[..read]);
+    assert!(
+        head.starts_with("HTTP/1.1 200") && head.to_ascii_lowercase().contains("text/event-stream"),
+        "{head}"
+    );
+    drop(stream);
     let answer = exchange(address, &pause(&format!("127.0.0.1:{port}"))).await;
     assert_eq!(answer.status, 200, "{answer:?}");
     assert!(relay_paused(&app).await, "the same request with a loopback Host pauses");

@@ -4,11 +4,13 @@
 //! only:
 //!
 //! - taskgate publishes over `amqps://` with `broker.tls_ca_file`, and a
-//!   stock Celery worker runs the task; with a client certificate the broker
-//!   sees it (mutual TLS);
+//!   stock Celery worker runs the task; the listener requires a client
+//!   certificate (mutual TLS): the broker sees taskgate's, and without one
+//!   taskgate is refused;
 //! - the same URL against the plain listener, a certificate for another host
 //!   name, and a CA taskgate was not given never connect, and
-//!   `broker:connection` says it was TLS that failed;
+//!   `broker:connection` says it was the TLS handshake that failed; with
+//!   nothing listening it says the broker is unreachable instead;
 //! - `check-config` refuses a CA or key file it cannot read;
 //! - tracking works over `sslmode=verify-full` (and the connection is TLS),
 //!   and verify-full against a name the certificate does not carry fails.
@@ -39,9 +41,13 @@ fn ca_file() -> PathBuf {
     ca
 }
 
+/// Settings for the amqps listener: the test CA, and the client
+/// certificate the listener requires.
 fn amqps_settings(dir: &std::path::Path, url: &str, queue: &str) -> Settings {
     let mut settings = test_settings(dir, url, &[(queue, queue)]);
     settings.broker.tls_ca_file = Some(ca_file());
+    settings.broker.tls_cert_file = Some(tls_dir().join("client.pem"));
+    settings.broker.tls_key_file = Some(tls_dir().join("client.key"));
     settings
 }
 
@@ -85,7 +91,8 @@ async fn publishes_over_amqps_and_a_stock_celery_worker_runs_the_task() {
 
 /// Waits until the broker check has failed with an output, and checks that
 /// nothing reached the queue meanwhile.
-async fn assert_never_connects(settings: Settings, queue: &str, expected: &[&str]) {
+/// Returns the check's output.
+async fn assert_never_connects(settings: Settings, queue: &str, expected: &[&str]) -> String {
     let exchange = settings.routing.exchange.clone();
     let app = spawn_app(settings).await;
     let response = app
@@ -116,6 +123,7 @@ async fn assert_never_connects(settings: Settings, queue: &str, expected: &[&str
     // taskgate never declared the topology (it never got past TLS).
     assert!(!queue_exists(queue).await, "queue {queue} must not exist");
     delete_amqp_entities(RABBITMQ_URL, &[queue], &[&exchange]);
+    output
 }
 
 async fn queue_exists(queue: &str) -> bool {
@@ -144,7 +152,22 @@ async fn amqps_to_a_plain_listener_never_connects_and_says_why() {
     let queue = unique("tls-plain");
     // 5672 speaks plain AMQP: the handshake fails, and there is no fallback.
     let settings = amqps_settings(dir.path(), "amqps://guest:guest@localhost:5672/%2f", &queue);
-    assert_never_connects(settings, &queue, &["TLS"]).await;
+    assert_never_connects(settings, &queue, &["TLS handshake"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqps_with_nothing_listening_says_the_broker_is_unreachable_not_a_tls_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let queue = unique("tls-refused");
+    // A port nobody listens on (bound, then let go).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let settings = amqps_settings(dir.path(), &format!("amqps://guest:guest@localhost:{port}/%2f"), &queue);
+    let output = assert_never_connects(settings, &queue, &["cannot reach", "refused"]).await;
+    assert!(!output.contains("TLS handshake"), "{output}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -175,9 +198,7 @@ fn peer_certificate_subjects() -> String {
 async fn mutual_tls_presents_the_client_certificate() {
     let dir = tempfile::tempdir().unwrap();
     let queue = unique("tls-mutual");
-    let mut settings = amqps_settings(dir.path(), AMQPS_URL, &queue);
-    settings.broker.tls_cert_file = Some(tls_dir().join("client.pem"));
-    settings.broker.tls_key_file = Some(tls_dir().join("client.key"));
+    let settings = amqps_settings(dir.path(), AMQPS_URL, &queue);
     let exchange = settings.routing.exchange.clone();
     let app = spawn_app(settings).await;
     app.wait_for_health(Duration::from_secs(15), |h| broker_check(h)["status"] == "pass")
@@ -198,6 +219,16 @@ async fn mutual_tls_presents_the_client_certificate() {
     );
     app.stop().await.unwrap();
     delete_amqp_entities(RABBITMQ_URL, &[&queue], &[&exchange]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_client_certificate_the_mutual_tls_listener_refuses_taskgate() {
+    let dir = tempfile::tempdir().unwrap();
+    let queue = unique("tls-no-client-cert");
+    let mut settings = amqps_settings(dir.path(), AMQPS_URL, &queue);
+    settings.broker.tls_cert_file = None;
+    settings.broker.tls_key_file = None;
+    assert_never_connects(settings, &queue, &["TLS handshake", "certificate"]).await;
 }
 
 #[test]
@@ -230,7 +261,22 @@ fn check_config_refuses_tls_files_it_cannot_read() {
             settings.broker.tls_key_file = Some(tls_dir().join("client.pem"));
             settings
         };
+        let missing_postgres_root = {
+            let mut settings = test_settings(dir.path(), RABBITMQ_URL, &[("q", "#")]);
+            settings.tracking.database_url = format!(
+                "postgres://postgres@localhost/db?sslmode=verify-full&sslrootcert={}",
+                dir.path().join("no-such-root.pem").display()
+            );
+            settings
+        };
+        let unknown_sslmode = {
+            let mut settings = test_settings(dir.path(), RABBITMQ_URL, &[("q", "#")]);
+            settings.tracking.database_url = "postgres://postgres@localhost/db?sslmode=verify".into();
+            settings
+        };
         vec![
+            (missing_postgres_root, "tracking.database_url"),
+            (unknown_sslmode, "tracking.database_url"),
             (missing_ca, "broker.tls_ca_file"),
             (not_a_certificate, "broker.tls_ca_file"),
             (missing_key, "broker.tls_key_file"),
@@ -355,4 +401,56 @@ async fn verify_full_refuses_a_certificate_for_another_host_name() {
     assert_eq!(tls_connections_to(&database.name).await, 0);
     app.stop().await.unwrap();
     delete_amqp_entities(RABBITMQ_URL, &[&queue], &[&exchange]);
+}
+
+/// `sslmode` as libpq has it, against PostgreSQL with `ssl = on` and a
+/// certificate naming `localhost`: `disable` is plain text; `prefer` and
+/// `require` encrypt without checking the certificate (so 127.0.0.1, a name
+/// it does not carry, connects); with `sslrootcert`, `require` checks the
+/// chain (libpq: "if a root CA file exists, sslmode=require behaves as
+/// verify-ca"), as `verify-ca` does, so a root that did not sign it is
+/// refused. (sqlx 0.8.6 also checks the host name for `verify-ca`,
+/// transact-rs/sqlx#3793, so those cases use `localhost`; see
+/// docs/configuration.md.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sslmode_and_sslrootcert_work_as_libpqs() {
+    use taskgate::tracking::store::TrackingStore;
+    let database = TestDatabase::create().await;
+    let ca = ca_file().display().to_string();
+    // Real authorities, none of which signed the test certificate.
+    let other_roots = "/etc/ssl/certs/ca-certificates.crt";
+    assert!(std::path::Path::new(other_roots).exists(), "{other_roots} is missing");
+    let cases = [
+        ("127.0.0.1", "disable".to_owned(), true, false),
+        ("127.0.0.1", "prefer".to_owned(), true, true),
+        ("127.0.0.1", "require".to_owned(), true, true),
+        ("localhost", format!("require&sslrootcert={ca}"), true, true),
+        ("localhost", format!("require&sslrootcert={other_roots}"), false, false),
+        ("localhost", format!("verify-ca&sslrootcert={ca}"), true, true),
+        (
+            "localhost",
+            format!("verify-ca&sslrootcert={other_roots}"),
+            false,
+            false,
+        ),
+        (
+            "localhost",
+            format!("verify-full&sslrootcert={other_roots}"),
+            false,
+            false,
+        ),
+    ];
+    for (host, mode, connects, encrypted) in cases {
+        let mut settings = Settings::default().tracking;
+        settings.database_url = format!("postgres://postgres@{host}:5432/{}?sslmode={mode}", database.name);
+        settings.connect_timeout_ms = 2_000;
+        let store = TrackingStore::connect_lazy(&settings).unwrap();
+        let pinged = store.ping().await;
+        assert_eq!(pinged.is_ok(), connects, "{host} sslmode={mode}: {pinged:?}");
+        if connects {
+            let tls = tls_connections_to(&database.name).await;
+            assert_eq!(tls >= 1, encrypted, "{host} sslmode={mode}: {tls} TLS connections");
+        }
+        store.close().await;
+    }
 }

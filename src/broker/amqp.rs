@@ -53,10 +53,16 @@ pub enum ConnectError {
     /// refuses these at start-up; this catches a file changed since).
     #[error("TLS settings: {0}")]
     TlsSettings(String),
-    /// The TCP connection or the TLS handshake of an `amqps://` URL failed:
-    /// never retried in plain text.
-    #[error("TLS connection to {endpoint} failed: {reason}")]
+    /// The TLS handshake of an `amqps://` URL failed (a certificate that
+    /// does not verify, a host name it does not name, a listener that does
+    /// not speak TLS, a client certificate the broker wants): never retried
+    /// in plain text.
+    #[error("TLS handshake with {endpoint} failed: {reason}")]
     Tls { endpoint: String, reason: String },
+    /// The TCP connection of an `amqps://` URL could not be made (refused,
+    /// unreachable, no such host): TLS was not even tried.
+    #[error("cannot reach {endpoint} (for TLS): {reason}")]
+    Unreachable { endpoint: String, reason: String },
     #[error("{0}")]
     Amqp(#[from] lapin::Error),
 }
@@ -74,17 +80,50 @@ pub async fn open_connection(broker: &BrokerSettings, name: &str) -> Result<Conn
     Connection::connect_with_config(&url, properties, tls, runtime)
         .await
         .map_err(|error| {
-            // lapin reports the handshake (and TCP) failure as an I/O error;
-            // an AMQP-level refusal (credentials, vhost) comes after TLS.
-            if error.is_io_error() {
-                ConnectError::Tls {
-                    endpoint: mask_password(&broker.url),
-                    reason: error.to_string(),
+            // lapin reports the TCP and the handshake failure alike, as an
+            // I/O error; an AMQP-level refusal (credentials, vhost) comes
+            // after TLS.
+            let endpoint = mask_password(&broker.url);
+            match error.kind() {
+                lapin::ErrorKind::IOError(io) if is_tcp_failure(io.kind()) => ConnectError::Unreachable {
+                    endpoint,
+                    reason: io.to_string(),
+                },
+                lapin::ErrorKind::IOError(io) => {
+                    let mut reason = io.to_string();
+                    // RabbitMQ resets a client without a certificate rather
+                    // than sending an alert that names it.
+                    let cut_off = matches!(
+                        io.kind(),
+                        std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::UnexpectedEof
+                    );
+                    if cut_off && broker.tls_cert_file.is_none() {
+                        reason.push_str(
+                            " (a broker that requires a client certificate does this: set \
+                             broker.tls_cert_file and broker.tls_key_file)",
+                        );
+                    }
+                    ConnectError::Tls { endpoint, reason }
                 }
-            } else {
-                ConnectError::Amqp(error)
+                _ => ConnectError::Amqp(error),
             }
         })
+}
+
+/// I/O errors of the TCP connection itself, before any TLS byte: the rest
+/// (corrupt records, alerts, an unknown issuer, a closed stream) are the
+/// handshake's.
+fn is_tcp_failure(kind: std::io::ErrorKind) -> bool {
+    use std::io::ErrorKind;
+    matches!(
+        kind,
+        ErrorKind::ConnectionRefused
+            | ErrorKind::TimedOut
+            | ErrorKind::HostUnreachable
+            | ErrorKind::NetworkUnreachable
+            | ErrorKind::AddrNotAvailable
+            | ErrorKind::NotFound
+    )
 }
 
 /// Largest AMQP frame taskgate accepts (RabbitMQ's default): a message's
@@ -134,6 +173,10 @@ fn tls_config(broker: &BrokerSettings) -> Result<lapin::tcp::OwnedTLSConfig, Con
 struct LiveConnection {
     connection: Connection,
     channel: Channel,
+    /// Signalled when a publish finds this connection unusable. One per
+    /// connection: two slices failing on the same connection must not leave
+    /// a signal behind that ends the next, healthy one.
+    lost: Notify,
 }
 
 /// Why a configured queue is not declared as configured.
@@ -158,8 +201,6 @@ pub struct AmqpPublisher {
     /// Queues that could not be declared at all, with the broker's reason.
     undeclared: Mutex<HashMap<String, String>>,
     status: watch::Sender<BrokerStatus>,
-    /// Signalled when a publish finds the connection unusable.
-    connection_lost: Notify,
     reconnect_now: Notify,
     stop: CancellationToken,
 }
@@ -177,7 +218,6 @@ impl AmqpPublisher {
             live: Mutex::new(None),
             undeclared: Mutex::new(HashMap::new()),
             status,
-            connection_lost: Notify::new(),
             reconnect_now: Notify::new(),
             stop: CancellationToken::new(),
         });
@@ -311,7 +351,7 @@ impl AmqpPublisher {
                                 Some(_) => continue,
                                 None => break "connection closed".to_owned(),
                             },
-                            _ = self.connection_lost.notified() => break "publish failed on the connection".to_owned(),
+                            _ = live.lost.notified() => break "publish failed on the connection".to_owned(),
                             _ = self.stop.cancelled() => return,
                         }
                     };
@@ -368,7 +408,11 @@ impl AmqpPublisher {
             )
             .await?;
         self.declare_queues(&connection, exchange).await;
-        Ok(LiveConnection { connection, channel })
+        Ok(LiveConnection {
+            connection,
+            channel,
+            lost: Notify::new(),
+        })
     }
 
     /// Declares and binds every configured queue, each on a channel of its
@@ -638,7 +682,7 @@ impl AmqpPublisher {
         if connection_broken {
             // A timeout or channel error leaves the channel in an unknown
             // state: start over on a fresh connection.
-            self.connection_lost.notify_one();
+            live.lost.notify_one();
         }
         // What is left was never handed to the connection: a message before
         // it failed, so it was not sent (and is no attempt on the task).

@@ -10,7 +10,9 @@ use super::problem::Problem;
 use super::AppState;
 use crate::outbox::{AcceptOutcome, Acceptance, IdempotencyKey, OutboxError, TaskState};
 use crate::task::intake::{self, IntakeErrorKind};
-use crate::task::{TaskId, TaskRequest};
+use crate::task::registry::Registry;
+use crate::task::routing::TopicRouter;
+use crate::task::{Task, TaskId, TaskRequest};
 use crate::tracking::store::{ListCursor, TaskFilter, MAX_PAGE};
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
@@ -164,22 +166,85 @@ fn acceptance_body(acceptance: &Acceptance) -> serde_json::Value {
     })
 }
 
-async fn accept(
-    state: &AppState,
-    route: &str,
-    requests: Vec<TaskRequest>,
-    headers: &HeaderMap,
-    field_prefix: impl Fn(usize) -> String,
-) -> Result<Vec<Acceptance>, Problem> {
-    let key = idempotency_key(headers)?.map(|key| IdempotencyKey::new(key, request_fingerprint(route, &requests)));
-    let now = chrono::Utc::now();
-    let mut tasks = Vec::with_capacity(requests.len());
-    for (index, request) in requests.into_iter().enumerate() {
-        let task = intake::accept(request, &state.registry, &state.router, now)
-            .map_err(|error| intake_problem(error, &field_prefix(index)))?;
-        let lanes = state.publisher.lanes_for(&task);
-        tasks.push((task, lanes));
+/// Which task route a submission came in on: its field names in problems
+/// (`tasks[3].args`) and its part of the idempotency fingerprint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SubmitRoute {
+    /// `POST /v1/tasks`: one task.
+    Single,
+    /// `POST /v1/tasks/batch`: all or none.
+    Batch,
+}
+
+impl SubmitRoute {
+    fn fingerprint_name(self) -> &'static str {
+        match self {
+            SubmitRoute::Single => "task",
+            SubmitRoute::Batch => "batch",
+        }
     }
+
+    fn field_prefix(self, index: usize) -> String {
+        match self {
+            SubmitRoute::Single => String::new(),
+            SubmitRoute::Batch => format!("tasks[{index}]."),
+        }
+    }
+}
+
+/// Everything a task route does before the outbox, and nothing it writes:
+/// the body decoded, the batch size checked, the `Idempotency-Key` read,
+/// and every task through intake, in request order. The handlers and the
+/// property tests (`request_proptests`) go through this one function.
+pub(crate) fn parse_submission(
+    route: SubmitRoute,
+    body: Result<Bytes, BytesRejection>,
+    headers: &HeaderMap,
+    registry: &Registry,
+    router: &TopicRouter,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<(Vec<Task>, Option<IdempotencyKey>), Problem> {
+    let requests = match route {
+        SubmitRoute::Single => vec![decode::<TaskRequest>(body)?],
+        SubmitRoute::Batch => {
+            let batch: BatchRequest = decode(body)?;
+            if batch.tasks.is_empty() || batch.tasks.len() > MAX_BATCH {
+                return Err(Problem::invalid_field(
+                    Some("tasks".into()),
+                    format!("a batch holds 1 to {MAX_BATCH} tasks, not {}", batch.tasks.len()),
+                ));
+            }
+            batch.tasks
+        }
+    };
+    let key = idempotency_key(headers)?
+        .map(|key| IdempotencyKey::new(key, request_fingerprint(route.fingerprint_name(), &requests)));
+    let tasks = requests
+        .into_iter()
+        .enumerate()
+        .map(|(index, request)| {
+            intake::accept(request, registry, router, now)
+                .map_err(|error| intake_problem(error, &route.field_prefix(index)))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((tasks, key))
+}
+
+/// Parses a submission and makes its tasks durable, all or none.
+async fn submit(
+    state: &AppState,
+    route: SubmitRoute,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Vec<Acceptance>, Problem> {
+    let (tasks, key) = parse_submission(route, body, headers, &state.registry, &state.router, chrono::Utc::now())?;
+    let tasks: Vec<_> = tasks
+        .into_iter()
+        .map(|task| {
+            let lanes = state.publisher.lanes_for(&task);
+            (task, lanes)
+        })
+        .collect();
     let count = tasks.len() as u64;
     let outcome = state.outbox.accept(tasks, key).await.map_err(outbox_problem)?;
     Ok(match outcome {
@@ -199,14 +264,9 @@ pub async fn post_task(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let result = async {
-        let request: TaskRequest = decode(body)?;
-        let acceptances = accept(&state, "task", vec![request], &headers, |_| String::new()).await?;
-        Ok::<_, Problem>(acceptances.into_iter().next().expect("one acceptance per task"))
-    }
-    .await;
-    match result {
-        Ok(acceptance) => {
+    match submit(&state, SubmitRoute::Single, &headers, body).await {
+        Ok(acceptances) => {
+            let acceptance = acceptances.into_iter().next().expect("one acceptance per task");
             let location = format!("/v1/tasks/{}", acceptance.id);
             let mut response = (StatusCode::ACCEPTED, Json(acceptance_body(&acceptance))).into_response();
             if let Ok(value) = HeaderValue::from_str(&location) {
@@ -229,21 +289,7 @@ pub async fn post_batch(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let result = async {
-        let batch: BatchRequest = decode(body)?;
-        if batch.tasks.is_empty() || batch.tasks.len() > MAX_BATCH {
-            return Err(Problem::invalid_field(
-                Some("tasks".into()),
-                format!("a batch holds 1 to {MAX_BATCH} tasks, not {}", batch.tasks.len()),
-            ));
-        }
-        accept(&state, "batch", batch.tasks, &headers, |index| {
-            format!("tasks[{index}].")
-        })
-        .await
-    }
-    .await;
-    match result {
+    match submit(&state, SubmitRoute::Batch, &headers, body).await {
         Ok(acceptances) => (
             StatusCode::ACCEPTED,
             Json(json!({"tasks": acceptances.iter().map(acceptance_body).collect::<Vec<_>>()})),

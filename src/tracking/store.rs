@@ -341,9 +341,18 @@ impl TrackingStore {
         let acquire = Duration::from_millis(settings.connect_timeout_ms);
         let timeout = Duration::from_millis(settings.query_timeout_ms);
         let backend = if settings.is_postgres() {
-            let options = PgConnectOptions::from_str(&settings.database_url)
+            let mut options = PgConnectOptions::from_str(&settings.database_url)
                 .map_err(|error| StoreError::Settings(format!("tracking.database_url: {error}")))?
                 .application_name("taskgate");
+            // libpq: "if a root CA file exists, sslmode=require behaves as
+            // verify-ca". sqlx's `require` never verifies; a CA file given
+            // for it is meant to be used.
+            let mode = crate::config::postgres_url_parameter(&settings.database_url, "sslmode");
+            if mode.as_deref() == Some("require")
+                && crate::config::postgres_url_parameter(&settings.database_url, "sslrootcert").is_some()
+            {
+                options = options.ssl_mode(sqlx::postgres::PgSslMode::VerifyCa);
+            }
             Backend::Postgres(
                 PgPoolOptions::new()
                     .max_connections(settings.max_connections)

@@ -23,11 +23,7 @@ use serde_json::Map;
 
 // ------------------------------------------------- the handlers' steps
 
-#[derive(Debug, Clone, Copy)]
-enum Route {
-    Single,
-    Batch,
-}
+type Route = SubmitRoute;
 
 struct Gate {
     strict: Registry,
@@ -88,33 +84,11 @@ fn gate() -> &'static Gate {
     })
 }
 
-/// What `post_task` / `post_batch` do with a request before the outbox.
+/// What `post_task` / `post_batch` do with a request before the outbox:
+/// the handlers' own [`parse_submission`].
 fn submit(route: Route, body: &[u8], headers: &HeaderMap, registry: &Registry) -> Result<Vec<Task>, Problem> {
     let body = Ok(Bytes::copy_from_slice(body));
-    let (route_name, requests) = match route {
-        Route::Single => ("task", vec![decode::<TaskRequest>(body)?]),
-        Route::Batch => {
-            let batch: BatchRequest = decode(body)?;
-            if batch.tasks.is_empty() || batch.tasks.len() > MAX_BATCH {
-                return Err(Problem::invalid_field(Some("tasks".into()), "batch size"));
-            }
-            ("batch", batch.tasks)
-        }
-    };
-    let _key =
-        idempotency_key(headers)?.map(|key| IdempotencyKey::new(key, request_fingerprint(route_name, &requests)));
-    let now = Utc::now();
-    requests
-        .into_iter()
-        .enumerate()
-        .map(|(index, request)| {
-            let prefix = match route {
-                Route::Single => String::new(),
-                Route::Batch => format!("tasks[{index}]."),
-            };
-            intake::accept(request, registry, &gate().router, now).map_err(|error| intake_problem(error, &prefix))
-        })
-        .collect()
+    parse_submission(route, body, headers, registry, &gate().router, Utc::now()).map(|(tasks, _key)| tasks)
 }
 
 /// Submits through both registries; every outcome must be a well-formed
@@ -309,8 +283,8 @@ proptest! {
         ],
         headers in idempotency_headers(),
     ) {
-        check_submission(Route::Single, &body, &headers)?;
-        check_submission(Route::Batch, &body, &headers)?;
+        check_submission(SubmitRoute::Single, &body, &headers)?;
+        check_submission(SubmitRoute::Batch, &body, &headers)?;
     }
 
     #[test]
@@ -321,10 +295,10 @@ proptest! {
         headers in idempotency_headers(),
     ) {
         let single = serde_json::to_vec(&request).expect("a request serializes");
-        check_submission(Route::Single, &mutated(&single, &edits), &headers)?;
+        check_submission(SubmitRoute::Single, &mutated(&single, &edits), &headers)?;
         let mut batch = vec![request];
         batch.extend(more);
-        check_submission(Route::Batch, &mutated(&batch_body(&batch), &edits), &headers)?;
+        check_submission(SubmitRoute::Batch, &mutated(&batch_body(&batch), &edits), &headers)?;
     }
 
     #[test]
@@ -351,7 +325,7 @@ proptest! {
         batch.extend(more);
         let decoded: BatchRequest = decode(Ok(Bytes::from(batch_body(&batch)))).unwrap();
         prop_assert_eq!(serde_json::to_value(&decoded.tasks).unwrap(), serde_json::to_value(&batch).unwrap());
-        check_submission(Route::Batch, &batch_body(&batch), &no_headers())?;
+        check_submission(SubmitRoute::Batch, &batch_body(&batch), &no_headers())?;
     }
 }
 
@@ -378,7 +352,7 @@ fn deeply_nested_bodies_are_refused_not_overflowed() {
         ),
     ];
     for body in &bodies {
-        for route in [Route::Single, Route::Batch] {
+        for route in [SubmitRoute::Single, SubmitRoute::Batch] {
             let problem = submit(route, body.as_bytes(), &no_headers(), &gate().lenient).unwrap_err();
             assert!(
                 [400, 422].contains(&problem.details().status),
@@ -393,7 +367,7 @@ fn deeply_nested_bodies_are_refused_not_overflowed() {
 fn a_countdown_past_the_calendar_is_refused() {
     for countdown in ["1e13", "1e300", "1.7976931348623157e308"] {
         let body = format!("{{\"task\": \"other.misc\", \"routing_key\": \"a.misc\", \"countdown\": {countdown}}}");
-        let problem = submit(Route::Single, body.as_bytes(), &no_headers(), &gate().lenient).unwrap_err();
+        let problem = submit(SubmitRoute::Single, body.as_bytes(), &no_headers(), &gate().lenient).unwrap_err();
         assert_eq!(problem.details().status, 422);
         assert_eq!(problem.details().field.as_deref(), Some("countdown"));
     }
