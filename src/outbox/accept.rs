@@ -19,17 +19,18 @@
 //! - The expensive, request-local work (JSON encoding) is done by the
 //!   caller in [`PreparedAccept::prepare`], off the committer thread.
 
-use super::group_commit::Visibility;
-use super::storage::{OutboxStorage, StorageError, WriteOperation};
+use super::counters::apply_counted;
+use super::keys::{idempotency_key, pending_key, status_key};
+use super::storage::{StorageError, WriteOperation};
 use super::{
-    apply_counted, idempotency_key, journal, pending_key, status_key, AcceptOutcome, Acceptance, Counters,
-    IdempotencyKey, IdempotencyRecord, Lane, OutboxError, SequenceState, TaskState, TaskStatus, IDEMPOTENCY_WINDOW,
+    journal, AcceptOutcome, Acceptance, IdempotencyKey, IdempotencyRecord, Lane, OutboxError, SequenceState, Shared,
+    TaskState, TaskStatus, IDEMPOTENCY_WINDOW,
 };
 use crate::task::{Task, TaskId};
 use chrono::{DateTime, Utc};
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 /// One task of an accept, encoded by the caller.
@@ -97,23 +98,16 @@ impl PreparedAccept {
     }
 }
 
-/// The parts of the outbox the committer thread writes accepts with.
+/// What the committer thread writes accepts with: the outbox's shared
+/// state and the limits.
 pub(super) struct AcceptWriter {
-    pub(super) storage: Arc<dyn OutboxStorage>,
-    pub(super) insert_lock: Arc<Mutex<SequenceState>>,
-    pub(super) counters: Arc<Mutex<Counters>>,
-    pub(super) refusing: Arc<AtomicBool>,
-    pub(super) journal_depth: Arc<AtomicU64>,
+    pub(super) shared: Arc<Shared>,
     pub(super) max_bytes: u64,
     /// Journal depth past which accepted tasks are not journaled.
     pub(super) max_journal_entries: u64,
     /// Whether the last accept found the journal full (to log the change
     /// once, not every task).
     pub(super) journal_skipping: AtomicBool,
-    /// When a group of at least [`CROWDED_GROUP`] requests was last written.
-    pub(super) last_crowded_group: Arc<Mutex<Option<Instant>>>,
-    /// Hides a group's tasks until its flush returns.
-    pub(super) visibility: Arc<Visibility>,
 }
 
 /// A group this large means writers are queueing for the disk: the outbox
@@ -155,10 +149,14 @@ impl AcceptWriter {
         requests: &[&PreparedAccept],
     ) -> (Vec<Result<AcceptOutcome, OutboxError>>, Vec<TaskId>) {
         if requests.len() >= CROWDED_GROUP {
-            *self.last_crowded_group.lock().expect("crowded group lock poisoned") = Some(Instant::now());
+            *self
+                .shared
+                .last_crowded_group
+                .lock()
+                .expect("crowded group lock poisoned") = Some(Instant::now());
         }
         let now = Utc::now();
-        let mut sequences = self.insert_lock.lock().expect("insert lock poisoned");
+        let mut sequences = self.shared.insert_lock.lock().expect("insert lock poisoned");
         let before = *sequences;
         let mut group = GroupBatch::default();
         let mut staged = Vec::with_capacity(requests.len());
@@ -172,14 +170,19 @@ impl AcceptWriter {
         let written = if group.operations.is_empty() {
             Ok(())
         } else {
-            self.visibility.hide(&staged_ids);
+            self.shared.visibility.hide(&staged_ids);
             let operations = std::mem::take(&mut group.operations);
-            apply_counted(self.storage.as_ref(), &self.counters, operations, |counters| {
-                for (lane, task, bytes) in &group.additions {
-                    counters.add(lane, &task.queues, *bytes);
-                }
-                counters.journal += group.journaled;
-            })
+            apply_counted(
+                self.shared.storage.as_ref(),
+                &self.shared.counters,
+                operations,
+                |counters| {
+                    for (lane, task, bytes) in &group.additions {
+                        counters.add(lane, &task.queues, *bytes);
+                    }
+                    counters.journal += group.journaled;
+                },
+            )
             .map_err(|error| match error {
                 OutboxError::Storage(error) => error,
                 other => StorageError::Io(other.to_string()),
@@ -187,7 +190,7 @@ impl AcceptWriter {
         };
         match written {
             Ok(()) => {
-                self.journal_depth.fetch_add(group.journaled, Ordering::SeqCst);
+                self.shared.journal_depth.fetch_add(group.journaled, Ordering::SeqCst);
                 if group.not_journaled > 0 {
                     metrics::counter!("taskgate_tracking_journal_skipped_total").increment(group.not_journaled);
                 }
@@ -234,9 +237,9 @@ impl AcceptWriter {
             }
         }
         let added_bytes = request.pending_bytes();
-        let used = self.counters.lock().expect("counters poisoned").bytes + group.added_bytes;
+        let used = self.shared.counters.lock().expect("counters poisoned").bytes + group.added_bytes;
         if !super::within_limit(used, added_bytes, self.max_bytes) {
-            self.refusing.store(true, Ordering::SeqCst);
+            self.shared.refusing.store(true, Ordering::SeqCst);
             return Err(OutboxError::Full {
                 used,
                 limit: self.max_bytes,
@@ -245,7 +248,7 @@ impl AcceptWriter {
         let mut seen = HashSet::with_capacity(request.tasks.len());
         for prepared in &request.tasks {
             let id = prepared.task.id;
-            if !seen.insert(id) || group.ids.contains(&id) || self.storage.get(&status_key(&id))?.is_some() {
+            if !seen.insert(id) || group.ids.contains(&id) || self.shared.storage.get(&status_key(&id))?.is_some() {
                 return Err(OutboxError::DuplicateTaskId(id));
             }
         }
@@ -303,7 +306,7 @@ impl AcceptWriter {
     /// this group already in it). A batch is journaled whole or not at all.
     /// Logs when the journal fills up and when it has room again.
     fn journal_room(&self, tasks: u64, staged: u64) -> bool {
-        let depth = self.counters.lock().expect("counters poisoned").journal + staged;
+        let depth = self.shared.counters.lock().expect("counters poisoned").journal + staged;
         let room = super::within_limit(depth, tasks, self.max_journal_entries);
         let was_skipping = self.journal_skipping.swap(!room, Ordering::SeqCst);
         if !room && !was_skipping {
@@ -321,7 +324,7 @@ impl AcceptWriter {
 
     /// The record stored for `key`, if it is still within its window.
     fn stored_idempotency(&self, key: &str, now: DateTime<Utc>) -> Result<Option<IdempotencyRecord>, StorageError> {
-        let Some(bytes) = self.storage.get(&idempotency_key(key))? else {
+        let Some(bytes) = self.shared.storage.get(&idempotency_key(key))? else {
             return Ok(None);
         };
         let window = chrono::Duration::from_std(IDEMPOTENCY_WINDOW).unwrap_or_default();
@@ -334,22 +337,29 @@ impl AcceptWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::outbox::storage::SledStorage;
+    use crate::outbox::counters::Counters;
+    use crate::outbox::group_commit::Visibility;
+    use crate::outbox::storage::{OutboxStorage, SledStorage};
     use crate::outbox::tests::task;
     use crate::outbox::FaultyStorage;
+    use std::sync::atomic::AtomicU64;
+    use std::sync::Mutex;
 
     fn writer(storage: Arc<dyn OutboxStorage>) -> AcceptWriter {
         AcceptWriter {
-            storage,
-            insert_lock: Arc::new(Mutex::new(SequenceState { next: 1, reserved: 1 })),
-            counters: Arc::new(Mutex::new(Counters::default())),
-            refusing: Arc::new(AtomicBool::new(false)),
-            journal_depth: Arc::new(AtomicU64::new(0)),
+            shared: Arc::new(Shared {
+                storage,
+                failure: Arc::default(),
+                visibility: Visibility::new(1),
+                insert_lock: Mutex::new(SequenceState { next: 1, reserved: 1 }),
+                counters: Mutex::new(Counters::default()),
+                refusing: AtomicBool::new(false),
+                journal_depth: AtomicU64::new(0),
+                last_crowded_group: Mutex::new(None),
+            }),
             max_bytes: 1 << 30,
             max_journal_entries: 1_000_000,
             journal_skipping: AtomicBool::new(false),
-            last_crowded_group: Arc::new(Mutex::new(None)),
-            visibility: Arc::new(Visibility::new(1)),
         }
     }
 
@@ -373,7 +383,7 @@ mod tests {
             panic!("expected accepted then replayed: {outcomes:?}");
         };
         assert_eq!(accepted, replayed);
-        assert_eq!(writer.counters.lock().unwrap().depth, 1);
+        assert_eq!(writer.shared.counters.lock().unwrap().depth, 1);
     }
 
     /// A repeat must not be told "accepted" about a first request whose
@@ -393,6 +403,6 @@ mod tests {
                 .all(|outcome| matches!(outcome, Err(OutboxError::Storage(_)))),
             "{outcomes:?}"
         );
-        assert_eq!(writer.counters.lock().unwrap().depth, 0);
+        assert_eq!(writer.shared.counters.lock().unwrap().depth, 0);
     }
 }

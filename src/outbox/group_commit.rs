@@ -46,14 +46,14 @@
 //! callers it was measured never to complete (see DESIGN.md).
 
 use super::accept::{AcceptWriter, PreparedAccept};
-use super::storage::{OutboxStorage, StorageError};
+use super::storage::StorageError;
 use super::watermark::Watermark;
-use super::{AcceptOutcome, OutboxError, SequenceState};
+use super::{AcceptOutcome, OutboxError};
 use crate::task::TaskId;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
@@ -139,13 +139,7 @@ pub struct GroupCommitter {
 
 impl GroupCommitter {
     /// Starts the committer thread. It ends when the committer is dropped.
-    pub(super) fn start(
-        storage: Arc<dyn OutboxStorage>,
-        writer: AcceptWriter,
-        sequences: Arc<Mutex<SequenceState>>,
-        visibility: Arc<Visibility>,
-        mut watermark: Watermark,
-    ) -> Result<Self, StorageError> {
+    pub(super) fn start(writer: AcceptWriter, mut watermark: Watermark) -> Result<Self, StorageError> {
         let (requests, receiver) = mpsc::channel::<Request>();
         let thread = std::thread::Builder::new()
             .name("outbox-commit".into())
@@ -159,7 +153,7 @@ impl GroupCommitter {
                         // Idle: let the watermark catch up with the last
                         // groups (it is refreshed at most once a second).
                         Err(RecvTimeoutError::Timeout) => {
-                            watermark.refresh(visibility.durable_below(), false);
+                            watermark.refresh(writer.shared.visibility.durable_below(), false);
                             continue;
                         }
                         Err(RecvTimeoutError::Disconnected) => break,
@@ -203,11 +197,11 @@ impl GroupCommitter {
                     let explicit_flush = group
                         .iter()
                         .any(|request| request.accept.is_none() && !request.may_wait);
-                    write_group(storage.as_ref(), &writer, &sequences, &visibility, &mut group);
-                    watermark.refresh(visibility.durable_below(), explicit_flush);
+                    write_group(&writer, &mut group);
+                    watermark.refresh(writer.shared.visibility.durable_below(), explicit_flush);
                 }
                 // The channel closed: the outbox is closing.
-                watermark.refresh(visibility.durable_below(), true);
+                watermark.refresh(writer.shared.visibility.durable_below(), true);
             })
             .map_err(|error| StorageError::Io(format!("cannot start the outbox committer thread: {error}")))?;
         Ok(Self {
@@ -252,24 +246,19 @@ impl GroupCommitter {
 
 /// Writes one group: its accepts as one batch, then one flush for all, and
 /// makes what the flush covered visible.
-fn write_group(
-    storage: &dyn OutboxStorage,
-    writer: &AcceptWriter,
-    sequences: &Mutex<SequenceState>,
-    visibility: &Visibility,
-    group: &mut Vec<Request>,
-) {
+fn write_group(writer: &AcceptWriter, group: &mut Vec<Request>) {
+    let shared = &writer.shared;
     let accepts: Vec<&PreparedAccept> = group.iter().filter_map(|request| request.accept.as_ref()).collect();
     let started = Instant::now();
     let (outcomes, staged_ids) = writer.write_group(&accepts);
     let mut outcomes = outcomes.into_iter();
     // Sequences are allocated and their batches applied under this lock,
     // so everything below `next` is applied: the flush below covers it.
-    let applied_below = sequences.lock().expect("insert lock poisoned").next;
+    let applied_below = shared.insert_lock.lock().expect("insert lock poisoned").next;
     let written = Instant::now();
-    let flushed = storage.flush();
+    let flushed = shared.storage.flush();
     if flushed.is_ok() {
-        visibility.made_durable(applied_below, &staged_ids);
+        shared.visibility.made_durable(applied_below, &staged_ids);
     }
     // Accept latency is these two plus the wait for the group before: the
     // flush time is the disk's, and what an operator compares first.

@@ -30,8 +30,10 @@
 //!    `taskgate_tracking_journal_skipped_total`, and health says so). A
 //!    tracking outage must not fill the disk the outbox needs.
 
+use super::counters::apply_counted;
+use super::keys::{prefixed, JOURNAL};
 use super::storage::OutboxStorage;
-use super::{apply_counted, prefixed, Outbox, OutboxError, JOURNAL};
+use super::{Outbox, OutboxError};
 use crate::task::Task;
 use chrono::{DateTime, Utc};
 use std::sync::atomic::Ordering;
@@ -75,13 +77,14 @@ pub(super) fn scan_depth(storage: &dyn OutboxStorage) -> Result<(u64, u64), Outb
 impl Outbox {
     /// The oldest `limit` journal entries, in acceptance order.
     pub fn journal_head(&self, limit: usize) -> Result<Vec<JournalEntry>, OutboxError> {
-        let page = self.storage.scan(JOURNAL, None, limit)?;
+        let page = self.shared.storage.scan(JOURNAL, None, limit)?;
         Ok(page
             .into_iter()
             .filter_map(|(key, value)| {
                 // An accept not yet durable is not recorded: it may still
                 // be refused (see group_commit).
-                let sequence = parse_journal_key(&key).filter(|sequence| self.visibility.is_durable(*sequence))?;
+                let sequence =
+                    parse_journal_key(&key).filter(|sequence| self.shared.visibility.is_durable(*sequence))?;
                 let task = serde_json::from_slice::<Task>(&value).map_err(|error| error.to_string());
                 Some(JournalEntry { sequence, task })
             })
@@ -99,10 +102,16 @@ impl Outbox {
             .map(|sequence| (journal_key(*sequence), None))
             .collect();
         let removed = sequences.len() as u64;
-        apply_counted(self.storage.as_ref(), &self.counters, operations, |counters| {
-            counters.journal = counters.journal.saturating_sub(removed);
-        })?;
+        apply_counted(
+            self.shared.storage.as_ref(),
+            &self.shared.counters,
+            operations,
+            |counters| {
+                counters.journal = counters.journal.saturating_sub(removed);
+            },
+        )?;
         let _ = self
+            .shared
             .journal_depth
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |depth| {
                 Some(depth.saturating_sub(removed))
@@ -112,7 +121,7 @@ impl Outbox {
 
     /// Entries waiting to be recorded.
     pub fn journal_depth(&self) -> u64 {
-        self.journal_depth.load(Ordering::SeqCst)
+        self.shared.journal_depth.load(Ordering::SeqCst)
     }
 
     /// Whether the journal holds `outbox.max_journal_entries`: new tasks are

@@ -233,6 +233,7 @@ impl Outbox {
     ) -> Result<PendingPage, OutboxError> {
         let limit = limit.max(1);
         let page = self
+            .shared
             .storage
             .scan(PENDING, after.map(|cursor| cursor.0.as_slice()), limit)?;
         let next = (page.len() == limit).then(|| PendingCursor(page.last().expect("a full page").0.clone()));
@@ -277,7 +278,7 @@ impl Outbox {
                 break;
             };
             for lane in lanes {
-                if let Some(value) = self.storage.get(&pending_key(lane, earlier))? {
+                if let Some(value) = self.shared.storage.get(&pending_key(lane, earlier))? {
                     if serde_json::from_slice::<IdOnly>(&value).is_ok_and(|other| other.id == task.id) {
                         return Ok(true);
                     }
@@ -329,12 +330,12 @@ impl Outbox {
     /// number of entries removed. The relay must not be mid-round (see the
     /// module docs).
     pub fn purge_pending(&self) -> Result<u64, OutboxError> {
-        let watermark = self.insert_lock.lock().expect("insert lock poisoned").next;
+        let watermark = self.shared.insert_lock.lock().expect("insert lock poisoned").next;
         let mut removed = 0;
         for lane in self.lanes() {
             let prefix = pending_prefix(&lane);
             loop {
-                let page = self.storage.scan(&prefix, None, WORK_PAGE)?;
+                let page = self.shared.storage.scan(&prefix, None, WORK_PAGE)?;
                 let batch: Vec<_> = page
                     .into_iter()
                     .filter(|(key, _)| parse_pending_key(key).is_some_and(|(_, sequence)| sequence < watermark))
@@ -386,17 +387,22 @@ impl Outbox {
                 }
             }
         }
-        apply_counted(self.storage.as_ref(), &self.counters, operations, |counters| {
-            for entry in &decoded {
-                counters.remove(lane, &entry.queues, entry.bytes);
-            }
-        })?;
+        apply_counted(
+            self.shared.storage.as_ref(),
+            &self.shared.counters,
+            operations,
+            |counters| {
+                for entry in &decoded {
+                    counters.remove(lane, &entry.queues, entry.bytes);
+                }
+            },
+        )?;
         Ok(decoded.len() as u64)
     }
 
     /// The dead letter with this id (its sequence), if any.
     pub fn dead_letter_entry(&self, id: u64) -> Result<Option<DeadLetterEntry>, OutboxError> {
-        match self.storage.get(&dead_key(id))? {
+        match self.shared.storage.get(&dead_key(id))? {
             Some(bytes) => {
                 let mut letter: DeadLetter = serde_json::from_slice(&bytes)?;
                 letter.sequence = id;
@@ -411,6 +417,7 @@ impl Outbox {
     pub fn requeue_dead_letter(&self, id: u64) -> Result<DeadLetterEntry, DeadLetterError> {
         let _status_guard = self.status_lock.lock().expect("status lock poisoned");
         let bytes = self
+            .shared
             .storage
             .get(&dead_key(id))
             .map_err(OutboxError::from)?
@@ -440,9 +447,9 @@ impl Outbox {
         };
         // Sequence assignment and the write happen under the insert lock,
         // like an accept, so the lane's key order stays acceptance order.
-        let mut sequences = self.insert_lock.lock().expect("insert lock poisoned");
+        let mut sequences = self.shared.insert_lock.lock().expect("insert lock poisoned");
         {
-            let counters = self.counters.lock().expect("counters poisoned");
+            let counters = self.shared.counters.lock().expect("counters poisoned");
             if !super::within_limit(counters.bytes, encoded.len() as u64, self.settings.max_bytes) {
                 return Err(OutboxError::Full {
                     used: counters.bytes,
@@ -462,10 +469,15 @@ impl Outbox {
                 Some(serde_json::to_vec(&status).map_err(OutboxError::from)?),
             ),
         ]);
-        let written = apply_counted(self.storage.as_ref(), &self.counters, operations, |counters| {
-            counters.add(&letter.lane, &task.queues, encoded.len() as u64);
-            counters.dead_letters = counters.dead_letters.saturating_sub(1);
-        });
+        let written = apply_counted(
+            self.shared.storage.as_ref(),
+            &self.shared.counters,
+            operations,
+            |counters| {
+                counters.add(&letter.lane, &task.queues, encoded.len() as u64);
+                counters.dead_letters = counters.dead_letters.saturating_sub(1);
+            },
+        );
         if let Err(error) = written {
             *sequences = before;
             return Err(error.into());
@@ -479,7 +491,7 @@ impl Outbox {
     /// Requeues every dead letter that existed when the call started, in
     /// order; undecodable ones are counted and left in place.
     pub fn requeue_all_dead_letters(&self) -> Result<RequeueOutcome, OutboxError> {
-        let watermark = self.insert_lock.lock().expect("insert lock poisoned").next;
+        let watermark = self.shared.insert_lock.lock().expect("insert lock poisoned").next;
         let mut outcome = RequeueOutcome::default();
         let mut after = None;
         loop {
@@ -506,7 +518,7 @@ impl Outbox {
     /// all that was left of the task). Returns it, or `None` if unknown.
     pub fn delete_dead_letter(&self, id: u64) -> Result<Option<DeadLetterEntry>, OutboxError> {
         let _status_guard = self.status_lock.lock().expect("status lock poisoned");
-        let Some(bytes) = self.storage.get(&dead_key(id))? else {
+        let Some(bytes) = self.shared.storage.get(&dead_key(id))? else {
             return Ok(None);
         };
         let letter: Option<DeadLetter> = serde_json::from_slice(&bytes).ok();
@@ -519,9 +531,14 @@ impl Outbox {
                 operations.push((status_key(&task.id), None));
             }
         }
-        apply_counted(self.storage.as_ref(), &self.counters, operations, |counters| {
-            counters.dead_letters = counters.dead_letters.saturating_sub(1);
-        })?;
+        apply_counted(
+            self.shared.storage.as_ref(),
+            &self.shared.counters,
+            operations,
+            |counters| {
+                counters.dead_letters = counters.dead_letters.saturating_sub(1);
+            },
+        )?;
         Ok(Some(match letter {
             Some(letter) => letter.into(),
             None => DeadLetterEntry {
@@ -542,7 +559,7 @@ impl Outbox {
     pub fn purge_dead_letters(&self) -> Result<u64, OutboxError> {
         let mut removed = 0;
         loop {
-            let page = self.storage.scan(DEAD, None, WORK_PAGE)?;
+            let page = self.shared.storage.scan(DEAD, None, WORK_PAGE)?;
             if page.is_empty() {
                 return Ok(removed);
             }
@@ -550,9 +567,14 @@ impl Outbox {
                 let Ok(id) = <[u8; 8]>::try_from(&key[DEAD.len()..]) else {
                     // Not a dead letter's key (a damaged record): removed
                     // as it is, or the purge would find it again forever.
-                    apply_counted(self.storage.as_ref(), &self.counters, vec![(key, None)], |counters| {
-                        counters.dead_letters = counters.dead_letters.saturating_sub(1);
-                    })?;
+                    apply_counted(
+                        self.shared.storage.as_ref(),
+                        &self.shared.counters,
+                        vec![(key, None)],
+                        |counters| {
+                            counters.dead_letters = counters.dead_letters.saturating_sub(1);
+                        },
+                    )?;
                     removed += 1;
                     continue;
                 };

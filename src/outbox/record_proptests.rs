@@ -18,6 +18,7 @@
 //! The generators and the damaged store are shared with the salvage
 //! properties (`salvage/salvage_proptests.rs`).
 
+use super::keys::*;
 use super::operations::{OutboxRecord, PendingCursor};
 use super::storage::{KeyValuePairs, WriteOperation};
 use super::*;

@@ -71,12 +71,12 @@
 //! them, through [`Outbox::import`] for a new outbox (counters, statuses
 //! and journal entries as for any accept), or as `outbox export` lines.
 
-use super::operations::OutboxRecord;
-use super::{
-    apply_counted, dead_key, parse_pending_key, pending_prefix, status_key, DeadLetter, Lane, OperatorHolds, Outbox,
-    OutboxError, OutboxSettings, PersistedCounters, TaskState, TaskStatus, COUNTERS, DEAD, OPERATOR_HOLDS, PENDING,
-    STATUS,
+use super::counters::{apply_counted, PersistedCounters};
+use super::keys::{
+    dead_key, parse_pending_key, pending_prefix, status_key, COUNTERS, DEAD, OPERATOR_HOLDS, PENDING, STATUS,
 };
+use super::operations::OutboxRecord;
+use super::{DeadLetter, Lane, OperatorHolds, Outbox, OutboxError, OutboxSettings, TaskState, TaskStatus};
 use crate::task::{QueueName, Task, TaskId};
 use chrono::Utc;
 use serde::{Deserialize, Serialize};
@@ -1186,7 +1186,7 @@ fn add_dead_letters(outbox: &Outbox, letters: Vec<DeadLetter>) -> Result<(), Out
         return Ok(());
     }
     let _status_guard = outbox.status_lock.lock().expect("status lock poisoned");
-    let mut sequences = outbox.insert_lock.lock().expect("insert lock poisoned");
+    let mut sequences = outbox.shared.insert_lock.lock().expect("insert lock poisoned");
     let before = *sequences;
     let count = letters.len() as u64;
     let mut operations = Vec::with_capacity(letters.len() * 2 + 1);
@@ -1212,9 +1212,14 @@ fn add_dead_letters(outbox: &Outbox, letters: Vec<DeadLetter>) -> Result<(), Out
         }
         operations.push((dead_key(letter.sequence), Some(serde_json::to_vec(&letter)?)));
     }
-    let written = apply_counted(outbox.storage.as_ref(), &outbox.counters, operations, |counters| {
-        counters.dead_letters += count;
-    });
+    let written = apply_counted(
+        outbox.shared.storage.as_ref(),
+        &outbox.shared.counters,
+        operations,
+        |counters| {
+            counters.dead_letters += count;
+        },
+    );
     if written.is_err() {
         *sequences = before;
     }

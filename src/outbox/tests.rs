@@ -388,13 +388,14 @@ async fn prune_forgets_every_status_a_window_published_and_old_index_records() {
     outbox.accept(vec![(older.clone(), vec![lane()])], None).await.unwrap();
     let head = outbox.head(&lane(), 10).unwrap();
     outbox.complete(&head.iter().collect::<Vec<_>>()).unwrap();
-    let index = outbox.storage.scan(PUBLISHED_INDEX, None, 10).unwrap();
+    let index = outbox.shared.storage.scan(PUBLISHED_INDEX, None, 10).unwrap();
     assert_eq!(index.len(), 2, "one index record per published window");
     let (older_key, _) = index
         .iter()
         .find(|(key, _)| key.ends_with(older.id.as_bytes()))
         .unwrap();
     outbox
+        .shared
         .storage
         .apply(vec![(older_key.clone(), Some(Vec::new()))])
         .unwrap();
@@ -406,7 +407,12 @@ async fn prune_forgets_every_status_a_window_published_and_old_index_records() {
     for task in window.iter().chain([&older]) {
         assert!(outbox.status(&task.id).unwrap().is_none());
     }
-    assert!(outbox.storage.scan(PUBLISHED_INDEX, None, 10).unwrap().is_empty());
+    assert!(outbox
+        .shared
+        .storage
+        .scan(PUBLISHED_INDEX, None, 10)
+        .unwrap()
+        .is_empty());
 }
 
 #[tokio::test]
@@ -437,18 +443,18 @@ async fn room_returns_only_after_draining_below_ninety_percent() {
 /// The stored `m/counters` record, the in-memory counters and a full scan
 /// of the store agree.
 fn assert_counters_match_a_scan(outbox: &Outbox) {
-    let (scanned, _) = scan_counters(outbox.storage.as_ref()).unwrap();
+    let (scanned, _) = scan_counters(outbox.shared.storage.as_ref()).unwrap();
     let stored: PersistedCounters =
-        serde_json::from_slice(&outbox.storage.get(COUNTERS).unwrap().expect("m/counters")).unwrap();
+        serde_json::from_slice(&outbox.shared.storage.get(COUNTERS).unwrap().expect("m/counters")).unwrap();
     let normalise = |mut record: PersistedCounters| {
         record.lanes.sort();
         record.queues.sort();
         serde_json::to_value(record).unwrap()
     };
     let mut scanned = scanned;
-    scanned.journal = journal::scan_depth(outbox.storage.as_ref()).unwrap().0;
+    scanned.journal = journal::scan_depth(outbox.shared.storage.as_ref()).unwrap().0;
     assert_eq!(outbox.journal_depth(), scanned.journal, "journal depth vs scan");
-    let in_memory = outbox.counters.lock().unwrap().to_record();
+    let in_memory = outbox.shared.counters.lock().unwrap().to_record();
     assert_eq!(
         normalise(stored),
         normalise(scanned.to_record()),
