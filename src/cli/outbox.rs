@@ -21,6 +21,7 @@ use crate::http::status_page::duration_text;
 use crate::outbox::operations::{DeadLetterEntry, ImportOutcome, OutboxRecord, OutboxReport, PendingCursor};
 use crate::outbox::salvage::{self, OutboxSink, SalvageError, SalvageReport, SalvageSink};
 use crate::outbox::{DeadLetter, Lane, OutboxSettings};
+use crate::relay::holds::OperatorHolds;
 use crate::task::routing::TopicRouter;
 use crate::task::Task;
 use clap::{Args, Subcommand};
@@ -178,8 +179,7 @@ pub fn run(settings: &Settings, json: bool, args: OutboxArgs) -> Result<(), Comm
                 // A pause is saved with the outbox: a stopped server starts
                 // paused if it was paused when it stopped.
                 let outbox = offline.outbox();
-                let report = outbox
-                    .operator_holds()
+                let report = OperatorHolds::load(outbox)
                     .and_then(|holds| outbox.report(holds.relay_paused))
                     .map_err(super::offline::OfflineError::from)?;
                 print_stats(&report, json, true);
@@ -865,8 +865,15 @@ fn salvage(settings: &Settings, json: bool, target: SalvageTarget) -> Result<(),
 }
 
 fn print_salvage(report: &SalvageReport, destination: &Path, into_outbox: bool, skipped: u64, json: bool) {
+    // Carried over as it was; an undecodable record is kept, not read as a pause.
+    let relay_paused = report
+        .operator_holds
+        .as_deref()
+        .and_then(|record| OperatorHolds::decode(record).ok())
+        .is_some_and(|holds| holds.relay_paused);
     if json {
         let mut value = serde_json::to_value(report).expect("the report serializes");
+        value["relay_paused"] = json!(relay_paused);
         value["destination"] = json!(destination);
         value["skipped_duplicates"] = json!(skipped);
         print_json(&value);
@@ -911,7 +918,7 @@ fn print_salvage(report: &SalvageReport, destination: &Path, into_outbox: bool, 
             String::new()
         }
     );
-    if report.relay_paused {
+    if relay_paused {
         println!("the relay was paused by an operator: the new outbox keeps the pause");
     }
     if skipped > 0 {

@@ -140,7 +140,7 @@ pub fn compute(
     let failed_store = outbox.storage_failure();
     // The holds as saved: they are saved before they take effect, and a
     // pause would otherwise show only once the backlog grew old.
-    let paused = outbox.operator_holds().is_ok_and(|holds| holds.relay_paused);
+    let paused = crate::relay::holds::OperatorHolds::load(outbox).is_ok_and(|holds| holds.relay_paused);
     let has_room = outbox.has_room() && storage_error.is_none();
     let breaker_closed = breaker.state.is_closed();
     let stale_backlog = oldest_age.is_some_and(|age| age > warn_backlog_age_seconds);

@@ -22,8 +22,9 @@ use crate::config::Environment;
 use crate::outbox::operations::{
     DeadLetterEntry, DeadLetterError, ImportOutcome, OutboxRecord, PendingCursor, RequeueOutcome,
 };
-use crate::outbox::{BreakerOverride, Lane, OperatorHolds, Outbox, OutboxError};
+use crate::outbox::{Lane, Outbox, OutboxError};
 use crate::relay::breaker::{BreakerSnapshot, BreakerState};
+use crate::relay::holds::{BreakerOverride, OperatorHolds};
 use crate::task::{routing, Task};
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::{BytesRejection, QueryRejection};

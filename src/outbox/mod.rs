@@ -62,7 +62,7 @@
 //! | `m/sequence_reserved` | u64: the next sequence (every sequence in use lies below it), written by every batch that hands out sequences |
 //! | `m/counters` | [`PersistedCounters`] (JSON): pending depth and bytes per lane, depth per queue, dead letters |
 //! | `j/{sequence:u64}` | accepted [`Task`] (JSON) not yet recorded in the tracking database ([`journal`]) |
-//! | `m/operator_holds` | [`OperatorHolds`] (JSON): a pause or forced breaker state that outlives a restart; absent = none |
+//! | `m/operator_holds` | [`crate::relay::holds::OperatorHolds`] (JSON): a pause or forced breaker state that outlives a restart; absent = none |
 //! | `m/sent/{lane}` | u64: the highest sequence of the lane ever handed to the broker; a later send of an entry at or below it is a re-send ([`Outbox::mark_sending`]) |
 //!
 //! # What makes a batch durable
@@ -109,8 +109,8 @@ use keys::{
     COUNTERS, DEAD, IDEMPOTENCY, OPERATOR_HOLDS, PENDING, PUBLISHED_INDEX, SEQUENCE_RESERVED,
 };
 pub use records::{
-    AcceptOutcome, Acceptance, Attempt, BreakerOverride, DeadLetter, IdempotencyKey, IdempotencyRecord, OperatorHolds,
-    OutboxStats, PendingEntry, QueueStats, SendMark, TaskState, TaskStatus,
+    AcceptOutcome, Acceptance, Attempt, DeadLetter, IdempotencyKey, IdempotencyRecord, OutboxStats, PendingEntry,
+    QueueStats, SendMark, TaskState, TaskStatus,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -572,25 +572,16 @@ impl Outbox {
         Ok(removed)
     }
 
-    /// The operator's holds as last saved (none when never saved). A record
-    /// that does not decode is reported, not ignored: guessing "no hold"
-    /// could publish what an operator held back.
-    pub fn operator_holds(&self) -> Result<OperatorHolds, OutboxError> {
-        match self.shared.storage.get(OPERATOR_HOLDS)? {
-            Some(bytes) => Ok(serde_json::from_slice(&bytes)?),
-            None => Ok(OperatorHolds::default()),
-        }
+    /// The operator's holds record as last saved (`None` when none is
+    /// held); its meaning is the relay's ([`crate::relay::holds`]).
+    pub fn operator_holds_record(&self) -> Result<Option<Vec<u8>>, OutboxError> {
+        Ok(self.shared.storage.get(OPERATOR_HOLDS)?)
     }
 
-    /// Saves the operator's holds and flushes before returning, so an
-    /// acknowledged pause survives a crash. Blocking.
-    pub fn save_operator_holds(&self, holds: &OperatorHolds) -> Result<(), OutboxError> {
-        let operation = if *holds == OperatorHolds::default() {
-            (OPERATOR_HOLDS.to_vec(), None)
-        } else {
-            (OPERATOR_HOLDS.to_vec(), Some(serde_json::to_vec(holds)?))
-        };
-        self.shared.storage.apply(vec![operation])?;
+    /// Saves the operator's holds record (`None`: no holds) and flushes
+    /// before returning, so an acknowledged hold survives a crash. Blocking.
+    pub fn save_operator_holds_record(&self, record: Option<Vec<u8>>) -> Result<(), OutboxError> {
+        self.shared.storage.apply(vec![(OPERATOR_HOLDS.to_vec(), record)])?;
         self.shared.storage.flush()?;
         Ok(())
     }

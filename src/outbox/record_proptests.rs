@@ -23,6 +23,7 @@ use super::operations::{OutboxRecord, PendingCursor};
 use super::storage::{KeyValuePairs, WriteOperation};
 use super::*;
 use crate::proptest_support::{config, json_value, mutated, mutation, nested, task_of, Mutation, DEEP};
+use crate::relay::holds::{BreakerOverride, OperatorHolds};
 use crate::task::{QueueName, TaskName};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
@@ -167,12 +168,12 @@ pub(super) fn written_store() -> &'static BTreeMap<Vec<u8>, Vec<u8>> {
             .expect("dead-lettered");
         let fanned = outbox.head(&queues[0], 10).expect("head");
         outbox.complete(&[&fanned[0]]).expect("completed");
-        outbox
-            .save_operator_holds(&OperatorHolds {
-                relay_paused: true,
-                breaker: Some(BreakerOverride::Closed),
-            })
-            .expect("holds saved");
+        OperatorHolds {
+            relay_paused: true,
+            breaker: Some(BreakerOverride::Closed),
+        }
+        .save(&outbox)
+        .expect("holds saved");
         drop(outbox);
         storage.records()
     })
@@ -245,7 +246,7 @@ fn exercise(storage: Arc<MemoryStorage>) {
     }
     let _ = outbox.journal_oldest_accepted_at();
     let _ = outbox.journal_is_full();
-    let _ = outbox.operator_holds();
+    let _ = OperatorHolds::load(&outbox);
     let _ = outbox.stats();
     let _ = outbox.report(true);
     let _ = outbox.has_room();

@@ -56,26 +56,6 @@ pub struct DeadLetter {
     pub dead_at: DateTime<Utc>,
 }
 
-/// An operator's override of the breaker's own decisions.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum BreakerOverride {
-    /// Nothing is published until it is released or closed.
-    Open,
-    /// Failures no longer open the breaker.
-    Closed,
-}
-
-/// What an operator told the relay to do until told otherwise. Stored, so
-/// a restart (a deploy, a crash) does not silently undo it: a pause taken
-/// to inspect a poison task must not end with the process.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct OperatorHolds {
-    pub relay_paused: bool,
-    pub breaker: Option<BreakerOverride>,
-}
-
 /// What a caller is told about an accepted task; stored with an
 /// idempotency key so a repeated request gets the same answer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -76,7 +76,7 @@ use super::keys::{
     dead_key, parse_pending_key, pending_prefix, status_key, COUNTERS, DEAD, OPERATOR_HOLDS, PENDING, STATUS,
 };
 use super::operations::OutboxRecord;
-use super::{DeadLetter, Lane, OperatorHolds, Outbox, OutboxError, OutboxSettings, TaskState, TaskStatus};
+use super::{DeadLetter, Lane, Outbox, OutboxError, OutboxSettings, TaskState, TaskStatus};
 use crate::task::{QueueName, Task, TaskId};
 use chrono::Utc;
 use serde::{Deserialize, Serialize};
@@ -202,8 +202,9 @@ pub trait SalvageSink {
     /// One dead letter (with `task: None` and `raw` for a record that
     /// could not be decoded).
     fn dead_letter(&mut self, letter: DeadLetter) -> Result<(), SalvageError>;
-    /// The operator's holds as saved in the damaged store.
-    fn holds(&mut self, _holds: OperatorHolds) -> Result<(), SalvageError> {
+    /// The operator's holds record as saved in the damaged store (its
+    /// meaning is the relay's: [`crate::relay::holds`]).
+    fn holds(&mut self, _record: Vec<u8>) -> Result<(), SalvageError> {
         Ok(())
     }
 }
@@ -247,8 +248,10 @@ pub struct SalvageReport {
     /// it held (`None`: the record was not readable).
     pub expected_pending_entries: Option<u64>,
     pub expected_dead_letters: Option<u64>,
-    /// The relay was paused by an operator (carried over).
-    pub relay_paused: bool,
+    /// The operator's holds record, carried over as it was (a pause, a
+    /// forced breaker state; decoded by [`crate::relay::holds`]).
+    #[serde(skip)]
+    pub operator_holds: Option<Vec<u8>>,
     /// Everything the store held was read: sled opened it (or it without
     /// its snapshot), no node was damaged, nothing failed to decode, and
     /// the counts match its counters record.
@@ -514,7 +517,7 @@ struct Inventory {
     /// Ids whose status says published.
     published: HashSet<TaskId>,
     counters: Option<PersistedCounters>,
-    holds: Option<OperatorHolds>,
+    holds: Option<Vec<u8>>,
     damaged_regions: u64,
 }
 
@@ -559,7 +562,7 @@ fn take_inventory(db: &sled::Db) -> Inventory {
         counters: get(db, COUNTERS)
             .and_then(|bytes| serde_json::from_slice(&bytes).ok())
             .filter(PersistedCounters::is_plausible),
-        holds: get(db, OPERATOR_HOLDS).and_then(|bytes| serde_json::from_slice(&bytes).ok()),
+        holds: get(db, OPERATOR_HOLDS),
         ..Inventory::default()
     };
     inventory.lanes = discover_lanes(db, inventory.counters.as_ref());
@@ -924,7 +927,7 @@ pub fn salvage(
         damaged_regions: 0,
         expected_pending_entries: None,
         expected_dead_letters: None,
-        relay_paused: false,
+        operator_holds: None,
         complete: false,
         notes: Vec::new(),
     };
@@ -953,9 +956,9 @@ pub fn salvage(
         };
         let inventory = take_inventory(&db);
         let written = write_inventory(&db, &inventory, sink)?;
-        if let Some(holds) = inventory.holds {
-            report.relay_paused = holds.relay_paused;
-            sink.holds(holds)?;
+        if let Some(record) = inventory.holds {
+            report.operator_holds = Some(record.clone());
+            sink.holds(record)?;
         }
         let expected_entries = inventory
             .counters
@@ -1092,7 +1095,7 @@ pub struct OutboxSink {
     outbox: Arc<Outbox>,
     chunk: Vec<(Task, Vec<Lane>)>,
     letters: Vec<DeadLetter>,
-    holds: Option<OperatorHolds>,
+    holds: Option<Vec<u8>>,
     /// Tasks the new outbox already knew (a raw-scan duplicate).
     pub skipped: u64,
 }
@@ -1151,7 +1154,7 @@ impl OutboxSink {
         self.import_chunk()?;
         add_dead_letters(&self.outbox, std::mem::take(&mut self.letters))?;
         if let Some(holds) = self.holds.take() {
-            self.outbox.save_operator_holds(&holds)?;
+            self.outbox.save_operator_holds_record(Some(holds))?;
         }
         self.runtime.block_on(self.outbox.flush())?;
         Ok(self.skipped)
@@ -1172,8 +1175,8 @@ impl SalvageSink for OutboxSink {
         Ok(())
     }
 
-    fn holds(&mut self, holds: OperatorHolds) -> Result<(), SalvageError> {
-        self.holds = Some(holds);
+    fn holds(&mut self, record: Vec<u8>) -> Result<(), SalvageError> {
+        self.holds = Some(record);
         Ok(())
     }
 }
@@ -1323,19 +1326,20 @@ mod tests {
             outbox
                 .dead_letter(&head[0], "poison", crate::outbox::Attempt::Made)
                 .unwrap();
-            outbox
-                .save_operator_holds(&OperatorHolds {
-                    relay_paused: true,
-                    breaker: None,
-                })
-                .unwrap();
+            crate::relay::holds::OperatorHolds {
+                relay_paused: true,
+                breaker: None,
+            }
+            .save(&outbox)
+            .unwrap();
             outbox.flush().await.unwrap();
         }
         std::thread::sleep(std::time::Duration::from_millis(300));
         let mut sink = Collected::default();
         let report = salvage(&settings.path, &dir.path().join("work"), &exchange, false, &mut sink).unwrap();
         assert!(report.complete, "{report:#?}");
-        assert!(report.relay_paused);
+        let holds = crate::relay::holds::OperatorHolds::decode(report.operator_holds.as_deref().unwrap()).unwrap();
+        assert!(holds.relay_paused);
         assert_eq!(report.unreadable, 0);
         assert_eq!((report.pending_tasks, report.pending_entries), (30, 31));
         assert_eq!(report.dead_letters, 1);

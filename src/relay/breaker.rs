@@ -18,8 +18,8 @@
 //! before it reports `on_open`), so the snapshot can say when the next
 //! probe is due.
 
+pub use super::holds::BreakerOverride;
 use crate::config::BreakerSettings;
-pub use crate::outbox::BreakerOverride;
 use crate::retry::{RetryDelays, RetryPolicy};
 use chrono::{DateTime, Utc};
 use failsafe::failure_policy::{

@@ -45,13 +45,15 @@
 //!   nothing.
 
 pub mod breaker;
+pub mod holds;
 pub mod meter;
 
 use crate::broker::error::EXPIRED;
 use crate::broker::{PublishError, Publisher};
 use crate::config::RelaySettings;
-use crate::outbox::{Attempt, Lane, OperatorHolds, Outbox, OutboxError, PendingEntry};
+use crate::outbox::{Attempt, Lane, Outbox, OutboxError, PendingEntry};
 use breaker::{Breaker, Permit};
+use holds::OperatorHolds;
 use meter::{PublishMeter, PublishRate};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -122,7 +124,7 @@ impl Relay {
         breaker: Arc<Breaker>,
         settings: RelaySettings,
     ) -> Result<Arc<Self>, OutboxError> {
-        let holds = outbox.operator_holds()?;
+        let holds = OperatorHolds::load(&outbox)?;
         if holds.relay_paused {
             tracing::warn!("the relay is paused, as an operator left it: tasks spool until it is resumed");
         }
@@ -158,7 +160,7 @@ impl Relay {
         let mut wanted = *holds;
         change(&mut wanted);
         if wanted != *holds {
-            self.outbox.save_operator_holds(&wanted)?;
+            wanted.save(&self.outbox)?;
             *holds = wanted;
         }
         self.paused.store(wanted.relay_paused, Ordering::SeqCst);
@@ -567,10 +569,11 @@ mod tests {
     use super::*;
     use crate::broker::{BrokerStatus, PublishResult};
     use crate::config::BreakerSettings;
-    use crate::outbox::{BreakerOverride, FaultyStorage, OutboxSettings, SledStorage};
+    use crate::outbox::{FaultyStorage, OutboxSettings, SledStorage};
     use crate::task::{Task, TaskId};
     use breaker::BreakerState;
     use futures_util::future::BoxFuture;
+    use holds::BreakerOverride;
     use serde_json::{json, Map};
     use tokio::sync::watch;
 
