@@ -17,12 +17,15 @@
 //!   timeouts).
 //! - [`task`]: request and task types, newtypes, intake (field checks,
 //!   registry binding with Python's rules, topic routing).
-//! - [`outbox`]: the sled-backed durable outbox: group commit and what makes
-//!   a flush durable, lanes, statuses, idempotency keys, dead letters, the
+//! - [`outbox`]: the sled-backed durable outbox, split by role: keys and
+//!   records, counters and room, the write path (group commit and what
+//!   makes a flush durable), what the relay reads and completes, the
 //!   tracking journal, the operator operations (listing, export and import,
 //!   purge, requeue) and salvage of a damaged store.
 //! - [`relay`]: the loop from outbox to publisher (sliding window per
-//!   lane), the circuit breaker, and the publish-rate meter.
+//!   lane), the circuit breaker, the operator's holds (a pause, a forced
+//!   breaker state; the outbox keeps their record), and the publish-rate
+//!   and re-send meter.
 //! - [`broker`]: the `Publisher` interface, the AMQP publisher (lapin) and
 //!   the SQS publisher (aws-sdk-sqs), each owning its connection handling
 //!   (background connect, topology or queue lookup, reconnects, TLS for
