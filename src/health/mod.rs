@@ -24,6 +24,10 @@
 //! and a few times a second, and publishes it through a `watch` channel
 //! whenever the *state* (status, availability, connection, breaker)
 //! changes: that is one server-sent event per health change.
+//!
+//! [`HealthReport`] is also the `application/health+json` body of
+//! `GET /v1/health` (and of each event), and its `ToSchema` derive is what
+//! the OpenAPI document describes.
 
 use crate::broker::BrokerStatus;
 use crate::outbox::failure::RecordedFailure;
@@ -38,7 +42,9 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+/// `pass`: broker connected, breaker closed; `warn`: spooling, still
+/// accepting; `fail` (HTTP 503): cannot accept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum HealthStatus {
     Pass,
@@ -46,14 +52,24 @@ pub enum HealthStatus {
     Fail,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+/// `application/health+json` (draft-inadarei-api-health-check).
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+#[schema(as = Health)]
 pub struct HealthReport {
+    #[schema(inline)]
     pub status: HealthStatus,
+    /// Whether work that needs a live broker is available now: what a UI
+    /// reads to grey out asynchronous features.
     pub async_available: bool,
     pub version: &'static str,
     #[serde(rename = "releaseId")]
     pub release_id: &'static str,
     pub description: &'static str,
+    /// `broker:connection`, `breaker:state`, `outbox:depth`,
+    /// `outbox:storage`, `outbox:oldestAge`, ...: arrays of check results.
+    // Each check's members vary by check (draft-inadarei-api-health-check
+    // lets them), so they stay JSON values.
+    #[schema(value_type = std::collections::BTreeMap<String, Vec<Value>>)]
     pub checks: serde_json::Map<String, Value>,
     #[serde(skip)]
     pub broker_connected: bool,

@@ -40,6 +40,7 @@ use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use subtle::ConstantTimeEq;
+use utoipa::ToSchema;
 
 /// Pending tasks per page when none is asked for, and the most one page holds.
 pub const DEFAULT_PAGE: usize = 100;
@@ -60,47 +61,66 @@ pub fn import_body_limit(max_body_bytes: usize) -> usize {
     MIN_IMPORT_BODY_BYTES.max(max_body_bytes.saturating_mul(4))
 }
 
+// The schemas of these answers (`ToSchema`) are what `GET /openapi.json`
+// documents. Fields of outbox and relay types, which carry no schema
+// derives, are described by `value_type` and their doc comments.
+
 /// One page of `GET /v1/outbox/tasks`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct TaskPage {
+    /// Accepted tasks with lane, sequence, attempts, last_error.
+    #[schema(value_type = Vec<Object>)]
     pub tasks: Vec<OutboxRecord>,
+    /// Pass as cursor for the next page.
     pub next_cursor: Option<String>,
 }
 
 /// One page of `GET /v1/dead-letters`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct DeadLetterPage {
+    /// id, task_id, task_name, lane, reason, attempts, dead_at, task or raw.
+    #[schema(value_type = Vec<Object>)]
     pub dead_letters: Vec<DeadLetterEntry>,
     /// Pass as `after` for the next page; `None` at the end.
     pub next_after: Option<u64>,
 }
 
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
 pub struct Purged {
+    /// Entries removed.
     pub purged: u64,
 }
 
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
 pub struct RelayPause {
+    /// Whether publishing is paused.
     pub paused: bool,
 }
 
 /// The answer to `POST /v1/outbox/drain`: the probe is on its way.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct DrainStarted {
+    /// Tasks waiting.
     pub depth: u64,
+    /// The breaker's state.
+    #[schema(value_type = String)]
     pub breaker: BreakerState,
+    /// Always true.
     pub probe_requested: bool,
 }
 
 /// `GET /v1/breaker` and the answer to forcing or releasing it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct BreakerView {
+    /// `closed`, `open`, `half_open`, `forced_open` or `forced_closed`.
+    #[schema(value_type = String)]
     pub state: BreakerState,
     /// True while an operator's forced state overrides the automatic one.
     pub forced: bool,
     pub changed_at: DateTime<Utc>,
+    /// Times the breaker opened since start.
     pub opened_count: u64,
+    /// When an open breaker lets the next probe through.
     pub next_probe_at: Option<DateTime<Utc>>,
 }
 
@@ -290,16 +310,13 @@ fn page_limit(limit: Option<usize>) -> Result<usize, Problem> {
     }
 }
 
-fn respond<T: Serialize>(result: Result<T, Problem>) -> Response {
-    match result {
-        Ok(body) => Json(body).into_response(),
-        Err(problem) => problem.into_response(),
-    }
-}
-
-async fn outbox_report(State(state): State<AppState>) -> Response {
+async fn outbox_report(
+    State(state): State<AppState>,
+) -> Result<Json<crate::outbox::operations::OutboxReport>, Problem> {
     let paused = state.relay.is_paused();
-    respond(blocking(&state.outbox, move |outbox| outbox.report(paused)).await)
+    blocking(&state.outbox, move |outbox| outbox.report(paused))
+        .await
+        .map(Json)
 }
 
 #[derive(Debug, Deserialize)]
@@ -309,58 +326,51 @@ struct ListQuery {
     cursor: Option<String>,
 }
 
-async fn list_tasks(State(state): State<AppState>, params: Result<Query<ListQuery>, QueryRejection>) -> Response {
-    let result = async {
-        let params = query(params)?;
-        let limit = page_limit(params.limit)?;
-        let cursor = params
-            .cursor
-            .as_deref()
-            .map(PendingCursor::decode)
-            .transpose()
-            .map_err(|error| Problem::invalid_field(Some("cursor".into()), error.to_string()))?;
-        let page = blocking(&state.outbox, move |outbox| outbox.list_pending(cursor.as_ref(), limit)).await?;
-        Ok(TaskPage {
-            tasks: page.records,
-            next_cursor: page.next.map(|cursor| cursor.encode()),
-        })
-    }
-    .await;
-    respond(result)
+async fn list_tasks(
+    State(state): State<AppState>,
+    params: Result<Query<ListQuery>, QueryRejection>,
+) -> Result<Json<TaskPage>, Problem> {
+    let params = query(params)?;
+    let limit = page_limit(params.limit)?;
+    let cursor = params
+        .cursor
+        .as_deref()
+        .map(PendingCursor::decode)
+        .transpose()
+        .map_err(|error| Problem::invalid_field(Some("cursor".into()), error.to_string()))?;
+    let page = blocking(&state.outbox, move |outbox| outbox.list_pending(cursor.as_ref(), limit)).await?;
+    Ok(Json(TaskPage {
+        tasks: page.records,
+        next_cursor: page.next.map(|cursor| cursor.encode()),
+    }))
 }
 
-async fn purge_tasks(State(state): State<AppState>) -> Response {
-    let result = async {
-        // The relay must not complete entries removed under it.
-        let _rounds = state.relay.hold_rounds().await;
-        let purged = blocking(&state.outbox, |outbox| outbox.purge_pending()).await?;
-        flushed(&state.outbox).await?;
-        tracing::warn!(purged, "outbox purged by an operator");
-        Ok(Purged { purged })
-    }
-    .await;
-    respond(result)
+async fn purge_tasks(State(state): State<AppState>) -> Result<Json<Purged>, Problem> {
+    // The relay must not complete entries removed under it.
+    let _rounds = state.relay.hold_rounds().await;
+    let purged = blocking(&state.outbox, |outbox| outbox.purge_pending()).await?;
+    flushed(&state.outbox).await?;
+    tracing::warn!(purged, "outbox purged by an operator");
+    Ok(Json(Purged { purged }))
 }
 
-async fn drain(State(state): State<AppState>) -> Response {
+async fn drain(State(state): State<AppState>) -> Result<(StatusCode, Json<DrainStarted>), Problem> {
     if state.relay.is_paused() {
-        return Problem::new(
+        return Err(Problem::new(
             StatusCode::CONFLICT,
             "relay-paused",
             "Relay paused",
             "the relay is paused; resume it (POST /v1/outbox/resume) before draining",
-        )
-        .into_response();
+        ));
     }
     let breaker = state.breaker.snapshot().state;
     if breaker == BreakerState::ForcedOpen {
-        return Problem::new(
+        return Err(Problem::new(
             StatusCode::CONFLICT,
             "breaker-forced-open",
             "Breaker forced open",
             "the breaker is forced open; close or release it (POST /v1/breaker/release) before draining",
-        )
-        .into_response();
+        ));
     }
     state.relay.probe_now();
     tracing::info!(
@@ -368,15 +378,14 @@ async fn drain(State(state): State<AppState>) -> Response {
         breaker = breaker.as_str(),
         "drain requested"
     );
-    (
+    Ok((
         StatusCode::ACCEPTED,
         Json(DrainStarted {
             depth: state.outbox.depth(),
             breaker,
             probe_requested: true,
         }),
-    )
-        .into_response()
+    ))
 }
 
 /// Saves and applies an operator's hold ([`crate::relay::Relay::change_holds`]); a hold
@@ -401,22 +410,18 @@ async fn change_holds(
         })
 }
 
-async fn pause(State(state): State<AppState>) -> Response {
-    let result = change_holds(&state, |holds| holds.relay_paused = true).await;
-    if result.is_ok() {
-        tracing::warn!("relay paused by an operator: tasks spool in the outbox, also across restarts, until resumed");
-    }
-    respond(result.map(|holds| RelayPause {
+async fn pause(State(state): State<AppState>) -> Result<Json<RelayPause>, Problem> {
+    let holds = change_holds(&state, |holds| holds.relay_paused = true).await?;
+    tracing::warn!("relay paused by an operator: tasks spool in the outbox, also across restarts, until resumed");
+    Ok(Json(RelayPause {
         paused: holds.relay_paused,
     }))
 }
 
-async fn resume(State(state): State<AppState>) -> Response {
-    let result = change_holds(&state, |holds| holds.relay_paused = false).await;
-    if result.is_ok() {
-        tracing::info!("relay resumed by an operator");
-    }
-    respond(result.map(|holds| RelayPause {
+async fn resume(State(state): State<AppState>) -> Result<Json<RelayPause>, Problem> {
+    let holds = change_holds(&state, |holds| holds.relay_paused = false).await?;
+    tracing::info!("relay resumed by an operator");
+    Ok(Json(RelayPause {
         paused: holds.relay_paused,
     }))
 }
@@ -460,32 +465,31 @@ async fn export(State(state): State<AppState>) -> Response {
 /// NDJSON in the export's shape. The whole request is validated before
 /// anything is written, and written as one atomic accept: a bad line
 /// changes nothing. Tasks whose id this gateway knows are skipped.
-async fn import(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
-    let result = async {
-        let body = body.map_err(|rejection| {
-            Problem::new(
-                rejection.status(),
-                "unreadable-body",
-                "Unreadable import body",
-                format!(
-                    "{} (send an export in chunks; `taskgate outbox import` does)",
-                    rejection.body_text()
-                ),
-            )
-        })?;
-        let tasks = parse_import(&state, &body)?;
-        let count = tasks.len();
-        let outcome: ImportOutcome = state.outbox.import(tasks).await.map_err(outbox_problem)?;
-        tracing::info!(
-            lines = count,
-            imported = outcome.imported,
-            skipped = outcome.skipped,
-            "outbox import"
-        );
-        Ok(outcome)
-    }
-    .await;
-    respond(result)
+async fn import(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<ImportOutcome>, Problem> {
+    let body = body.map_err(|rejection| {
+        Problem::new(
+            rejection.status(),
+            "unreadable-body",
+            "Unreadable import body",
+            format!(
+                "{} (send an export in chunks; `taskgate outbox import` does)",
+                rejection.body_text()
+            ),
+        )
+    })?;
+    let tasks = parse_import(&state, &body)?;
+    let count = tasks.len();
+    let outcome: ImportOutcome = state.outbox.import(tasks).await.map_err(outbox_problem)?;
+    tracing::info!(
+        lines = count,
+        imported = outcome.imported,
+        skipped = outcome.skipped,
+        "outbox import"
+    );
+    Ok(Json(outcome))
 }
 
 fn parse_import(state: &AppState, body: &[u8]) -> Result<Vec<(Task, Vec<Lane>)>, Problem> {
@@ -533,22 +537,18 @@ struct DeadLetterQuery {
 async fn list_dead_letters(
     State(state): State<AppState>,
     params: Result<Query<DeadLetterQuery>, QueryRejection>,
-) -> Response {
-    let result = async {
-        let params = query(params)?;
-        let limit = page_limit(params.limit)?;
-        let after = params.after;
-        let letters = blocking(&state.outbox, move |outbox| outbox.dead_letters(after, limit)).await?;
-        let next_after = (letters.len() == limit)
-            .then(|| letters.last().map(|letter| letter.sequence))
-            .flatten();
-        Ok(DeadLetterPage {
-            dead_letters: letters.into_iter().map(DeadLetterEntry::from).collect(),
-            next_after,
-        })
-    }
-    .await;
-    respond(result)
+) -> Result<Json<DeadLetterPage>, Problem> {
+    let params = query(params)?;
+    let limit = page_limit(params.limit)?;
+    let after = params.after;
+    let letters = blocking(&state.outbox, move |outbox| outbox.dead_letters(after, limit)).await?;
+    let next_after = (letters.len() == limit)
+        .then(|| letters.last().map(|letter| letter.sequence))
+        .flatten();
+    Ok(Json(DeadLetterPage {
+        dead_letters: letters.into_iter().map(DeadLetterEntry::from).collect(),
+        next_after,
+    }))
 }
 
 fn dead_letter_id(text: &str) -> Result<u64, Problem> {
@@ -569,75 +569,63 @@ fn dead_letter_problem(error: DeadLetterError) -> Problem {
     }
 }
 
-async fn requeue_dead_letter(State(state): State<AppState>, Path(id): Path<String>) -> Response {
-    let result = async {
-        let id = dead_letter_id(&id)?;
-        let outbox = state.outbox.clone();
-        let entry = tokio::task::spawn_blocking(move || outbox.requeue_dead_letter(id))
-            .await
-            .map_err(|error| internal(format!("requeue failed: {error}")))?
-            .map_err(dead_letter_problem)?;
-        flushed(&state.outbox).await?;
-        Ok(entry)
-    }
-    .await;
-    respond(result)
+async fn requeue_dead_letter(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<DeadLetterEntry>, Problem> {
+    let id = dead_letter_id(&id)?;
+    let outbox = state.outbox.clone();
+    let entry = tokio::task::spawn_blocking(move || outbox.requeue_dead_letter(id))
+        .await
+        .map_err(|error| internal(format!("requeue failed: {error}")))?
+        .map_err(dead_letter_problem)?;
+    flushed(&state.outbox).await?;
+    Ok(Json(entry))
 }
 
-async fn requeue_all_dead_letters(State(state): State<AppState>) -> Response {
-    let result = async {
-        let outcome: RequeueOutcome = blocking(&state.outbox, |outbox| outbox.requeue_all_dead_letters()).await?;
-        flushed(&state.outbox).await?;
-        Ok(outcome)
-    }
-    .await;
-    respond(result)
+async fn requeue_all_dead_letters(State(state): State<AppState>) -> Result<Json<RequeueOutcome>, Problem> {
+    let outcome: RequeueOutcome = blocking(&state.outbox, |outbox| outbox.requeue_all_dead_letters()).await?;
+    flushed(&state.outbox).await?;
+    Ok(Json(outcome))
 }
 
-async fn delete_dead_letter(State(state): State<AppState>, Path(id): Path<String>) -> Response {
-    let result = async {
-        let id = dead_letter_id(&id)?;
-        let entry = blocking(&state.outbox, move |outbox| outbox.delete_dead_letter(id))
-            .await?
-            .ok_or_else(|| Problem::not_found(format!("there is no dead letter {id}")))?;
-        flushed(&state.outbox).await?;
-        Ok(entry)
-    }
-    .await;
-    respond(result)
+async fn delete_dead_letter(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<DeadLetterEntry>, Problem> {
+    let id = dead_letter_id(&id)?;
+    let entry = blocking(&state.outbox, move |outbox| outbox.delete_dead_letter(id))
+        .await?
+        .ok_or_else(|| Problem::not_found(format!("there is no dead letter {id}")))?;
+    flushed(&state.outbox).await?;
+    Ok(Json(entry))
 }
 
-async fn purge_dead_letters(State(state): State<AppState>) -> Response {
-    let result = async {
-        let purged = blocking(&state.outbox, |outbox| outbox.purge_dead_letters()).await?;
-        flushed(&state.outbox).await?;
-        tracing::warn!(purged, "dead letters purged by an operator");
-        Ok(Purged { purged })
-    }
-    .await;
-    respond(result)
+async fn purge_dead_letters(State(state): State<AppState>) -> Result<Json<Purged>, Problem> {
+    let purged = blocking(&state.outbox, |outbox| outbox.purge_dead_letters()).await?;
+    flushed(&state.outbox).await?;
+    tracing::warn!(purged, "dead letters purged by an operator");
+    Ok(Json(Purged { purged }))
 }
 
-async fn breaker_status(State(state): State<AppState>) -> Response {
-    Json(BreakerView::from(state.breaker.snapshot())).into_response()
+async fn breaker_status(State(state): State<AppState>) -> Json<BreakerView> {
+    Json(BreakerView::from(state.breaker.snapshot()))
 }
 
-async fn force_breaker_open(State(state): State<AppState>) -> Response {
+async fn force_breaker_open(State(state): State<AppState>) -> Result<Json<BreakerView>, Problem> {
     set_breaker_override(&state, Some(BreakerOverride::Open)).await
 }
 
-async fn force_breaker_closed(State(state): State<AppState>) -> Response {
+async fn force_breaker_closed(State(state): State<AppState>) -> Result<Json<BreakerView>, Problem> {
     set_breaker_override(&state, Some(BreakerOverride::Closed)).await
 }
 
-async fn release_breaker(State(state): State<AppState>) -> Response {
+async fn release_breaker(State(state): State<AppState>) -> Result<Json<BreakerView>, Problem> {
     set_breaker_override(&state, None).await
 }
 
-async fn set_breaker_override(state: &AppState, wanted: Option<BreakerOverride>) -> Response {
-    if let Err(problem) = change_holds(state, move |holds| holds.breaker = wanted).await {
-        return problem.into_response();
-    }
+async fn set_breaker_override(state: &AppState, wanted: Option<BreakerOverride>) -> Result<Json<BreakerView>, Problem> {
+    change_holds(state, move |holds| holds.breaker = wanted).await?;
     match wanted {
         Some(BreakerOverride::Open) => {
             tracing::warn!("breaker forced open by an operator: nothing is published until it is closed or released")
@@ -651,7 +639,7 @@ async fn set_breaker_override(state: &AppState, wanted: Option<BreakerOverride>)
             tracing::info!("breaker released to automatic operation");
         }
     }
-    Json(BreakerView::from(state.breaker.snapshot())).into_response()
+    Ok(Json(BreakerView::from(state.breaker.snapshot())))
 }
 
 #[cfg(test)]

@@ -9,15 +9,20 @@
 //! A slot is held by the stream itself, so it is freed as soon as the
 //! server drops the response body: when the client goes away (hyper sees
 //! the connection close) or the server closes the connection.
+//!
+//! The probes answer with [`Probe`], health with
+//! [`crate::health::HealthReport`]; their `ToSchema` derives are what
+//! `GET /openapi.json` documents.
 
 use super::problem::Problem;
 use super::AppState;
 use crate::health::{self, HealthReport, HealthStatus};
 use axum::extract::{Extension, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
+use axum::Json;
+use serde::Serialize;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,28 +30,55 @@ use tokio::sync::Semaphore;
 use tokio_stream::wrappers::WatchStream;
 use tokio_stream::StreamExt;
 
-pub async fn healthz() -> Response {
-    (StatusCode::OK, axum::Json(json!({"status": "pass"}))).into_response()
+/// `GET /healthz` and `GET /readyz` bodies.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct Probe {
+    #[schema(inline)]
+    pub status: ProbeStatus,
+    /// Why the gateway is not ready.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
-pub async fn readyz(State(state): State<AppState>) -> Response {
+/// `pass` (liveness), `ready` or `not ready` (readiness).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub enum ProbeStatus {
+    #[serde(rename = "pass")]
+    Pass,
+    #[serde(rename = "ready")]
+    Ready,
+    #[serde(rename = "not ready")]
+    NotReady,
+}
+
+pub async fn healthz() -> Json<Probe> {
+    Json(Probe {
+        status: ProbeStatus::Pass,
+        reason: None,
+    })
+}
+
+/// Not ready is not a problem+json: a load balancer reads the probe's own
+/// body, and Retry-After tells it when to look again.
+pub async fn readyz(State(state): State<AppState>) -> (StatusCode, HeaderMap, Json<Probe>) {
     if state.outbox.has_room() {
-        (StatusCode::OK, axum::Json(json!({"status": "ready"}))).into_response()
-    } else {
-        let reason = match state.outbox.storage_failure() {
-            Some(failure) => format!("the outbox store failed: {}", failure.error),
-            None => "the outbox is full".to_owned(),
+        let ready = Probe {
+            status: ProbeStatus::Ready,
+            reason: None,
         };
-        let mut response = (
-            StatusCode::SERVICE_UNAVAILABLE,
-            axum::Json(json!({"status": "not ready", "reason": reason})),
-        )
-            .into_response();
-        response
-            .headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
-        response
+        return (StatusCode::OK, HeaderMap::new(), Json(ready));
     }
+    let reason = match state.outbox.storage_failure() {
+        Some(failure) => format!("the outbox store failed: {}", failure.error),
+        None => "the outbox is full".to_owned(),
+    };
+    let mut headers = HeaderMap::new();
+    headers.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+    let not_ready = Probe {
+        status: ProbeStatus::NotReady,
+        reason: Some(reason),
+    };
+    (StatusCode::SERVICE_UNAVAILABLE, headers, Json(not_ready))
 }
 
 /// Health as of now, also handed to the monitor: the monitor otherwise
@@ -69,22 +101,27 @@ pub(super) fn current_report(state: &AppState) -> HealthReport {
     report
 }
 
-pub async fn health(State(state): State<AppState>) -> Response {
+pub const HEALTH_CONTENT_TYPE: &str = "application/health+json";
+
+/// The headers are applied after `Json`'s, so the health media type
+/// replaces `application/json`.
+pub async fn health(
+    State(state): State<AppState>,
+) -> (StatusCode, [(HeaderName, &'static str); 2], Json<HealthReport>) {
     let report = current_report(&state);
     let status = if report.status == HealthStatus::Fail {
         StatusCode::SERVICE_UNAVAILABLE
     } else {
         StatusCode::OK
     };
-    let mut response = (status, axum::Json(report)).into_response();
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/health+json"),
-    );
-    response
-        .headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    response
+    (
+        status,
+        [
+            (header::CONTENT_TYPE, HEALTH_CONTENT_TYPE),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        Json(report),
+    )
 }
 
 /// Subscriber slots of `GET /v1/health/stream`; cheap to clone.

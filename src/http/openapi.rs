@@ -1,20 +1,26 @@
 //! The OpenAPI 3.1 description of the HTTP API, served at `GET /openapi.json`.
 //!
-//! Built from code with utoipa: request bodies are schemas derived from the
-//! types the handlers decode ([`TaskRequest`]); response bodies, which the
-//! handlers build with `json!`, are described by the mirror types below; the
-//! operations are assembled with utoipa's builders here, so that the route
-//! files carry no documentation macros.
+//! Built from code with utoipa: every body schema is derived from the type
+//! the handler decodes or sends ([`TaskRequest`], [`BatchRequest`],
+//! [`AcceptedTask`], [`TaskStatus`], [`HealthReport`], [`Probe`], the
+//! problem details, the admin answers), so the document describes what is
+//! on the wire and nothing else; the operations are assembled with
+//! utoipa's builders here, so that the route files carry no documentation
+//! macros. This file defines no body types of its own.
 //!
 //! Invariants, enforced by `tests/openapi.rs`: every `.route("…")`
 //! registered under `src/http/` is documented here with the same methods and
-//! nothing else is; each mirror type has exactly the fields of the live
+//! nothing else is; each response schema has exactly the fields of the live
 //! response it describes.
 
+use super::admin::{BreakerView, DeadLetterPage, DrainStarted, Purged, RelayPause, TaskPage};
+use super::health::{Probe, HEALTH_CONTENT_TYPE};
+use super::problem::{ProblemDetails, PROBLEM_CONTENT_TYPE};
+use super::tasks::{AcceptedBatch, AcceptedTask, BatchRequest, TaskStatus, TrackedTaskPage};
+use crate::health::HealthReport;
 use crate::task::TaskRequest;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use std::collections::BTreeMap;
 use std::sync::OnceLock;
 use utoipa::openapi::path::{HttpMethod, OperationBuilder, ParameterBuilder, ParameterIn, PathItem};
 use utoipa::openapi::request_body::RequestBodyBuilder;
@@ -30,138 +36,15 @@ use utoipa::{PartialSchema, ToSchema};
 
 pub const PATH: &str = "/openapi.json";
 const JSON: &str = "application/json";
-const PROBLEM_JSON: &str = "application/problem+json";
-const HEALTH_JSON: &str = "application/health+json";
 /// The answer when an operator's hold could not be saved (nothing changed).
 const HOLD_NOT_SAVED: &str = "The hold could not be saved in the outbox; nothing changed";
 
-// The mirror types below are never constructed: they exist for their
-// derived schemas, and serde's attributes give the wire names.
-
-/// `POST /v1/tasks/batch`: all tasks are accepted together or none is.
-#[derive(ToSchema)]
-#[allow(dead_code)]
-pub struct BatchRequest {
-    #[schema(min_items = 1, max_items = 1000)]
-    tasks: Vec<TaskRequest>,
-}
-
-/// A task made durable in the outbox; it will be published to `queues`.
-#[derive(serde::Serialize, ToSchema)]
-#[allow(dead_code)]
-pub struct AcceptedTask {
-    #[schema(format = "uuid")]
-    id: String,
-    task: String,
-    #[schema(inline)]
-    status: AcceptedStatus,
-    /// The routing key the task is published with.
-    routing_key: String,
-    /// Every queue whose binding matches the routing key.
-    queues: Vec<String>,
-}
-
-#[derive(serde::Serialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-#[allow(dead_code)]
-pub enum AcceptedStatus {
-    Accepted,
-}
-
-/// `POST /v1/tasks/batch` response, in request order.
-#[derive(serde::Serialize, ToSchema)]
-#[allow(dead_code)]
-pub struct AcceptedBatch {
-    tasks: Vec<AcceptedTask>,
-}
-
-/// What taskgate knows about one task.
-#[derive(serde::Serialize, ToSchema)]
-#[allow(dead_code)]
-pub struct TaskStatus {
-    #[schema(format = "uuid")]
-    id: String,
-    task: String,
-    #[schema(inline)]
-    state: TaskState,
-    /// Failed publish attempts (a round without a connection sends nothing
-    /// and is not counted); null for a task known only from tracking (one
-    /// a worker scheduled, or one published long ago).
-    attempts: Option<u32>,
-    /// Why the last attempt failed, or why the task was dead-lettered.
-    last_error: Option<String>,
-    routing_key: Option<String>,
-    queues: Option<Vec<String>>,
-    accepted_at: chrono::DateTime<chrono::Utc>,
-    published_at: Option<chrono::DateTime<chrono::Utc>>,
-    /// Celery's result (`status`, `result`, `date_done`, `traceback`), once a
-    /// worker stored one in `celery_taskmeta`.
-    result: Option<serde_json::Value>,
-    /// The task's `background_tasks` row (see `GET /v1/tasks`), once recorded.
-    tracking: Option<serde_json::Value>,
-    /// Why the tracking database could not be asked; the rest of the answer
-    /// comes from the outbox alone.
-    #[schema(required = false)]
-    tracking_error: Option<String>,
-}
-
-/// `queued`: in the outbox; `published`: confirmed by the broker;
-/// `dead_letter`: failed permanently, see `last_error`.
-#[derive(serde::Serialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-#[allow(dead_code)]
-pub enum TaskState {
-    Queued,
-    Published,
-    DeadLetter,
-}
-
-/// `application/health+json` (draft-inadarei-api-health-check).
-#[derive(serde::Serialize, ToSchema)]
-#[allow(dead_code)]
-pub struct Health {
-    /// `pass`: broker connected, breaker closed; `warn`: spooling, still
-    /// accepting; `fail` (HTTP 503): cannot accept.
-    #[schema(inline)]
-    status: HealthStatus,
-    /// Whether work that needs a live broker is available now: what a UI
-    /// reads to grey out asynchronous features.
-    async_available: bool,
-    version: String,
-    #[serde(rename = "releaseId")]
-    release_id: String,
-    description: String,
-    /// `broker:connection`, `breaker:state`, `outbox:depth`,
-    /// `outbox:storage`, `outbox:oldestAge`, ...: arrays of check results.
-    checks: BTreeMap<String, Vec<serde_json::Value>>,
-}
-
-#[derive(serde::Serialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-#[allow(dead_code)]
-pub enum HealthStatus {
-    Pass,
-    Warn,
-    Fail,
-}
-
-/// `GET /healthz` and `GET /readyz` bodies.
-#[derive(serde::Serialize, ToSchema)]
-#[allow(dead_code)]
-pub struct Probe {
-    /// `pass` (liveness), `ready` or `not ready` (readiness).
-    status: String,
-    /// Why the gateway is not ready.
-    #[schema(required = false)]
-    reason: Option<String>,
-}
-
-fn schema_ref(name: &str) -> Ref {
-    Ref::from_schema_name(name)
-}
-
-fn content(schema: &str) -> utoipa::openapi::Content {
-    ContentBuilder::new().schema(Some(schema_ref(schema))).build()
+/// A reference to `T`'s component: named by the type, so a renamed or
+/// missing schema fails to compile rather than dangle.
+fn content<T: ToSchema>() -> utoipa::openapi::Content {
+    ContentBuilder::new()
+        .schema(Some(Ref::from_schema_name(T::name())))
+        .build()
 }
 
 fn text_content() -> utoipa::openapi::Content {
@@ -172,24 +55,24 @@ fn text_content() -> utoipa::openapi::Content {
         .build()
 }
 
-fn json_response(description: &str, schema: &str) -> utoipa::openapi::Response {
+fn json_response<T: ToSchema>(description: &str) -> utoipa::openapi::Response {
     ResponseBuilder::new()
         .description(description)
-        .content(JSON, content(schema))
+        .content(JSON, content::<T>())
         .build()
 }
 
 fn problem(description: &str) -> utoipa::openapi::Response {
     ResponseBuilder::new()
         .description(description)
-        .content(PROBLEM_JSON, content("Problem"))
+        .content(PROBLEM_CONTENT_TYPE, content::<ProblemDetails>())
         .build()
 }
 
 fn retry_after_problem(description: &str) -> utoipa::openapi::Response {
     ResponseBuilder::new()
         .description(description)
-        .content(PROBLEM_JSON, content("Problem"))
+        .content(PROBLEM_CONTENT_TYPE, content::<ProblemDetails>())
         .header(
             header::RETRY_AFTER.as_str(),
             HeaderBuilder::new()
@@ -235,7 +118,7 @@ fn accept_errors(operation: OperationBuilder) -> OperationBuilder {
                     "http.submit_token is set and the request has no `Authorization: Bearer` header with it \
                      (or with the admin token)",
                 )
-                .content(PROBLEM_JSON, content("Problem"))
+                .content(PROBLEM_CONTENT_TYPE, content::<ProblemDetails>())
                 .header(
                     header::WWW_AUTHENTICATE.as_str(),
                     HeaderBuilder::new()
@@ -403,27 +286,25 @@ fn admin(id: &str, summary: &str) -> OperationBuilder {
         )
 }
 
-fn breaker_view() -> Schema {
+/// `DELETE /v1/dead-letters/{id}` and `POST /v1/dead-letters/{id}/requeue`
+/// answer with the entry concerned (`DeadLetterEntry`, an outbox type).
+fn dead_letter_entry() -> Schema {
     object(
-        "The circuit breaker",
+        "A dead letter, as listed by GET /v1/dead-letters",
         &[
+            ("id", "integer", "The dead letter's id"),
+            ("task_id", "string?", "The task's id, when its record could be decoded"),
             (
-                "state",
-                "string",
-                "`closed`, `open`, `half_open`, `forced_open` or `forced_closed`",
-            ),
-            (
-                "forced",
-                "boolean",
-                "An operator's forced state overrides the automatic one",
-            ),
-            ("changed_at", "string", "RFC 3339"),
-            ("opened_count", "integer", "Times the breaker opened since start"),
-            (
-                "next_probe_at",
+                "task_name",
                 "string?",
-                "When an open breaker lets the next probe through",
+                "The task's name, when its record could be decoded",
             ),
+            ("lane", "string", "The lane (queue) it was to be published on"),
+            ("reason", "string", "Why it was dead-lettered"),
+            ("attempts", "integer", "Failed publish attempts"),
+            ("dead_at", "string", "RFC 3339"),
+            ("task", "object?", "The whole task, when the record could be decoded"),
+            ("raw", "string?", "The stored bytes (lossily as text) when it could not"),
         ],
     )
 }
@@ -433,13 +314,9 @@ fn admin_paths(paths: PathsBuilder) -> PathsBuilder {
         query("limit", Type::Integer, "Entries per page, 1 to 1000 (default 100)"),
         query("cursor", Type::String, "`next_cursor` of the previous page"),
     ];
-    let paused = || {
-        inline_json(
-            "The relay's state",
-            object("Relay pause", &[("paused", "boolean", "Whether publishing is paused")]),
-        )
-    };
-    let purged = |what: &str| inline_json(what, object("Purge", &[("purged", "integer", "Entries removed")]));
+    let paused = || json_response::<RelayPause>("The relay's state");
+    let purged = |what: &str| json_response::<Purged>(what);
+    let breaker = || json_response::<BreakerView>("The breaker");
     let requeued = || {
         inline_json(
             "Requeued at the tail of their lanes",
@@ -484,23 +361,7 @@ fn admin_paths(paths: PathsBuilder) -> PathsBuilder {
                 admin("list_outbox_tasks", "Waiting tasks, in publish order, paged")
                     .parameters(Some(page.clone()))
                     .response("400", problem("Invalid query or cursor"))
-                    .response(
-                        "200",
-                        inline_json(
-                            "One page",
-                            object(
-                                "Outbox page",
-                                &[
-                                    (
-                                        "tasks",
-                                        "array",
-                                        "Accepted tasks with lane, sequence, attempts, last_error",
-                                    ),
-                                    ("next_cursor", "string?", "Pass as cursor for the next page"),
-                                ],
-                            ),
-                        ),
-                    ),
+                    .response("200", json_response::<TaskPage>("One page")),
             )
             .and(
                 HttpMethod::Delete,
@@ -513,20 +374,7 @@ fn admin_paths(paths: PathsBuilder) -> PathsBuilder {
             PathItem::new(
                 HttpMethod::Post,
                 admin("drain", "Probe the broker now, even with the breaker open")
-                    .response(
-                        "202",
-                        inline_json(
-                            "The probe is on its way",
-                            object(
-                                "Drain started",
-                                &[
-                                    ("depth", "integer", "Tasks waiting"),
-                                    ("breaker", "string", "The breaker's state"),
-                                    ("probe_requested", "boolean", "Always true"),
-                                ],
-                            ),
-                        ),
-                    )
+                    .response("202", json_response::<DrainStarted>("The probe is on its way"))
                     .response("409", problem("The relay is paused, or the breaker forced open")),
             ),
         )
@@ -604,23 +452,7 @@ fn admin_paths(paths: PathsBuilder) -> PathsBuilder {
                         query("limit", Type::Integer, "Entries per page, 1 to 1000 (default 100)"),
                         query("after", Type::Integer, "`next_after` of the previous page"),
                     ]))
-                    .response(
-                        "200",
-                        inline_json(
-                            "One page",
-                            object(
-                                "Dead-letter page",
-                                &[
-                                    (
-                                        "dead_letters",
-                                        "array",
-                                        "id, task_id, task_name, lane, reason, attempts, dead_at, task or raw",
-                                    ),
-                                    ("next_after", "integer?", "Pass as after for the next page"),
-                                ],
-                            ),
-                        ),
-                    )
+                    .response("200", json_response::<DeadLetterPage>("One page"))
                     .response("400", problem("Invalid query")),
             )
             .and(
@@ -645,7 +477,7 @@ fn admin_paths(paths: PathsBuilder) -> PathsBuilder {
                 HttpMethod::Delete,
                 admin("delete_dead_letter", "Delete one dead letter")
                     .parameter(path_parameter("id", Type::Integer, "The dead letter's id"))
-                    .response("200", purged("Deleted"))
+                    .response("200", inline_json("The deleted dead letter", dead_letter_entry()))
                     .response("404", problem("No such dead letter")),
             ),
         )
@@ -658,7 +490,10 @@ fn admin_paths(paths: PathsBuilder) -> PathsBuilder {
                     "Put one dead letter back at the tail of its lane",
                 )
                 .parameter(path_parameter("id", Type::Integer, "The dead letter's id"))
-                .response("200", requeued())
+                .response(
+                    "200",
+                    inline_json("The dead letter, now back in the outbox", dead_letter_entry()),
+                )
                 .response("404", problem("No such dead letter"))
                 .response("409", problem("Its record cannot be decoded: it can only be deleted")),
             ),
@@ -667,8 +502,7 @@ fn admin_paths(paths: PathsBuilder) -> PathsBuilder {
             "/v1/breaker",
             PathItem::new(
                 HttpMethod::Get,
-                admin("breaker_status", "The circuit breaker's state")
-                    .response("200", inline_json("The breaker", breaker_view())),
+                admin("breaker_status", "The circuit breaker's state").response("200", breaker()),
             ),
         )
         .path(
@@ -679,7 +513,7 @@ fn admin_paths(paths: PathsBuilder) -> PathsBuilder {
                     "force_breaker_open",
                     "Force the breaker open (maintenance), also across restarts: tasks spool",
                 )
-                .response("200", inline_json("The breaker", breaker_view()))
+                .response("200", breaker())
                 .response("503", retry_after_problem(HOLD_NOT_SAVED)),
             ),
         )
@@ -691,7 +525,7 @@ fn admin_paths(paths: PathsBuilder) -> PathsBuilder {
                     "force_breaker_closed",
                     "Force the breaker closed, also across restarts: publish whatever happens",
                 )
-                .response("200", inline_json("The breaker", breaker_view()))
+                .response("200", breaker())
                 .response("503", retry_after_problem(HOLD_NOT_SAVED)),
             ),
         )
@@ -700,7 +534,7 @@ fn admin_paths(paths: PathsBuilder) -> PathsBuilder {
             PathItem::new(
                 HttpMethod::Post,
                 admin("release_breaker", "End a forced state; the breaker decides again")
-                    .response("200", inline_json("The breaker", breaker_view()))
+                    .response("200", breaker())
                     .response("503", retry_after_problem(HOLD_NOT_SAVED)),
             ),
         )
@@ -750,7 +584,7 @@ fn paths() -> PathsBuilder {
                         .request_body(Some(
                             RequestBodyBuilder::new()
                                 .required(Some(Required::True))
-                                .content(JSON, content("TaskRequest"))
+                                .content(JSON, content::<TaskRequest>())
                                 .build(),
                         ))
                         .response(
@@ -758,7 +592,7 @@ fn paths() -> PathsBuilder {
                             accepted_headers(
                                 ResponseBuilder::new()
                                     .description("Accepted: durable in the outbox")
-                                    .content(JSON, content("AcceptedTask")),
+                                    .content(JSON, content::<AcceptedTask>()),
                             )
                             .build(),
                         ),
@@ -787,25 +621,7 @@ fn paths() -> PathsBuilder {
                         query("limit", Type::Integer, "Rows per page, 1 to the maximum (default 50)"),
                         query("cursor", Type::String, "`next_cursor` of the previous page"),
                     ]))
-                    .response(
-                        "200",
-                        inline_json(
-                            "One page",
-                            object(
-                                "Tracked tasks",
-                                &[
-                                    (
-                                        "tasks",
-                                        "array",
-                                        "Rows: public_id, task_id, type, input, options, creator_id, \
-                                         related_content_type, related_object_id, parent_id, root_id, status, \
-                                         created_date, last_updated",
-                                    ),
-                                    ("next_cursor", "string?", "Pass as cursor for the next page"),
-                                ],
-                            ),
-                        ),
-                    )
+                    .response("200", json_response::<TrackedTaskPage>("One page"))
                     .response("400", problem("Invalid query or cursor"))
                     .response("422", problem("Invalid limit"))
                     .response("503", retry_after_problem("The tracking database cannot be asked")),
@@ -824,10 +640,10 @@ fn paths() -> PathsBuilder {
                         .request_body(Some(
                             RequestBodyBuilder::new()
                                 .required(Some(Required::True))
-                                .content(JSON, content("BatchRequest"))
+                                .content(JSON, content::<BatchRequest>())
                                 .build(),
                         ))
-                        .response("202", json_response("All tasks accepted", "AcceptedBatch")),
+                        .response("202", json_response::<AcceptedBatch>("All tasks accepted")),
                 ),
             ),
         )
@@ -844,7 +660,7 @@ fn paths() -> PathsBuilder {
                             .schema(Some(string_schema(Some(SchemaFormat::Custom("uuid".into())))))
                             .build(),
                     )
-                    .response("200", json_response("The task's state", "TaskStatus"))
+                    .response("200", json_response::<TaskStatus>("The task's state"))
                     .response("404", problem("No task with this id is known"))
                     .response(
                         "503",
@@ -859,7 +675,7 @@ fn paths() -> PathsBuilder {
             PathItem::new(
                 HttpMethod::Get,
                 operation("healthz", "health", "Liveness: 200 while the process serves")
-                    .response("200", json_response("Alive", "Probe")),
+                    .response("200", json_response::<Probe>("Alive")),
             ),
         )
         .path(
@@ -871,12 +687,12 @@ fn paths() -> PathsBuilder {
                         "200 while tasks can be accepted (outbox writable and under its limit), else 503. \
                          Independent of the broker: a gateway that spools is still ready.",
                     ))
-                    .response("200", json_response("Accepting tasks", "Probe"))
+                    .response("200", json_response::<Probe>("Accepting tasks"))
                     .response(
                         "503",
                         ResponseBuilder::new()
                             .description("Not accepting tasks (outbox full); Retry-After is set")
-                            .content(JSON, content("Probe"))
+                            .content(JSON, content::<Probe>())
                             .build(),
                     ),
             ),
@@ -890,14 +706,14 @@ fn paths() -> PathsBuilder {
                         "200",
                         ResponseBuilder::new()
                             .description("`pass` or `warn`")
-                            .content(HEALTH_JSON, content("Health"))
+                            .content(HEALTH_CONTENT_TYPE, content::<HealthReport>())
                             .build(),
                     )
                     .response(
                         "503",
                         ResponseBuilder::new()
                             .description("`fail`: tasks cannot be accepted")
-                            .content(HEALTH_JSON, content("Health"))
+                            .content(HEALTH_CONTENT_TYPE, content::<HealthReport>())
                             .build(),
                     ),
             ),
@@ -1047,9 +863,16 @@ pub fn document() -> OpenApi {
         .schema_from::<AcceptedTask>()
         .schema_from::<AcceptedBatch>()
         .schema_from::<TaskStatus>()
-        .schema_from::<crate::http::problem::ProblemDetails>()
-        .schema_from::<Health>()
+        .schema_from::<TrackedTaskPage>()
+        .schema_from::<ProblemDetails>()
+        .schema_from::<HealthReport>()
         .schema_from::<Probe>()
+        .schema_from::<TaskPage>()
+        .schema_from::<DeadLetterPage>()
+        .schema_from::<Purged>()
+        .schema_from::<RelayPause>()
+        .schema_from::<DrainStarted>()
+        .schema_from::<BreakerView>()
         // After the derived ones: BatchRequest brought TaskRequest along
         // without the descriptions.
         .schema("TaskRequest", task_request_schema())

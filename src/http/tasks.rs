@@ -5,6 +5,10 @@
 //! that a syntax error is a 400, a type error a 422 naming the field, and
 //! an oversized body a 413, each as problem+json. Nothing is written
 //! unless every task of the request passed intake.
+//!
+//! The bodies these routes decode and send are the types below; their
+//! `ToSchema` derives are what `GET /openapi.json` documents, so the
+//! description cannot drift from the wire.
 
 use super::problem::Problem;
 use super::AppState;
@@ -12,17 +16,23 @@ use crate::outbox::{AcceptOutcome, Acceptance, IdempotencyKey, OutboxError, Task
 use crate::task::intake::{self, IntakeErrorKind};
 use crate::task::registry::Registry;
 use crate::task::routing::TopicRouter;
-use crate::task::{Task, TaskId, TaskRequest};
-use crate::tracking::store::{ListCursor, TaskFilter, MAX_PAGE};
+use crate::task::{QueueName, Task, TaskId, TaskName, TaskRequest};
+use crate::tracking::result::TaskResult;
+use crate::tracking::store::{ListCursor, TaskFilter, TrackedTask, MAX_PAGE};
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::Json;
+use chrono::{DateTime, Utc};
 use serde::de::DeserializeOwned;
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::ToSchema;
+// The property tests (`tasks/request_proptests.rs`) build requests and read
+// responses with these through `use super::*`.
+#[cfg(test)]
+use {axum::http::HeaderValue, axum::response::IntoResponse, serde_json::json};
 
 const MAX_BATCH: usize = 1000;
 const IDEMPOTENCY_HEADER: &str = "idempotency-key";
@@ -156,14 +166,45 @@ pub(super) fn outbox_problem(error: OutboxError) -> Problem {
     }
 }
 
-fn acceptance_body(acceptance: &Acceptance) -> serde_json::Value {
-    json!({
-        "id": acceptance.id.to_string(),
-        "task": acceptance.task,
-        "status": "accepted",
-        "routing_key": acceptance.routing_key,
-        "queues": acceptance.queues,
-    })
+/// A task made durable in the outbox; it will be published to `queues`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AcceptedTask {
+    #[schema(value_type = String, format = "uuid")]
+    pub id: TaskId,
+    #[schema(value_type = String)]
+    pub task: TaskName,
+    #[schema(inline)]
+    pub status: AcceptedStatus,
+    /// The routing key the task is published with.
+    pub routing_key: String,
+    /// Every queue whose binding matches the routing key.
+    #[schema(value_type = Vec<String>)]
+    pub queues: Vec<QueueName>,
+}
+
+/// Always `accepted`: an answer is only sent once the task is durable.
+#[derive(Debug, Clone, Copy, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum AcceptedStatus {
+    Accepted,
+}
+
+impl From<Acceptance> for AcceptedTask {
+    fn from(acceptance: Acceptance) -> Self {
+        Self {
+            id: acceptance.id,
+            task: acceptance.task,
+            status: AcceptedStatus::Accepted,
+            routing_key: acceptance.routing_key,
+            queues: acceptance.queues,
+        }
+    }
+}
+
+/// `POST /v1/tasks/batch` response, in request order.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AcceptedBatch {
+    pub tasks: Vec<AcceptedTask>,
 }
 
 /// Which task route a submission came in on: its field names in problems
@@ -263,39 +304,93 @@ pub async fn post_task(
     State(state): State<AppState>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Response {
-    match submit(&state, SubmitRoute::Single, &headers, body).await {
-        Ok(acceptances) => {
-            let acceptance = acceptances.into_iter().next().expect("one acceptance per task");
-            let location = format!("/v1/tasks/{}", acceptance.id);
-            let mut response = (StatusCode::ACCEPTED, Json(acceptance_body(&acceptance))).into_response();
-            if let Ok(value) = HeaderValue::from_str(&location) {
-                response.headers_mut().insert(header::LOCATION, value);
-            }
-            response
-        }
-        Err(problem) => problem.into_response(),
-    }
+) -> Result<(StatusCode, [(header::HeaderName, String); 1], Json<AcceptedTask>), Problem> {
+    let acceptances = submit(&state, SubmitRoute::Single, &headers, body).await?;
+    let acceptance = acceptances.into_iter().next().expect("one acceptance per task");
+    // A task id is a UUID, always a valid header value.
+    let location = format!("/v1/tasks/{}", acceptance.id);
+    Ok((
+        StatusCode::ACCEPTED,
+        [(header::LOCATION, location)],
+        Json(AcceptedTask::from(acceptance)),
+    ))
 }
 
-#[derive(Deserialize)]
+/// `POST /v1/tasks/batch`: all tasks are accepted together or none is.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct BatchRequest {
-    tasks: Vec<TaskRequest>,
+pub struct BatchRequest {
+    // Checked by `parse_submission` (a 422 naming `tasks`), not by serde.
+    #[schema(min_items = 1, max_items = 1000)]
+    pub tasks: Vec<TaskRequest>,
 }
 
 pub async fn post_batch(
     State(state): State<AppState>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Response {
-    match submit(&state, SubmitRoute::Batch, &headers, body).await {
-        Ok(acceptances) => (
-            StatusCode::ACCEPTED,
-            Json(json!({"tasks": acceptances.iter().map(acceptance_body).collect::<Vec<_>>()})),
-        )
-            .into_response(),
-        Err(problem) => problem.into_response(),
+) -> Result<(StatusCode, Json<AcceptedBatch>), Problem> {
+    let acceptances = submit(&state, SubmitRoute::Batch, &headers, body).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(AcceptedBatch {
+            tasks: acceptances.into_iter().map(AcceptedTask::from).collect(),
+        }),
+    ))
+}
+
+/// What taskgate knows about one task.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TaskStatus {
+    #[schema(format = "uuid")]
+    pub id: String,
+    pub task: String,
+    #[schema(inline)]
+    pub state: DeliveryState,
+    /// Failed publish attempts (a round without a connection sends nothing
+    /// and is not counted); null for a task known only from tracking (one
+    /// a worker scheduled, or one published long ago).
+    pub attempts: Option<u32>,
+    /// Why the last attempt failed, or why the task was dead-lettered.
+    pub last_error: Option<String>,
+    // From a tracking row, whatever its `options` hold: the row is not
+    // re-checked, and the answer passes it on as it is.
+    #[schema(value_type = Option<String>)]
+    pub routing_key: Option<Value>,
+    #[schema(value_type = Option<Vec<String>>)]
+    pub queues: Option<Value>,
+    pub accepted_at: DateTime<Utc>,
+    pub published_at: Option<DateTime<Utc>>,
+    /// Celery's result (`status`, `result`, `date_done`, `traceback`), once a
+    /// worker stored one in `celery_taskmeta`.
+    #[schema(value_type = Option<Value>)]
+    pub result: Option<TaskResult>,
+    /// The task's `background_tasks` row (see `GET /v1/tasks`), once recorded.
+    #[schema(value_type = Option<Value>)]
+    pub tracking: Option<TrackedTask>,
+    /// Why the tracking database could not be asked; the rest of the answer
+    /// comes from the outbox alone.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tracking_error: Option<String>,
+}
+
+/// `queued`: in the outbox; `published`: confirmed by the broker;
+/// `dead_letter`: failed permanently, see `last_error`.
+#[derive(Debug, Clone, Copy, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DeliveryState {
+    Queued,
+    Published,
+    DeadLetter,
+}
+
+impl From<TaskState> for DeliveryState {
+    fn from(state: TaskState) -> Self {
+        match state {
+            TaskState::Queued => DeliveryState::Queued,
+            TaskState::Published => DeliveryState::Published,
+            TaskState::DeadLetter => DeliveryState::DeadLetter,
+        }
     }
 }
 
@@ -306,15 +401,12 @@ pub async fn post_batch(
 /// answered from the row: it reached the broker, so it is `published`.
 /// The database is asked with a bound, and not at all while it is known
 /// to be unreachable; then the outbox's answer comes with `tracking_error`.
-pub async fn get_task(State(state): State<AppState>, Path(id): Path<String>) -> Response {
+pub async fn get_task(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<TaskStatus>, Problem> {
     if id.is_empty() || id.len() > 255 {
-        return Problem::not_found(format!("{id:?} is not a task id")).into_response();
+        return Err(Problem::not_found(format!("{id:?} is not a task id")));
     }
     let outbox_status = match TaskId::parse(&id) {
-        Ok(task_id) => match state.outbox.status(&task_id) {
-            Ok(status) => status,
-            Err(error) => return outbox_problem(error).into_response(),
-        },
+        Ok(task_id) => state.outbox.status(&task_id).map_err(outbox_problem)?,
         Err(_) => None,
     };
     let mut tracking_error: Option<String> = None;
@@ -328,10 +420,7 @@ pub async fn get_task(State(state): State<AppState>, Path(id): Path<String>) -> 
     // Asked by public id: the outbox knows the task by its Celery id.
     let outbox_status = match (outbox_status, &row) {
         (None, Some(row)) => match TaskId::parse(&row.task_id) {
-            Ok(task_id) => match state.outbox.status(&task_id) {
-                Ok(status) => status,
-                Err(error) => return outbox_problem(error).into_response(),
-            },
+            Ok(task_id) => state.outbox.status(&task_id).map_err(outbox_problem)?,
             Err(_) => None,
         },
         (known, _) => known,
@@ -350,35 +439,44 @@ pub async fn get_task(State(state): State<AppState>, Path(id): Path<String>) -> 
         },
         _ => None,
     };
-    let mut body = match (outbox_status, &row) {
-        (Some(status), _) => json!({
-            "id": status.id.to_string(),
-            "task": status.task,
-            "state": match status.state {
-                TaskState::Queued => "queued",
-                TaskState::Published => "published",
-                TaskState::DeadLetter => "dead_letter",
-            },
-            "attempts": status.attempts,
-            "last_error": status.last_error,
-            "routing_key": status.routing_key,
-            "queues": status.queues,
-            "accepted_at": status.accepted_at,
-            "published_at": status.published_at,
-        }),
-        (None, Some(row)) => json!({
-            "id": row.task_id,
-            "task": row.task_type,
-            "state": "published",
-            "attempts": null,
-            "last_error": null,
-            "routing_key": row.options.get("routing_key").cloned().unwrap_or(Value::Null),
-            "queues": row.options.get("queues").cloned().unwrap_or(Value::Null),
-            "accepted_at": row.created_date,
-            "published_at": null,
-        }),
+    let mut answer = match (outbox_status, &row) {
+        (Some(status), _) => TaskStatus {
+            id: status.id.to_string(),
+            task: status.task.to_string(),
+            state: status.state.into(),
+            attempts: Some(status.attempts),
+            last_error: status.last_error,
+            routing_key: Some(Value::String(status.routing_key)),
+            queues: Some(Value::Array(
+                status
+                    .queues
+                    .iter()
+                    .map(|queue| Value::String(queue.to_string()))
+                    .collect(),
+            )),
+            accepted_at: status.accepted_at,
+            published_at: status.published_at,
+            result: None,
+            tracking: None,
+            tracking_error: None,
+        },
+        (None, Some(row)) => TaskStatus {
+            id: row.task_id.clone(),
+            task: row.task_type.clone(),
+            // Only a task that reached the broker has a row without an outbox entry.
+            state: DeliveryState::Published,
+            attempts: None,
+            last_error: None,
+            routing_key: row.options.get("routing_key").cloned(),
+            queues: row.options.get("queues").cloned(),
+            accepted_at: row.created_date,
+            published_at: None,
+            result: None,
+            tracking: None,
+            tracking_error: None,
+        },
         (None, None) => {
-            return match tracking_error {
+            return Err(match tracking_error {
                 Some(error) => Problem::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "tracking-unavailable",
@@ -387,18 +485,15 @@ pub async fn get_task(State(state): State<AppState>, Path(id): Path<String>) -> 
                         "the outbox does not know task {id}, and the tracking database could not be asked: {error}"
                     ),
                 )
-                .retry_after(5)
-                .into_response(),
-                None => Problem::not_found(format!("no task with id {id} is known")).into_response(),
-            };
+                .retry_after(5),
+                None => Problem::not_found(format!("no task with id {id} is known")),
+            });
         }
     };
-    body["result"] = json!(result);
-    body["tracking"] = json!(row);
-    if let Some(error) = tracking_error {
-        body["tracking_error"] = json!(error);
-    }
-    Json(body).into_response()
+    answer.result = result;
+    answer.tracking = row;
+    answer.tracking_error = tracking_error;
+    Ok(Json(answer))
 }
 
 /// Query of `GET /v1/tasks`. Empty values mean "not given", so a template
@@ -428,73 +523,82 @@ fn given(value: Option<String>) -> Option<String> {
 /// `cursor` (`next_cursor` of the previous page), filtered by `type`,
 /// `creator_id`, `related_content_type`, `related_object_id`, `status`,
 /// `parent_id` and `root_id`.
-pub async fn list_tasks(State(state): State<AppState>, query: Result<Query<ListQuery>, QueryRejection>) -> Response {
-    let result = async {
-        let Query(query) = query.map_err(|rejection| {
+pub async fn list_tasks(
+    State(state): State<AppState>,
+    query: Result<Query<ListQuery>, QueryRejection>,
+) -> Result<Json<TrackedTaskPage>, Problem> {
+    let Query(query) = query.map_err(|rejection| {
+        Problem::new(
+            StatusCode::BAD_REQUEST,
+            "invalid-query",
+            "Invalid query",
+            rejection.body_text(),
+        )
+    })?;
+    let limit = match given(query.limit) {
+        None => DEFAULT_PAGE,
+        Some(text) => text
+            .parse::<u32>()
+            .ok()
+            .filter(|limit| (1..=MAX_PAGE).contains(limit))
+            .ok_or_else(|| {
+                Problem::invalid_field(
+                    Some("limit".into()),
+                    format!("limit must be a whole number from 1 to {MAX_PAGE}, not {text:?}"),
+                )
+            })?,
+    };
+    let cursor = match given(query.cursor) {
+        None => None,
+        Some(text) => Some(ListCursor::decode(&text).ok_or_else(|| {
             Problem::new(
                 StatusCode::BAD_REQUEST,
-                "invalid-query",
-                "Invalid query",
-                rejection.body_text(),
+                "invalid-cursor",
+                "Invalid cursor",
+                "cursor must be the next_cursor of a previous page",
             )
+            .with_field(Some("cursor".into()))
+        })?),
+    };
+    let filter = TaskFilter {
+        task_type: given(query.task_type),
+        creator_id: given(query.creator_id),
+        related_content_type: given(query.related_content_type),
+        related_object_id: given(query.related_object_id),
+        status: given(query.status),
+        parent_id: given(query.parent_id),
+        root_id: given(query.root_id),
+    };
+    let page = state
+        .tracking
+        .list(&filter, cursor.as_ref(), limit)
+        .await
+        .map_err(|error| {
+            Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "tracking-unavailable",
+                "Tracking database unavailable",
+                error.to_string(),
+            )
+            .retry_after(5)
         })?;
-        let limit = match given(query.limit) {
-            None => DEFAULT_PAGE,
-            Some(text) => text
-                .parse::<u32>()
-                .ok()
-                .filter(|limit| (1..=MAX_PAGE).contains(limit))
-                .ok_or_else(|| {
-                    Problem::invalid_field(
-                        Some("limit".into()),
-                        format!("limit must be a whole number from 1 to {MAX_PAGE}, not {text:?}"),
-                    )
-                })?,
-        };
-        let cursor = match given(query.cursor) {
-            None => None,
-            Some(text) => Some(ListCursor::decode(&text).ok_or_else(|| {
-                Problem::new(
-                    StatusCode::BAD_REQUEST,
-                    "invalid-cursor",
-                    "Invalid cursor",
-                    "cursor must be the next_cursor of a previous page",
-                )
-                .with_field(Some("cursor".into()))
-            })?),
-        };
-        let filter = TaskFilter {
-            task_type: given(query.task_type),
-            creator_id: given(query.creator_id),
-            related_content_type: given(query.related_content_type),
-            related_object_id: given(query.related_object_id),
-            status: given(query.status),
-            parent_id: given(query.parent_id),
-            root_id: given(query.root_id),
-        };
-        let page = state
-            .tracking
-            .list(&filter, cursor.as_ref(), limit)
-            .await
-            .map_err(|error| {
-                Problem::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "tracking-unavailable",
-                    "Tracking database unavailable",
-                    error.to_string(),
-                )
-                .retry_after(5)
-            })?;
-        Ok::<_, Problem>(json!({
-            "tasks": page.tasks,
-            "next_cursor": page.next.as_ref().map(ListCursor::encode),
-        }))
-    }
-    .await;
-    match result {
-        Ok(body) => Json(body).into_response(),
-        Err(problem) => problem.into_response(),
-    }
+    Ok(Json(TrackedTaskPage {
+        tasks: page.tasks,
+        next_cursor: page.next.as_ref().map(ListCursor::encode),
+    }))
 }
+
+/// One page of `GET /v1/tasks`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TrackedTaskPage {
+    /// Rows: public_id, task_id, type, input, options, creator_id,
+    /// related_content_type, related_object_id, parent_id, root_id, status,
+    /// created_date, last_updated.
+    #[schema(value_type = Vec<Object>)]
+    pub tasks: Vec<TrackedTask>,
+    /// Pass as cursor for the next page.
+    pub next_cursor: Option<String>,
+}
+
 #[cfg(test)]
 mod request_proptests;
