@@ -40,6 +40,9 @@
 //! - [`health`]: the computed health report and its change stream.
 //! - [`retry`]: the one retry policy (jittered exponential delays) behind
 //!   the breaker's open interval, reconnects and tracking's retries.
+//! - [`topology`]: what Celery workers must match (exchange, queues,
+//!   bindings, tracking queue, routing, result backend), for
+//!   `GET /v1/topology`, `taskgate topology` and `taskgate_client.worker`.
 //! - [`app`]: building the server, background tasks, shutdown order.
 //! - [`systemd`]: `sd_notify` readiness, stopping and watchdog messages.
 //! - [`cli`]: the command line: `serve`, `check-config`, `migrate`, and the
@@ -62,4 +65,5 @@ pub mod relay;
 pub mod retry;
 pub mod systemd;
 pub mod task;
+pub mod topology;
 pub mod tracking;

@@ -50,8 +50,25 @@ pub enum Command {
     /// Apply the tracking database migrations (`serve` also applies them at
     /// start-up, in the background, unless tracking.migrate_on_start is off).
     Migrate,
+    /// What Celery workers must match (exchange, queues and bindings, the
+    /// tracking queue, routing, result backend), from this configuration;
+    /// the same document as `GET /v1/topology`. `--format celery` prints
+    /// the Celery settings `taskgate_client.worker.configure` applies.
+    Topology {
+        #[arg(long, value_enum, default_value_t = TopologyFormat::Topology)]
+        format: TopologyFormat,
+    },
     #[command(flatten)]
     Operator(operator::OperatorCommand),
+}
+
+/// What `taskgate topology` prints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TopologyFormat {
+    /// The topology document (JSON), as `GET /v1/topology` serves it.
+    Topology,
+    /// The Celery settings for a worker (JSON).
+    Celery,
 }
 
 fn config_failure(error: &ConfigError) -> ExitCode {
@@ -67,6 +84,15 @@ pub fn run(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Operator(command) => operator::run(&settings, cli.json, command),
         Command::Migrate => migrate(&settings, cli.json),
+        Command::Topology { format } => {
+            let topology = crate::topology::Topology::from_settings(&settings);
+            let document = match format {
+                TopologyFormat::Topology => serde_json::to_value(&topology).expect("the topology serializes"),
+                TopologyFormat::Celery => topology.celery_settings(),
+            };
+            println!("{}", serde_json::to_string_pretty(&document).expect("JSON serializes"));
+            ExitCode::SUCCESS
+        }
         Command::CheckConfig => {
             if cli.json {
                 let masked = settings.masked();

@@ -21,6 +21,7 @@ pub mod request_id;
 pub mod server;
 pub mod status_page;
 pub mod tasks;
+pub mod topology;
 
 use crate::broker::Publisher;
 use crate::config::Settings;
@@ -96,6 +97,7 @@ pub fn router(state: AppState) -> Router {
             get(health::health_stream).layer(Extension(subscribers)),
         )
         .route("/metrics", get(health::metrics))
+        .route("/v1/topology", get(topology::topology))
         .route("/", get(status_page::status_page))
         .merge(admin::routes(&state))
         .route(openapi::PATH, get(openapi::openapi_json))

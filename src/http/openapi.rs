@@ -757,6 +757,58 @@ fn paths() -> PathsBuilder {
             ),
         )
         .path(
+            "/v1/topology",
+            PathItem::new(
+                HttpMethod::Get,
+                operation(
+                    "topology",
+                    "health",
+                    "What Celery workers must match: exchange, queues, bindings, tracking queue, routing, result \
+                     backend (no secrets)",
+                )
+                .parameter(query(
+                    "format",
+                    Type::String,
+                    "`topology` (default): the document; `celery`: the Celery settings \
+                     `taskgate_client.worker.configure` applies",
+                ))
+                .response(
+                    "200",
+                    inline_json(
+                        "The topology",
+                        object(
+                            "Topology",
+                            &[
+                                (
+                                    "broker",
+                                    "object",
+                                    "`kind` (`amqp` or `sqs`) and where it is, password masked",
+                                ),
+                                ("exchange", "object", "`name`, `type` (`topic`), `durable`"),
+                                (
+                                    "queues",
+                                    "array",
+                                    "`name`, `binding_key`, `durable` (and `sqs_name` on SQS)",
+                                ),
+                                (
+                                    "tracking_queue",
+                                    "object?",
+                                    "The queue bound `#` that taskgate records from",
+                                ),
+                                (
+                                    "routing",
+                                    "object",
+                                    "`default_rule` (`first_word`) and per-task routing keys",
+                                ),
+                                ("result_backend", "object", "Celery's `result_backend` URL, no password"),
+                            ],
+                        ),
+                    ),
+                )
+                .response("422", problem("Unknown format")),
+            ),
+        )
+        .path(
             "/",
             PathItem::new(
                 HttpMethod::Get,

@@ -26,6 +26,7 @@ import time
 import urllib.parse
 import uuid
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -78,6 +79,7 @@ class Gateway:
         registry=(),
         strict: bool = False,
         submit_token: str = "",
+        sync_queue: Optional[str] = None,
     ):
         self.dir = Path(tempfile.mkdtemp(prefix="taskgate-pytest-"))
         self.submit_token = submit_token
@@ -108,6 +110,7 @@ class Gateway:
             f"max_bytes = {max_bytes}",
             "[tracking]",
             f"database_url = {toml_value('sqlite://' + str(self.dir / 'tracking.db'))}",
+            *([f"sync_queue = {toml_value(sync_queue)}"] if sync_queue else []),
             "[registry]",
             f"strict = {'true' if strict else 'false'}",
         ]
