@@ -719,6 +719,30 @@ async fn the_event_stream_cap_answers_503_and_a_leaving_subscriber_frees_its_slo
     assert!(response.chunk().await.unwrap().is_some());
     // And the cap holds again.
     assert_eq!(subscribe().await.unwrap().status(), 503);
+
+    // Task event streams have a cap of their own: full health slots do not
+    // refuse a progress bar, and past two task streams the next is 503.
+    let follow = |id: &str| client.get(app.url(&format!("/v1/tasks/{id}/events"))).send();
+    let mut followers = Vec::new();
+    for n in 0..2 {
+        let mut response = follow(&format!("task-{n}")).await.unwrap();
+        assert_eq!(response.status(), 200);
+        let first = tokio::time::timeout(Duration::from_secs(5), response.chunk())
+            .await
+            .expect("the task's state at once")
+            .unwrap()
+            .unwrap();
+        let first = String::from_utf8_lossy(&first).into_owned();
+        assert!(first.contains("event: state") && first.contains("PENDING"), "{first}");
+        followers.push(response);
+    }
+    let refused = follow("task-2").await.unwrap();
+    assert_eq!(refused.status(), 503);
+    assert_eq!(
+        refused.json::<Value>().await.unwrap()["type"],
+        "urn:taskgate:problem:too-many-subscribers"
+    );
+    drop(followers);
     drop(response);
     drop(subscribers);
     app.stop().await.unwrap();

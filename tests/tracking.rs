@@ -126,6 +126,91 @@ async fn send_with_celery_async(options: &CeleryWorkerOptions, task: &str, args:
 
 // ------------------------------------------------------------ results
 
+/// Live progress (issue 18): a task that reports PROGRESS 1/3, 2/3, 3/3
+/// with `update_state`, then succeeds. `GET /v1/tasks/{id}` shows PROGRESS
+/// with its meta while it runs, and `GET /v1/tasks/{id}/events` delivers
+/// the four states in order, then ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_reporting_progress_streams_each_state_until_it_ends() {
+    let database = TestDatabase::create().await;
+    let dir = tempfile::tempdir().unwrap();
+    let queue = unique("progress");
+    let mut settings = test_settings(dir.path(), RABBITMQ_URL, &[(&queue, "tests")]);
+    track_into(&mut settings, &database.url());
+    let exchange = settings.routing.exchange.clone();
+    let app = spawn_app(settings).await;
+    wait_for_schema(&app).await;
+    let worker = CeleryWorker::start_async(
+        CeleryWorkerOptions::new(RABBITMQ_URL)
+            .exchange(&exchange)
+            .queue(&queue, "tests")
+            .result_backend(database.celery_result_backend()),
+    )
+    .await;
+    let id = app.post_accepted(json!({"task": "tests.progress", "args": [3]})).await;
+    // Follow it from the start, as a page would.
+    let mut stream = app
+        .client
+        .get(app.url(&format!("/v1/tasks/{id}/events")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 200);
+    assert_eq!(stream.headers()["content-type"], "text/event-stream");
+    let mut text = String::new();
+    let mut seen_in_get = None;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    // Read events until the stream ends; meanwhile ask GET once PROGRESS shows.
+    loop {
+        let chunk = tokio::time::timeout_at(deadline.into(), stream.chunk())
+            .await
+            .expect("the stream ends once the task succeeded")
+            .unwrap();
+        let Some(chunk) = chunk else { break };
+        text.push_str(&String::from_utf8_lossy(&chunk));
+        if seen_in_get.is_none() && text.contains("PROGRESS") {
+            let (_, body) = get(&app, &format!("/v1/tasks/{id}")).await;
+            if body["result"]["status"] == "PROGRESS" {
+                seen_in_get = Some(body["result"].clone());
+            }
+        }
+    }
+    let states: Vec<Value> = text
+        .lines()
+        .filter_map(|line| line.strip_prefix("data:"))
+        .map(|data| serde_json::from_str(data.trim()).unwrap())
+        .collect();
+    let progress: Vec<(String, Value)> = states
+        .iter()
+        .filter(|state| state["status"] != "PENDING" && state["status"] != "STARTED")
+        .map(|state| (state["status"].as_str().unwrap().to_owned(), state["result"].clone()))
+        .collect();
+    assert_eq!(
+        progress,
+        vec![
+            ("PROGRESS".to_owned(), json!({"done": 1, "total": 3})),
+            ("PROGRESS".to_owned(), json!({"done": 2, "total": 3})),
+            ("PROGRESS".to_owned(), json!({"done": 3, "total": 3})),
+            ("SUCCESS".to_owned(), json!({"done": 3, "total": 3})),
+        ],
+        "every state in order, then the end: {text}"
+    );
+    assert!(
+        text.lines()
+            .filter(|line| line.starts_with("event:"))
+            .all(|line| line == "event: state"),
+        "{text}"
+    );
+    let shown = seen_in_get.expect("GET /v1/tasks/{id} showed PROGRESS while it ran");
+    assert!(
+        shown["result"]["done"].is_u64() && shown["result"]["total"] == 3,
+        "{shown}"
+    );
+    drop(worker);
+    app.stop().await.unwrap();
+    delete_amqp_entities(RABBITMQ_URL, &[&queue], &[&exchange]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn celery_results_from_postgres_show_in_get_task() {
     let database = TestDatabase::create().await;

@@ -132,6 +132,11 @@ impl EventSubscribers {
     pub fn new(max: usize) -> Self {
         Self(Arc::new(Semaphore::new(max)))
     }
+
+    /// A slot, or `None` when every one is taken.
+    pub fn try_acquire(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.0.clone().try_acquire_owned().ok()
+    }
 }
 
 /// Counted when a subscriber is refused because every slot is taken.
@@ -140,7 +145,7 @@ pub const REFUSED_SUBSCRIBERS_METRIC: &str = "taskgate_event_subscribers_refused
 /// The comment lines that keep an idle stream alive: often enough that
 /// the server's stall bound (`http.idle_timeout_ms` without progress)
 /// never closes a healthy subscriber, at most every 15 s.
-fn keep_alive_interval(idle_timeout_ms: u64) -> Duration {
+pub(super) fn keep_alive_interval(idle_timeout_ms: u64) -> Duration {
     Duration::from_millis((idle_timeout_ms / 3).clamp(100, 15_000))
 }
 

@@ -20,6 +20,7 @@ pub mod problem;
 pub mod request_id;
 pub mod server;
 pub mod status_page;
+pub mod task_events;
 pub mod tasks;
 pub mod topology;
 
@@ -80,6 +81,9 @@ pub fn router(state: AppState) -> Router {
     let max_body = state.settings.http.max_body_bytes;
     let edge = Arc::new(guard::EdgePolicy::new(&state.settings.http.allowed_hosts));
     let subscribers = health::EventSubscribers::new(state.settings.http.max_event_subscribers);
+    // Task streams have slots of their own: many progress bars must not
+    // lock operators out of the health stream.
+    let task_subscribers = health::EventSubscribers::new(state.settings.http.max_event_subscribers);
     // A route layer: checked before the body is read, on the POSTs only.
     let submit = axum::middleware::from_fn_with_state(state.clone(), guard::require_submitter);
     Router::new()
@@ -89,6 +93,10 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/tasks/batch", post(tasks::post_batch).route_layer(submit))
         .route("/v1/tasks/{id}", get(tasks::get_task))
+        .route(
+            "/v1/tasks/{id}/events",
+            get(task_events::task_events).layer(Extension(task_subscribers)),
+        )
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/v1/health", get(health::health))

@@ -224,7 +224,7 @@ fn add_edge_responses(document: &mut OpenApi) {
             .or_insert(RefOr::T(response));
     }
     for (path, item) in document.paths.paths.iter_mut() {
-        let is_stream = path == "/v1/health/stream";
+        let is_stream = matches!(path.as_str(), "/v1/health/stream" | "/v1/tasks/{id}/events");
         let reads = [&mut item.get, &mut item.head, &mut item.options, &mut item.trace];
         for operation in reads.into_iter().flatten() {
             add(
@@ -715,6 +715,35 @@ fn paths() -> PathsBuilder {
                             .description("`fail`: tasks cannot be accepted")
                             .content(HEALTH_CONTENT_TYPE, content::<HealthReport>())
                             .build(),
+                    ),
+            ),
+        )
+        .path(
+            "/v1/tasks/{id}/events",
+            PathItem::new(
+                HttpMethod::Get,
+                operation("task_events", "tasks", "A task's Celery state as server-sent events")
+                    .description(Some(
+                        "One `state` event at once, then one per change (a worker's `update_state`, e.g. \
+                         `PROGRESS` with its meta as `result`), until `SUCCESS`, `FAILURE` or `REVOKED`, \
+                         after which the stream ends; each event's data is the task's `result` object as \
+                         `GET /v1/tasks/{id}` shows it (`PENDING` before a worker wrote one). A stream whose \
+                         task has not changed for 10 minutes ends.",
+                    ))
+                    .parameter(path_parameter("id", Type::String, "Celery task id"))
+                    .response(
+                        "200",
+                        ResponseBuilder::new()
+                            .description("A text/event-stream that ends with the task")
+                            .content("text/event-stream", text_content())
+                            .build(),
+                    )
+                    .response(
+                        "503",
+                        retry_after_problem(
+                            "http.max_event_subscribers clients already follow task streams; a slot frees when \
+                             one goes away",
+                        ),
                     ),
             ),
         )

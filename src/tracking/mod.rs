@@ -10,6 +10,8 @@
 //! - [`writer`]: the journal writer: outbox journal (`j/` keys) to rows.
 //! - [`consumer`]: the tracking-queue consumer on AMQP and SQS.
 //! - [`result`]: decoding stored results (pickle or JSON) into JSON.
+//! - [`progress`]: live task states (a worker's `update_state`) for the
+//!   event streams, one poller for every follower.
 //!
 //! # Invariants
 //!
@@ -33,6 +35,7 @@
 //!    health reports it as `warn` (`tracking:database`).
 
 pub mod consumer;
+pub mod progress;
 pub mod record;
 pub mod result;
 pub mod store;
@@ -200,6 +203,8 @@ impl Shared {
 pub struct Tracking {
     shared: Arc<Shared>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// Live task states for the event streams.
+    progress: Arc<progress::ProgressWatcher>,
 }
 
 impl Tracking {
@@ -239,9 +244,12 @@ impl Tracking {
         if let Some(queue) = &settings.tracking.sync_queue {
             tasks.push(consumer::spawn(shared.clone(), settings.broker.clone(), queue.clone()));
         }
+        let progress = Arc::new(progress::ProgressWatcher::default());
+        tasks.push(tokio::spawn(progress::run(shared.clone(), progress.clone())));
         Ok(Arc::new(Self {
             shared,
             tasks: Mutex::new(tasks),
+            progress,
         }))
     }
 
@@ -307,6 +315,12 @@ impl Tracking {
         let outcome = self.shared.store.result(task_id).await;
         self.shared.observe(&outcome);
         Ok(outcome?.map(result::StoredResult::into_task_result))
+    }
+
+    /// Follows a task's Celery state as the result backend shows it (one
+    /// poller for every follower, see [`progress`]).
+    pub fn follow_result(&self, task_id: &str) -> tokio::sync::watch::Receiver<progress::Observed> {
+        self.progress.follow(task_id)
     }
 
     /// A page of tracked tasks, newest first.

@@ -37,6 +37,7 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::types::Json;
 use sqlx::Row;
+use std::collections::HashMap;
 use std::future::Future;
 use std::str::FromStr;
 use std::time::Duration;
@@ -606,6 +607,55 @@ impl TrackingStore {
                         .map_err(StoreError::from_sqlx)
                 }
             }
+        })
+        .await
+    }
+
+    /// Celery's result rows for `task_ids`, by task id, in one query (the
+    /// progress watcher asks for every followed task at once). Ids without
+    /// a row are absent.
+    pub async fn results(&self, task_ids: &[String]) -> Result<HashMap<String, StoredResult>, StoreError> {
+        if task_ids.is_empty() {
+            return Ok(HashMap::new());
+        }
+        self.bounded(async {
+            let rows = match &self.backend {
+                Backend::Postgres(pool) => {
+                    let rows = sqlx::query(
+                        "SELECT task_id, status, result, CAST(date_done AS TIMESTAMP) AS date_done, traceback \
+                         FROM celery_taskmeta WHERE task_id = ANY($1)",
+                    )
+                    .bind(task_ids)
+                    .fetch_all(pool)
+                    .await
+                    .map_err(StoreError::from_sqlx)?;
+                    rows.iter()
+                        .map(|row| {
+                            let id: String = row.try_get("task_id")?;
+                            Ok::<_, sqlx::Error>((id, stored_result_from_row!(row)?))
+                        })
+                        .collect::<Result<HashMap<_, _>, _>>()
+                }
+                Backend::Sqlite(pool) => {
+                    let placeholders = vec!["?"; task_ids.len()].join(", ");
+                    let sql = format!(
+                        "SELECT task_id, status, result, date_done, traceback FROM celery_taskmeta \
+                         WHERE task_id IN ({placeholders})"
+                    );
+                    let mut query = sqlx::query(&sql);
+                    for id in task_ids {
+                        query = query.bind(id);
+                    }
+                    let rows = query.fetch_all(pool).await.map_err(StoreError::from_sqlx)?;
+                    rows.iter()
+                        .map(|row| {
+                            let id: String = row.try_get("task_id")?;
+                            Ok::<_, sqlx::Error>((id, stored_result_from_row!(row)?))
+                        })
+                        .collect::<Result<HashMap<_, _>, _>>()
+                }
+            };
+            rows.map_err(StoreError::from_sqlx)
         })
         .await
     }

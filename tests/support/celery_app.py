@@ -144,6 +144,18 @@ def record(self, *args, **kwargs):
     return {"args": list(args), "kwargs": kwargs}
 
 
+@app.task(name="tests.progress", bind=True)
+def progress(self, steps, pause=0.8):
+    """Reports PROGRESS with {"done": n, "total": steps} after each step, as
+    a platform export would for its progress bar."""
+    _record(self)
+    for done in range(1, steps + 1):
+        time.sleep(pause)
+        self.update_state(state="PROGRESS", meta={"done": done, "total": steps})
+    time.sleep(pause)
+    return {"done": steps, "total": steps}
+
+
 def _exit_with_parent(parent_pid):
     while True:
         if os.getppid() != parent_pid:
