@@ -264,3 +264,10 @@ def test_availability_is_false_for_anything_but_a_health_document_saying_so(coun
     assert client.is_async_available() is False
     with pytest.raises(TaskgateError):
         client.health()
+
+
+def test_task_events_yield_the_state_as_it_is_known(client):
+    events = client.task_events("no-worker-wrote-this-one", timeout=10)
+    first = next(events)
+    assert first["status"] == "PENDING" and first["result"] is None
+    events.close()

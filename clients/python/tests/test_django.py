@@ -74,3 +74,35 @@ def test_a_page_that_does_not_read_it_never_asks(closed_url, monkeypatch):
         assert calls == []
         assert render() == "<button>Export</button>"
         assert calls == [1]
+
+
+def test_the_events_view_relays_a_tasks_state_to_the_browser(gateway):
+    with override_settings(TASKGATE_URL=gateway.url):
+        response = taskgate_django.task_events(RequestFactory().get("/"), "no-worker-wrote-this-one")
+        assert response["Content-Type"] == "text/event-stream"
+        events = iter(response.streaming_content)
+        first = next(events)
+        first = first.decode() if isinstance(first, bytes) else first
+        assert first.startswith("event: state\ndata: "), first
+        assert '"status": "PENDING"' in first
+        response.close()  # what Django does when the browser goes away
+
+
+def test_the_events_view_says_when_taskgate_is_away(closed_url):
+    with override_settings(TASKGATE_URL=closed_url, TASKGATE_TIMEOUT=1):
+        response = taskgate_django.task_events(RequestFactory().get("/"), "any")
+        events = [chunk.decode() if isinstance(chunk, bytes) else chunk for chunk in response.streaming_content]
+        assert len(events) == 1 and events[0].startswith("event: unavailable"), events
+
+
+def test_the_progress_tag_draws_a_bar_that_follows_the_stream():
+    from django.template import Context, Engine
+
+    engine = Engine(libraries={"taskgate": "taskgate_client.templatetags.taskgate"})
+    html = engine.from_string('{% load taskgate %}{% taskgate_progress url %}').render(
+        Context({"url": '/tasks/abc/events?x="1"'})
+    )
+    assert "<progress " in html and 'data-state="PENDING"' in html
+    assert 'data-events="/tasks/abc/events?x=&quot;1&quot;"' in html, "the URL is escaped"
+    assert "new EventSource(bar.dataset.events)" in html
+    assert '"PROGRESS"' in html and '"SUCCESS"' in html

@@ -29,7 +29,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
-from typing import Any, Iterable, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Tuple, Union
 
 from .errors import GatewayUnavailable, TaskgateError, TaskRejected
 
@@ -257,6 +257,44 @@ class Client:
             if rejected.status == 404 and rejected.slug == "not-found":
                 return None
             raise
+
+    def task_events(self, task_id: Union[str, uuid.UUID], *, timeout: Optional[float] = None) -> Iterator[dict]:
+        """The task's Celery state as it changes (``GET /v1/tasks/{id}/events``):
+        yields each ``result`` object (``status``: ``PENDING``, ``PROGRESS``
+        with its meta in ``result``, ... ``SUCCESS``) and ends with the task.
+
+        ``timeout`` bounds the wait for each event (keep-alives count), not
+        the whole stream. Raises :class:`TaskRejected` (503 when every
+        stream slot is taken) and :class:`GatewayUnavailable`.
+        """
+        path = "/v1/tasks/" + urllib.parse.quote(str(task_id), safe="") + "/events"
+        url = self.base_url + path
+        headers = {"Accept": "text/event-stream"}
+        if self._token is not None:
+            headers["Authorization"] = "Bearer " + self._token
+        request = urllib.request.Request(url, headers=headers, method="GET")
+        try:
+            response = self._opener.open(request, timeout=self.timeout if timeout is None else timeout)
+        except urllib.error.HTTPError as error:
+            with error:
+                answer = self._read(error, error.code)
+            if answer.content_type == _PROBLEM_JSON and isinstance(answer.body, dict):
+                raise TaskRejected(answer.body, retry_after=_retry_after(answer.headers)) from None
+            raise TaskgateError(f"GET {url}: unexpected HTTP {answer.status}") from None
+        except (urllib.error.URLError, OSError) as error:
+            raise GatewayUnavailable(url, str(getattr(error, "reason", None) or error)) from error
+        with response:
+            data: list = []
+            try:
+                for raw in response:
+                    line = raw.decode("utf-8").rstrip("\r\n")
+                    if line.startswith("data:"):
+                        data.append(line[5:].lstrip(" "))
+                    elif not line and data:
+                        yield json.loads("\n".join(data))
+                        data = []
+            except (OSError, ValueError) as error:
+                raise GatewayUnavailable(url, f"event stream cut off: {error}") from error
 
     # -- health ------------------------------------------------------------
 

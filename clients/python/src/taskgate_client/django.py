@@ -26,6 +26,16 @@ and views enqueue through the default client::
     from taskgate_client.django import send_task
     send_task("export.project", args=[org.slug, project.slug], creator_id=str(request.user.pk))
 
+A task's progress (a worker's ``update_state(state="PROGRESS", meta={"done":
+n, "total": m})``) is drawn by the ``taskgate_progress`` tag over the
+:func:`task_events` view, which relays taskgate's event stream::
+
+    {% load taskgate %}
+    {% url "task-events" task_id as events_url %}
+    {% taskgate_progress events_url %}
+
+(``taskgate_client`` in ``INSTALLED_APPS`` for the tag library.)
+
 The default client is built once per process from the settings and rebuilt
 when they change (``override_settings`` in tests). ``async_available`` is
 lazy: a page that never reads it never asks taskgate, and one that does
@@ -34,6 +44,7 @@ costs at most one short probe per TTL (see ``Client.is_async_available``).
 
 from __future__ import annotations
 
+import json
 import threading
 from typing import Any, Optional
 
@@ -88,6 +99,32 @@ def send_task(name: str, args: Any = None, kwargs: Any = None, **options: Any) -
 def is_async_available() -> bool:
     """``get_client().is_async_available()``: never raises."""
     return get_client().is_async_available()
+
+
+def task_events(request: Any, task_id: str):
+    """A view that relays ``GET /v1/tasks/{id}/events`` to the browser (which
+    cannot reach taskgate, a local sidecar): route it, then draw the bar with
+    ``{% load taskgate %}{% taskgate_progress url %}``::
+
+        path("tasks/<str:task_id>/events", taskgate_client.django.task_events)
+
+    Check in your own view wrapper that the user may see the task.
+    """
+    from django.http import StreamingHttpResponse
+
+    from .errors import TaskgateError
+
+    def relay():
+        try:
+            for state in get_client().task_events(task_id, timeout=30):
+                yield f"event: state\ndata: {json.dumps(state)}\n\n"
+        except TaskgateError as error:
+            yield f"event: unavailable\ndata: {json.dumps({'detail': str(error)})}\n\n"
+
+    response = StreamingHttpResponse(relay(), content_type="text/event-stream")
+    response["Cache-Control"] = "no-store"
+    response["X-Accel-Buffering"] = "no"
+    return response
 
 
 def async_available(request: Any) -> dict:
