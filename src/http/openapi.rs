@@ -18,6 +18,7 @@ use super::health::{Probe, HEALTH_CONTENT_TYPE};
 use super::problem::{ProblemDetails, PROBLEM_CONTENT_TYPE};
 use super::tasks::{AcceptedBatch, AcceptedTask, BatchRequest, TaskStatus, TrackedTaskPage};
 use crate::health::HealthReport;
+use crate::outbox::operations::{DeadLetterEntry, ImportOutcome, OutboxReport, QueueReport, RequeueOutcome};
 use crate::task::TaskRequest;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -286,29 +287,6 @@ fn admin(id: &str, summary: &str) -> OperationBuilder {
         )
 }
 
-/// `DELETE /v1/dead-letters/{id}` and `POST /v1/dead-letters/{id}/requeue`
-/// answer with the entry concerned (`DeadLetterEntry`, an outbox type).
-fn dead_letter_entry() -> Schema {
-    object(
-        "A dead letter, as listed by GET /v1/dead-letters",
-        &[
-            ("id", "integer", "The dead letter's id"),
-            ("task_id", "string?", "The task's id, when its record could be decoded"),
-            (
-                "task_name",
-                "string?",
-                "The task's name, when its record could be decoded",
-            ),
-            ("lane", "string", "The lane (queue) it was to be published on"),
-            ("reason", "string", "Why it was dead-lettered"),
-            ("attempts", "integer", "Failed publish attempts"),
-            ("dead_at", "string", "RFC 3339"),
-            ("task", "object?", "The whole task, when the record could be decoded"),
-            ("raw", "string?", "The stored bytes (lossily as text) when it could not"),
-        ],
-    )
-}
-
 fn admin_paths(paths: PathsBuilder) -> PathsBuilder {
     let page = [
         query("limit", Type::Integer, "Entries per page, 1 to 1000 (default 100)"),
@@ -317,41 +295,14 @@ fn admin_paths(paths: PathsBuilder) -> PathsBuilder {
     let paused = || json_response::<RelayPause>("The relay's state");
     let purged = |what: &str| json_response::<Purged>(what);
     let breaker = || json_response::<BreakerView>("The breaker");
-    let requeued = || {
-        inline_json(
-            "Requeued at the tail of their lanes",
-            object(
-                "Requeue",
-                &[
-                    ("requeued", "integer", "Dead letters put back in the outbox"),
-                    ("undecodable", "integer", "Dead letters that can only be deleted"),
-                ],
-            ),
-        )
-    };
+    let requeued = || json_response::<RequeueOutcome>("Requeued at the tail of their lanes");
     paths
         .path(
             "/v1/outbox",
             PathItem::new(
                 HttpMethod::Get,
-                admin("outbox_report", "Outbox figures, per queue").response(
-                    "200",
-                    inline_json(
-                        "Depth, bytes and age",
-                        object(
-                            "Outbox report",
-                            &[
-                                ("depth", "integer", "Tasks waiting to be published"),
-                                ("bytes", "integer", "Their size, counted against max_bytes"),
-                                ("max_bytes", "integer", "outbox.max_bytes"),
-                                ("oldest_age_seconds", "number?", "Age of the oldest waiting task"),
-                                ("dead_letters", "integer", "Tasks in the dead-letter store"),
-                                ("paused", "boolean", "Whether an operator paused the relay"),
-                                ("queues", "object", "Per lane: depth, bytes, oldest age"),
-                            ],
-                        ),
-                    ),
-                ),
+                admin("outbox_report", "Outbox figures, per queue")
+                    .response("200", json_response::<OutboxReport>("Depth, bytes and age")),
             ),
         )
         .path(
@@ -426,19 +377,7 @@ fn admin_paths(paths: PathsBuilder) -> PathsBuilder {
                         .content("application/x-ndjson", text_content())
                         .build(),
                 ))
-                .response(
-                    "200",
-                    inline_json(
-                        "Imported",
-                        object(
-                            "Import",
-                            &[
-                                ("imported", "integer", "Tasks accepted"),
-                                ("skipped", "integer", "Tasks whose id this outbox already knows"),
-                            ],
-                        ),
-                    ),
-                )
+                .response("200", json_response::<ImportOutcome>("Imported"))
                 .response("400", problem("A line is not a task record; nothing was imported"))
                 .response("422", problem("A task does not pass intake here; nothing was imported")),
             ),
@@ -477,7 +416,7 @@ fn admin_paths(paths: PathsBuilder) -> PathsBuilder {
                 HttpMethod::Delete,
                 admin("delete_dead_letter", "Delete one dead letter")
                     .parameter(path_parameter("id", Type::Integer, "The dead letter's id"))
-                    .response("200", inline_json("The deleted dead letter", dead_letter_entry()))
+                    .response("200", json_response::<DeadLetterEntry>("The deleted dead letter"))
                     .response("404", problem("No such dead letter")),
             ),
         )
@@ -492,7 +431,7 @@ fn admin_paths(paths: PathsBuilder) -> PathsBuilder {
                 .parameter(path_parameter("id", Type::Integer, "The dead letter's id"))
                 .response(
                     "200",
-                    inline_json("The dead letter, now back in the outbox", dead_letter_entry()),
+                    json_response::<DeadLetterEntry>("The dead letter, now back in the outbox"),
                 )
                 .response("404", problem("No such dead letter"))
                 .response("409", problem("Its record cannot be decoded: it can only be deleted")),
@@ -954,6 +893,11 @@ pub fn document() -> OpenApi {
         .schema_from::<RelayPause>()
         .schema_from::<DrainStarted>()
         .schema_from::<BreakerView>()
+        .schema_from::<OutboxReport>()
+        .schema_from::<QueueReport>()
+        .schema_from::<ImportOutcome>()
+        .schema_from::<RequeueOutcome>()
+        .schema_from::<DeadLetterEntry>()
         // After the derived ones: BatchRequest brought TaskRequest along
         // without the descriptions.
         .schema("TaskRequest", task_request_schema())

@@ -46,20 +46,26 @@ struct RemovedEntry {
 const WORK_PAGE: usize = 512;
 
 /// Outbox figures as operators see them (`GET /v1/outbox`, `outbox stats`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct OutboxReport {
+    /// Tasks waiting to be published.
     pub depth: u64,
+    /// Their size, counted against `max_bytes`.
     pub bytes: u64,
+    /// `outbox.max_bytes`.
     pub max_bytes: u64,
+    /// Age of the oldest waiting task.
     pub oldest_age_seconds: Option<f64>,
+    /// Tasks in the dead-letter store.
     pub dead_letters: u64,
     /// Whether the relay is paused by an operator (offline: whether a
     /// server started on this outbox would start paused).
     pub paused: bool,
+    /// Per queue: tasks waiting that will reach it, and the oldest's age.
     pub queues: BTreeMap<String, QueueReport>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct QueueReport {
     pub depth: u64,
     pub oldest_age_seconds: Option<f64>,
@@ -142,16 +148,26 @@ pub struct PendingPage {
 }
 
 /// A dead letter as operators see it. `id` is what requeue and delete take.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DeadLetterEntry {
+    /// The dead letter's id.
     pub id: u64,
+    /// The task's id, when its record could be decoded.
+    #[schema(value_type = Option<String>, format = "uuid")]
     pub task_id: Option<TaskId>,
+    /// The task's name, when its record could be decoded.
+    #[schema(value_type = Option<String>)]
     pub task_name: Option<TaskName>,
+    /// The lane (exchange or queue) it was to be published on.
+    #[schema(value_type = String)]
     pub lane: Lane,
+    /// Why it was dead-lettered.
     pub reason: String,
+    /// Failed publish attempts.
     pub attempts: u32,
     pub dead_at: DateTime<Utc>,
     /// The whole task, when the record could be decoded.
+    #[schema(value_type = Option<Object>)]
     pub task: Option<Task>,
     /// The stored bytes (lossily as text) when it could not.
     pub raw: Option<String>,
@@ -173,15 +189,17 @@ impl From<DeadLetter> for DeadLetterEntry {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ImportOutcome {
+    /// Tasks accepted.
     pub imported: u64,
     /// Tasks whose id this outbox already knows (or repeated in the input).
     pub skipped: u64,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RequeueOutcome {
+    /// Dead letters put back in the outbox.
     pub requeued: u64,
     /// Dead letters whose record could not be decoded: they can only be
     /// deleted.
