@@ -227,6 +227,14 @@ pub(crate) fn task_of(
         soft_time_limit,
         properties,
         accepted_at,
+        shadow: None,
+        headers: Default::default(),
+        ignore_result: None,
+        retries: 0,
+        group_index: None,
+        link: None,
+        link_error: None,
+        chain: None,
     }
 }
 

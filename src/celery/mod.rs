@@ -32,7 +32,7 @@ use chrono::{DateTime, Datelike, Timelike, Utc};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use crate::task::Task;
+use crate::task::{CelerySignature, Task};
 
 /// `content_type` of every message taskgate publishes (Celery's `json`
 /// serializer); also the only one [`decode_task_message`] accepts.
@@ -104,14 +104,28 @@ pub struct MessageProperties {
     pub extra: Map<String, Value>,
 }
 
-/// `callbacks` / `errbacks` / `chain` / `chord`, the third body element.
-/// taskgate publishes single tasks, so all four are always `null`.
+/// `callbacks` / `errbacks` / `chain` / `chord`, the third body element, in
+/// Celery's order. `chord` is always `null`: taskgate publishes no chords.
 #[derive(Debug, Default, Serialize)]
 struct EmbeddedSignatures {
-    callbacks: Option<Value>,
-    errbacks: Option<Value>,
-    chain: Option<Value>,
+    callbacks: Option<Vec<Value>>,
+    errbacks: Option<Vec<Value>>,
+    chain: Option<Vec<Value>>,
     chord: Option<Value>,
+}
+
+/// A signature as `celery.canvas.Signature` serializes: `task`, `args`,
+/// `kwargs`, `options`, `subtask_type`, `immutable`, in that order (Celery
+/// 5.7 writes no `chord_size`; the captured traffic has none).
+fn signature_value(signature: &CelerySignature) -> Value {
+    let mut dict = Map::new();
+    dict.insert("task".into(), signature.task.as_str().into());
+    dict.insert("args".into(), Value::Array(signature.args.clone()));
+    dict.insert("kwargs".into(), Value::Object(signature.kwargs.clone()));
+    dict.insert("options".into(), Value::Object(signature.options.clone()));
+    dict.insert("subtask_type".into(), Value::Null);
+    dict.insert("immutable".into(), signature.immutable.into());
+    Value::Object(dict)
 }
 
 /// Celery's `origin` header for this process: `gen{pid}@{hostname}`
@@ -171,12 +185,12 @@ fn task_headers(task: &Task, id: &str, origin: &str) -> Map<String, Value> {
     headers.insert("lang".into(), "py".into());
     headers.insert("task".into(), task.task.as_str().into());
     headers.insert("id".into(), id.into());
-    headers.insert("shadow".into(), Value::Null);
+    headers.insert("shadow".into(), optional_text(&task.shadow));
     headers.insert("eta".into(), optional_time(task.eta));
     headers.insert("expires".into(), optional_time(task.expires));
     headers.insert("group".into(), optional_text(&task.group));
-    headers.insert("group_index".into(), Value::Null);
-    headers.insert("retries".into(), 0.into());
+    headers.insert("group_index".into(), task.group_index.map_or(Value::Null, Value::from));
+    headers.insert("retries".into(), task.retries.into());
     headers.insert(
         "timelimit".into(),
         Value::Array(vec![
@@ -191,16 +205,41 @@ fn task_headers(task: &Task, id: &str, origin: &str) -> Map<String, Value> {
     headers.insert("origin".into(), origin.into());
     // `send_task` pops `ignore_result` from the options with a `None`
     // default, so a plain send carries null (as captured), not false.
-    headers.insert("ignore_result".into(), Value::Null);
+    headers.insert(
+        "ignore_result".into(),
+        task.ignore_result.map_or(Value::Null, Value::Bool),
+    );
     headers.insert("replaced_task_nesting".into(), 0.into());
     headers.insert("stamped_headers".into(), Value::Null);
     headers.insert("stamps".into(), Value::Object(Map::new()));
+    // `send_task_message` does `headers2.update(headers)`: the caller's
+    // headers follow Celery's, in their order. Intake refused any name that
+    // would overwrite one of Celery's, so none is replaced here.
+    for (name, value) in &task.headers {
+        headers.entry(name.clone()).or_insert_with(|| value.clone());
+    }
     headers
 }
 
 /// `json.dumps((args, kwargs, embed))`; Python writes the tuple as an array.
 fn task_body(task: &Task) -> Vec<u8> {
-    let body = (&task.args, &task.kwargs, EmbeddedSignatures::default());
+    let signatures = |list: &Option<Vec<CelerySignature>>| {
+        list.as_ref()
+            .map(|list| list.iter().map(signature_value).collect::<Vec<_>>())
+    };
+    let embed = EmbeddedSignatures {
+        callbacks: signatures(&task.link),
+        errbacks: signatures(&task.link_error),
+        // Celery's chain pops the next step off the end of this list, so it
+        // carries the remaining steps last-to-run first (`_chain.run` sends
+        // `tasks[:-1]` of the reversed steps; see the captured chain).
+        chain: signatures(&task.chain).map(|mut steps| {
+            steps.reverse();
+            steps
+        }),
+        chord: None,
+    };
+    let body = (&task.args, &task.kwargs, embed);
     // Serializing JSON values with string keys into a Vec cannot fail: there
     // is no I/O error and no non-string key.
     python_json::to_vec(&body).expect("a task body always serializes to JSON")
@@ -455,6 +494,93 @@ mod tests {
         assert_eq!(
             message.body,
             br#"[[], {}, {"callbacks": null, "errbacks": null, "chain": null, "chord": null}]"#
+        );
+    }
+
+    fn signature(task: &str, args: Value, options: Value, immutable: bool) -> CelerySignature {
+        CelerySignature {
+            task: crate::task::TaskName::parse(task).unwrap(),
+            args: args.as_array().unwrap().clone(),
+            kwargs: Map::new(),
+            options: object(options),
+            immutable,
+        }
+    }
+
+    /// Against a message stock Celery 5.7 published for
+    /// `add.apply_async((2, 3), link=add.s(10), link_error=echo.si("failed"),
+    /// shadow="sh", headers={"x-custom": "v", "n": 1}, ignore_result=True,
+    /// retries=2, group_id="g1", group_index=3)`, captured off RabbitMQ.
+    #[test]
+    fn celery_options_encode_like_apply_async() {
+        let mut task = sample_task(vec![json!(2), json!(3)], Map::new());
+        task.task = crate::task::TaskName::parse("rawa.add").unwrap();
+        task.shadow = Some("sh".into());
+        task.headers = object(json!({"x-custom": "v", "n": 1}));
+        task.ignore_result = Some(true);
+        task.retries = 2;
+        task.group = Some("g1".into());
+        task.group_index = Some(3);
+        task.link = Some(vec![signature("rawa.add", json!([10]), json!({}), false)]);
+        task.link_error = Some(vec![signature("rawa.echo", json!(["failed"]), json!({}), true)]);
+        let message = encode(&task, "o");
+        let keys: Vec<&str> = message.headers.keys().map(String::as_str).collect();
+        assert_eq!(
+            keys,
+            [
+                "lang",
+                "task",
+                "id",
+                "shadow",
+                "eta",
+                "expires",
+                "group",
+                "group_index",
+                "retries",
+                "timelimit",
+                "root_id",
+                "parent_id",
+                "argsrepr",
+                "kwargsrepr",
+                "origin",
+                "ignore_result",
+                "replaced_task_nesting",
+                "stamped_headers",
+                "stamps",
+                "x-custom",
+                "n"
+            ]
+        );
+        assert_eq!(message.headers["shadow"], "sh");
+        assert_eq!(message.headers["group"], "g1");
+        assert_eq!(message.headers["group_index"], 3);
+        assert_eq!(message.headers["retries"], 2);
+        assert_eq!(message.headers["ignore_result"], true);
+        assert_eq!(message.headers["x-custom"], "v");
+        assert_eq!(message.headers["n"], 1);
+        assert_eq!(
+            String::from_utf8(message.body).unwrap(),
+            r#"[[2, 3], {}, {"callbacks": [{"task": "rawa.add", "args": [10], "kwargs": {}, "options": {}, "subtask_type": null, "immutable": false}], "errbacks": [{"task": "rawa.echo", "args": ["failed"], "kwargs": {}, "options": {}, "subtask_type": null, "immutable": true}], "chain": null, "chord": null}]"#
+        );
+    }
+
+    /// `chain(add.s(2, 3), add.s(10), add.s(100).set(queue="q"))`: Celery's
+    /// first message carries the other two last-to-run first, each with its
+    /// frozen `task_id` after the caller's options.
+    #[test]
+    fn chain_is_carried_in_reverse() {
+        let mut task = sample_task(vec![json!(2), json!(3)], Map::new());
+        task.chain = Some(vec![
+            signature("rawa.add", json!([10]), json!({"task_id": "b"}), false),
+            signature("rawa.add", json!([100]), json!({"queue": "q", "task_id": "c"}), false),
+        ]);
+        let body: Value = serde_json::from_slice(&encode(&task, "o").body).unwrap();
+        assert_eq!(
+            body[2],
+            json!({"callbacks": null, "errbacks": null, "chain": [
+                {"task": "rawa.add", "args": [100], "kwargs": {}, "options": {"queue": "q", "task_id": "c"}, "subtask_type": null, "immutable": false},
+                {"task": "rawa.add", "args": [10], "kwargs": {}, "options": {"task_id": "b"}, "subtask_type": null, "immutable": false}
+            ], "chord": null})
         );
     }
 

@@ -827,7 +827,10 @@ pub const TASK_REQUEST_FIELDS: &[(&str, &str)] = &[
         "Overrides the routing key (default: the registry's, else the task name up to the first `.`).",
     ),
     ("eta", "RFC 3339 time before which the worker does not run the task."),
-    ("expires", "RFC 3339 time after which the worker discards the task."),
+    (
+        "expires",
+        "RFC 3339 time, or seconds from acceptance (Celery's `expires=10`), after which the task is not run.",
+    ),
     (
         "countdown",
         "Seconds from now; turned into `eta`. Cannot be combined with `eta`.",
@@ -843,6 +846,37 @@ pub const TASK_REQUEST_FIELDS: &[(&str, &str)] = &[
         "Extra message properties (e.g. `creator_id`), copied into the message as Celery's \
          `send_task(**options)` does; `message_group_id` selects the SQS FIFO group.",
     ),
+    (
+        "shadow",
+        "Celery's `shadow`: the name logs and monitoring show for the task.",
+    ),
+    (
+        "headers",
+        "Extra message headers, after Celery's own; a Celery protocol header name, `CC` or `BCC` is refused.",
+    ),
+    (
+        "ignore_result",
+        "Celery's `ignore_result`: the worker stores no result.",
+    ),
+    ("retries", "Celery's `retries` header (default 0)."),
+    ("group_index", "Position of the task in its `group`; needs `group`."),
+    (
+        "link",
+        "Celery signature(s) applied with the result on success (`callbacks`); each task passes the registry.",
+    ),
+    (
+        "link_error",
+        "Celery signature(s) applied on failure (`errbacks`); each task passes the registry.",
+    ),
+    (
+        "chain",
+        "The rest of a chain, in execution order (sent reversed, as Celery does); each step gets a `task_id`.",
+    ),
+    (
+        "queue",
+        "A configured queue: published with its binding key as routing key. Not with `routing_key`.",
+    ),
+    ("exchange", "Must be the configured exchange; any other is refused."),
 ];
 
 fn describe(schema: &mut RefOr<Schema>, text: &str) {

@@ -629,6 +629,14 @@ mod tests {
             soft_time_limit: None,
             properties: Default::default(),
             accepted_at: Utc::now(),
+            shadow: None,
+            headers: Default::default(),
+            ignore_result: None,
+            retries: 0,
+            group_index: None,
+            link: None,
+            link_error: None,
+            chain: None,
         }
     }
 

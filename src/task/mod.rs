@@ -10,6 +10,9 @@
 pub mod intake;
 pub mod registry;
 pub mod routing;
+pub mod signature;
+
+pub use signature::{CelerySignature, OneOrMany, SignatureRequest};
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -155,7 +158,9 @@ pub struct TaskRequest {
     #[serde(default)]
     pub eta: Option<DateTime<Utc>>,
     #[serde(default)]
-    pub expires: Option<DateTime<Utc>>,
+    // Inline: the OpenAPI document then needs no component for it.
+    #[schema(inline)]
+    pub expires: Option<ExpiresRequest>,
     /// Seconds from now; Celery turns it into `eta`. Cannot be combined with `eta`.
     #[serde(default)]
     pub countdown: Option<f64>,
@@ -173,6 +178,87 @@ pub struct TaskRequest {
     pub soft_time_limit: Option<f64>,
     #[serde(default)]
     pub properties: Map<String, Value>,
+    /// Celery's `shadow`: the name logs and monitoring show instead of `task`.
+    #[serde(default)]
+    pub shadow: Option<String>,
+    /// Extra message headers, added after Celery's own as `send_task(headers=...)`
+    /// does; a name Celery's protocol uses is refused (see [`intake`]).
+    #[serde(default)]
+    pub headers: Map<String, Value>,
+    /// Celery's `ignore_result`: the worker stores no result.
+    #[serde(default)]
+    pub ignore_result: Option<bool>,
+    /// Celery's `retries` header: how many times this task was retried already.
+    #[serde(default)]
+    pub retries: Option<u32>,
+    /// Position of this task in its `group`; only together with `group`.
+    #[serde(default)]
+    pub group_index: Option<u32>,
+    /// Signatures the worker applies with this task's result when it succeeds.
+    #[serde(default)]
+    // Inline: the OpenAPI document then needs no component for it.
+    #[schema(inline)]
+    pub link: Option<OneOrMany<SignatureRequest>>,
+    /// Signatures the worker applies when this task fails.
+    #[serde(default)]
+    // Inline: the OpenAPI document then needs no component for it.
+    #[schema(inline)]
+    pub link_error: Option<OneOrMany<SignatureRequest>>,
+    /// The rest of a chain, in execution order: the worker applies the first
+    /// with this task's result, that one the next, and so on.
+    #[serde(default)]
+    // Inline: the OpenAPI document then needs no component for it.
+    #[schema(inline)]
+    pub chain: Option<Vec<SignatureRequest>>,
+    /// A configured queue: the task is published with that queue's binding
+    /// key as its routing key. Not together with `routing_key`.
+    #[serde(default)]
+    pub queue: Option<String>,
+    /// Must name the configured exchange (taskgate publishes to no other).
+    #[serde(default)]
+    pub exchange: Option<String>,
+}
+
+/// `expires` as Celery's `apply_async` takes it: a time, or a number of
+/// seconds from when the request is accepted (`expires=10`).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, utoipa::ToSchema)]
+#[serde(untagged)]
+pub enum ExpiresRequest {
+    /// An RFC 3339 time.
+    At(DateTime<Utc>),
+    /// Seconds from acceptance, `>= 0`.
+    AfterSeconds(f64),
+}
+
+impl<'de> Deserialize<'de> for ExpiresRequest {
+    // By hand rather than `untagged`, so a wrong value says what is expected
+    // instead of "did not match any variant".
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ExpiresVisitor;
+        impl serde::de::Visitor<'_> for ExpiresVisitor {
+            type Value = ExpiresRequest;
+            fn expecting(&self, formatter: &mut fmt::Formatter) -> fmt::Result {
+                formatter.write_str("an RFC 3339 time or a number of seconds")
+            }
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<ExpiresRequest, E> {
+                // The same parser chrono's own `DateTime<Utc>` deserializer uses,
+                // so the time form accepts exactly what it accepted before.
+                text.parse::<DateTime<chrono::FixedOffset>>()
+                    .map(|time| ExpiresRequest::At(time.with_timezone(&Utc)))
+                    .map_err(|error| E::custom(format!("{text:?} is not an RFC 3339 time: {error}")))
+            }
+            fn visit_u64<E: serde::de::Error>(self, seconds: u64) -> Result<ExpiresRequest, E> {
+                Ok(ExpiresRequest::AfterSeconds(seconds as f64))
+            }
+            fn visit_i64<E: serde::de::Error>(self, seconds: i64) -> Result<ExpiresRequest, E> {
+                Ok(ExpiresRequest::AfterSeconds(seconds as f64))
+            }
+            fn visit_f64<E: serde::de::Error>(self, seconds: f64) -> Result<ExpiresRequest, E> {
+                Ok(ExpiresRequest::AfterSeconds(seconds))
+            }
+        }
+        deserializer.deserialize_any(ExpiresVisitor)
+    }
 }
 
 /// An accepted task: validated, bound, routed, with its id fixed. This is the
@@ -198,6 +284,28 @@ pub struct Task {
     /// the message properties as Celery's `send_task(**options)` does.
     pub properties: Map<String, Value>,
     pub accepted_at: DateTime<Utc>,
+    // The Celery options below were added after the first release: each
+    // defaults when absent, so outbox records written before still decode.
+    #[serde(default)]
+    pub shadow: Option<String>,
+    /// Extra headers, in request order, none of them a protocol header.
+    #[serde(default)]
+    pub headers: Map<String, Value>,
+    #[serde(default)]
+    pub ignore_result: Option<bool>,
+    #[serde(default)]
+    pub retries: u32,
+    #[serde(default)]
+    pub group_index: Option<u32>,
+    /// `None` when the request had no `link` (Celery's `callbacks: null`).
+    #[serde(default)]
+    pub link: Option<Vec<CelerySignature>>,
+    #[serde(default)]
+    pub link_error: Option<Vec<CelerySignature>>,
+    /// The rest of the chain in execution order (the message carries it
+    /// reversed, as Celery does).
+    #[serde(default)]
+    pub chain: Option<Vec<CelerySignature>>,
 }
 
 #[cfg(test)]
@@ -232,6 +340,47 @@ impl Task {
             soft_time_limit: None,
             properties: Map::new(),
             accepted_at: Utc::now(),
+            shadow: None,
+            headers: Map::new(),
+            ignore_result: None,
+            retries: 0,
+            group_index: None,
+            link: None,
+            link_error: None,
+            chain: None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_written_before_the_celery_options_still_decode() {
+        let task = Task::for_test(
+            TaskId::generate(),
+            "export.project",
+            vec![],
+            Map::new(),
+            "export",
+            &["export"],
+        );
+        let mut record = serde_json::to_value(&task).unwrap();
+        let fields = record.as_object_mut().unwrap();
+        for added in [
+            "shadow",
+            "headers",
+            "ignore_result",
+            "retries",
+            "group_index",
+            "link",
+            "link_error",
+            "chain",
+        ] {
+            assert!(fields.remove(added).is_some(), "{added} is serialized");
+        }
+        let decoded: Task = serde_json::from_value(record).unwrap();
+        assert_eq!(decoded, task);
     }
 }
