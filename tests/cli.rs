@@ -837,3 +837,111 @@ async fn serve_in_production_refuses_a_short_token() {
     write_config(&production(long, long), &config);
     taskgate(&config, &["check-config"]).await.assert_success();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_takes_celery_timing_queue_and_link_options() {
+    let dir = tempfile::tempdir().unwrap();
+    let (export_queue, other_queue) = (unique("cli-export"), unique("cli-other"));
+    let gateway = start_gateway(
+        settings(
+            dir.path(),
+            RABBITMQ_URL,
+            &[(&export_queue, "export"), (&other_queue, "other")],
+        ),
+        dir.path(),
+    )
+    .await;
+    gateway
+        .wait_for_health(Duration::from_secs(15), |health| health["status"] == "pass")
+        .await;
+    let config = gateway.config.clone();
+
+    // To the other queue by name, with a countdown, expiry in seconds and two callbacks.
+    let sent = taskgate(
+        &config,
+        &[
+            "send",
+            "export.project",
+            "--args",
+            "[1]",
+            "--queue",
+            &other_queue,
+            "--countdown",
+            "30",
+            "--expires",
+            "600",
+            "--link",
+            "rawa.echo",
+            "--link",
+            "rawa.add",
+            "--json",
+        ],
+    )
+    .await;
+    sent.assert_success();
+    assert_eq!(sent.json()["routing_key"], "other");
+    assert_eq!(sent.json()["queues"], json!([other_queue]));
+    // An eta and an expiry as times.
+    let sent = taskgate(
+        &config,
+        &[
+            "send",
+            "export.project",
+            "--queue",
+            &other_queue,
+            "--eta",
+            "2030-01-01T00:00:00Z",
+            "--expires",
+            "2030-01-02T00:00:00Z",
+        ],
+    )
+    .await;
+    sent.assert_success();
+
+    let messages = consume(&other_queue, 2, Duration::from_secs(10)).await;
+    assert_eq!(messages.len(), 2);
+    let first = &messages[0];
+    let now = chrono::Utc::now();
+    let header_time = |message: &support::app::ReceivedMessage, name: &str| {
+        chrono::DateTime::parse_from_rfc3339(message.headers[name].as_str().unwrap()).unwrap()
+    };
+    let eta = header_time(first, "eta");
+    let expires = header_time(first, "expires");
+    assert!((eta.timestamp() - now.timestamp() - 30).abs() <= 10, "eta {eta}");
+    assert!(
+        (expires.timestamp() - now.timestamp() - 600).abs() <= 10,
+        "expires {expires}"
+    );
+    assert_eq!(
+        first.body_json()[2]["callbacks"],
+        json!([
+            {"task": "rawa.echo", "args": [], "kwargs": {}, "options": {}, "subtask_type": null, "immutable": false},
+            {"task": "rawa.add", "args": [], "kwargs": {}, "options": {}, "subtask_type": null, "immutable": false}
+        ])
+    );
+    let second = &messages[1];
+    assert_eq!(second.headers["eta"], "2030-01-01T00:00:00+00:00");
+    assert_eq!(second.headers["expires"], "2030-01-02T00:00:00+00:00");
+
+    // Refusals name the option's field, and --countdown with --eta never reaches the server.
+    let refused = taskgate(&config, &["send", "export.project", "--queue", "nowhere"]).await;
+    assert_eq!(refused.code, Some(1), "{refused:#?}");
+    assert!(refused.stderr.contains("queue"), "{refused:#?}");
+    let refused = taskgate(&config, &["send", "export.project", "--expires", "soon"]).await;
+    assert_eq!(refused.code, Some(1), "{refused:#?}");
+    assert!(refused.stderr.contains("expires"), "{refused:#?}");
+    let refused = taskgate(
+        &config,
+        &[
+            "send",
+            "export.project",
+            "--countdown",
+            "1",
+            "--eta",
+            "2030-01-01T00:00:00Z",
+        ],
+    )
+    .await;
+    assert_ne!(refused.code, Some(0), "{refused:#?}");
+    delete_queues(&[&export_queue, &other_queue]).await;
+}

@@ -34,10 +34,22 @@ pub enum ClientError {
     Unauthorized { detail: String },
     #[error("the server refused the request (403 Forbidden): {detail}")]
     Forbidden { detail: String },
-    #[error("{} ({}): {}", .0.title, .0.status, .0.detail)]
+    #[error("{}", describe_problem(.0))]
     Problem(Box<ProblemAnswer>),
     #[error("unexpected answer from {url}: {reason}")]
     Decode { url: String, reason: String },
+}
+
+/// `Invalid field (422), field expires: ...`: the field is named because a
+/// detail from the JSON decoder does not always say which option it is about.
+fn describe_problem(problem: &ProblemAnswer) -> String {
+    match &problem.field {
+        Some(field) => format!(
+            "{} ({}), field {field}: {}",
+            problem.title, problem.status, problem.detail
+        ),
+        None => format!("{} ({}): {}", problem.title, problem.status, problem.detail),
+    }
 }
 
 /// A refusal the server explained with a problem+json body (boxed: it is

@@ -56,8 +56,21 @@ pub struct SendArgs {
     #[arg(long)]
     pub routing_key: Option<String>,
     /// Seconds from now before a worker may run it.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "eta")]
     pub countdown: Option<f64>,
+    /// RFC 3339 time before which a worker does not run it.
+    #[arg(long, value_name = "TIME")]
+    pub eta: Option<String>,
+    /// Seconds from now, or an RFC 3339 time, after which it is not run.
+    #[arg(long, value_name = "SECONDS|TIME")]
+    pub expires: Option<String>,
+    /// A configured queue to send it to (routed by that queue's binding key).
+    #[arg(long, conflicts_with = "routing_key")]
+    pub queue: Option<String>,
+    /// A task the worker runs with the result on success, repeatable
+    /// (Celery's link=TASK.s()).
+    #[arg(long = "link", value_name = "TASK")]
+    pub links: Vec<String>,
     /// Message priority (the queue must support priorities to honour it).
     #[arg(long)]
     pub priority: Option<u8>,
@@ -119,6 +132,15 @@ fn parse_json(flag: &str, text: &str) -> Result<Value, CommandError> {
     serde_json::from_str(text).map_err(|error| CommandError::Invalid(format!("{flag} is not valid JSON: {error}")))
 }
 
+/// `--expires 10` is seconds (a number in the request), anything else a
+/// time the server parses (and refuses, naming `expires`, if it is not one).
+fn expires_value(text: &str) -> Value {
+    match text.parse::<f64>() {
+        Ok(seconds) if seconds.is_finite() => Value::from(seconds),
+        _ => Value::String(text.to_owned()),
+    }
+}
+
 fn send(settings: &Settings, json: bool, args: &SendArgs) -> Result<(), CommandError> {
     let positional = parse_json("--args", &args.args)?;
     if !positional.is_array() {
@@ -144,7 +166,15 @@ fn send(settings: &Settings, json: bool, args: &SendArgs) -> Result<(), CommandE
         ("id", args.id.clone().map(Value::from)),
         ("routing_key", args.routing_key.clone().map(Value::from)),
         ("countdown", args.countdown.map(Value::from)),
+        ("eta", args.eta.clone().map(Value::from)),
+        ("expires", args.expires.as_deref().map(expires_value)),
+        ("queue", args.queue.clone().map(Value::from)),
         ("priority", args.priority.map(Value::from)),
+        (
+            "link",
+            (!args.links.is_empty())
+                .then(|| Value::Array(args.links.iter().map(|task| json!({"task": task})).collect())),
+        ),
     ];
     for (key, value) in optional {
         if let Some(value) = value {
