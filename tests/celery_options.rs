@@ -1,7 +1,9 @@
 //! Celery's per-call options (`shadow`, `headers`, `ignore_result`,
 //! `retries`, `expires` in seconds, `group_index`, `link`, `link_error`,
 //! `chain`, `queue`) go out exactly as stock Celery 5.7 sends them, and a
-//! stock worker honours them.
+//! stock worker honours them; a group posted to `POST /v1/groups` is
+//! accepted whole (or not at all) and read back with Celery's own
+//! `GroupResult`.
 //!
 //! The comparison test makes Celery itself publish (`apply_async`,
 //! `chain(...).apply_async()`, `send_task`) to a queue, reads its messages
@@ -319,6 +321,109 @@ async fn a_stock_worker_runs_chains_errbacks_and_ignores_results() {
         None,
         "ignore_result stored nothing"
     );
+
+    drop(worker);
+    app.stop().await.unwrap();
+    delete_amqp_entities(RABBITMQ_URL, &[&queue], &[&exchange]);
+}
+
+/// Reads a group's results the way the platform does: Celery's own
+/// `GroupResult(group_id, [AsyncResult(id), ...]).get()` on the database
+/// backend; prints the results as JSON.
+const GROUP_RESULT: &str = r#"
+import json, sys
+from celery.result import AsyncResult, GroupResult
+from celery_app import app
+group_id, ids = sys.argv[1], json.loads(sys.argv[2])
+group = GroupResult(group_id, [AsyncResult(task_id, app=app) for task_id in ids], app=app)
+print(json.dumps(group.get(timeout=60)))
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_is_accepted_whole_and_read_back_with_celerys_group_result() {
+    let database = TestDatabase::create().await;
+    let dir = tempfile::tempdir().unwrap();
+    let queue = unique("rawa-group");
+    let settings = test_settings(dir.path(), RABBITMQ_URL, &[(&queue, "rawa")]);
+    let exchange = settings.routing.exchange.clone();
+    let app = spawn_app(settings).await;
+
+    // All or nothing: one member that numbers itself refuses the group.
+    let refused = app
+        .client
+        .post(app.url("/v1/groups"))
+        .json(&json!({"tasks": [{"task": "rawa.add", "args": [1, 1]}, {"task": "rawa.add", "args": [2, 2], "group_index": 7}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 422);
+    let problem: Value = refused.json().await.unwrap();
+    assert_eq!(problem["field"], "tasks[1].group_index", "{problem}");
+    assert_eq!(app.outbox_depth().await, 0, "nothing of a refused group is written");
+
+    let options = CeleryWorkerOptions::new(RABBITMQ_URL)
+        .exchange(&exchange)
+        .queue(&queue, "rawa")
+        .result_backend(database.celery_result_backend());
+    let worker = CeleryWorker::start_async(options.clone()).await;
+    let members: Vec<Value> = (0..5).map(|n| json!({"task": "rawa.add", "args": [n, n]})).collect();
+    let accepted = app
+        .client
+        .post(app.url("/v1/groups"))
+        .json(&json!({"tasks": members}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(accepted.status(), 202);
+    let accepted: Value = accepted.json().await.unwrap();
+    let group_id = accepted["group_id"].as_str().unwrap().to_owned();
+    assert!(
+        uuid::Uuid::parse_str(&group_id).is_ok(),
+        "a Celery-style group id: {group_id}"
+    );
+    let ids: Vec<String> = accepted["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|task| task["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(ids.len(), 5);
+
+    let records = worker.wait_for_records_async(5, Duration::from_secs(60)).await;
+    for (index, id) in ids.iter().enumerate() {
+        let record = record_where(&records, |record| record["id"] == id.as_str());
+        assert_eq!(record["request"]["group"], group_id.as_str(), "{record}");
+        assert_eq!(record["request"]["group_index"], index, "{record}");
+    }
+    let output = python_command()
+        .args(["-c", GROUP_RESULT, &group_id, &serde_json::to_string(&ids).unwrap()])
+        .envs(options.celery_env())
+        .stdin(Stdio::null())
+        .output()
+        .expect("run python");
+    assert!(
+        output.status.success(),
+        "GroupResult.get failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let results: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(
+        results,
+        json!([0, 2, 4, 6, 8]),
+        "Celery's GroupResult reads the group back"
+    );
+
+    // A retry with the same Idempotency-Key names the same group and tasks.
+    let post_with_key = || {
+        app.client
+            .post(app.url("/v1/groups"))
+            .header("Idempotency-Key", "group-retry-1")
+            .json(&json!({"tasks": [{"task": "rawa.add", "args": [1, 2]}]}))
+            .send()
+    };
+    let first: Value = post_with_key().await.unwrap().json().await.unwrap();
+    let again: Value = post_with_key().await.unwrap().json().await.unwrap();
+    assert_eq!(first, again, "the replay answers the first group");
 
     drop(worker);
     app.stop().await.unwrap();

@@ -56,7 +56,7 @@ pub const JSON: &str = "application/json";
 pub const NDJSON: &str = "application/x-ndjson";
 
 /// Routes whose body is JSON and which therefore always need the header.
-const JSON_ROUTES: &[&str] = &["/v1/tasks", "/v1/tasks/batch"];
+const JSON_ROUTES: &[&str] = &["/v1/tasks", "/v1/tasks/batch", "/v1/groups"];
 /// The one route that takes NDJSON (an outbox export).
 const NDJSON_ROUTE: &str = "/v1/outbox/import";
 

@@ -91,7 +91,8 @@ pub fn router(state: AppState) -> Router {
             "/v1/tasks",
             get(tasks::list_tasks).merge(post(tasks::post_task).route_layer(submit.clone())),
         )
-        .route("/v1/tasks/batch", post(tasks::post_batch).route_layer(submit))
+        .route("/v1/tasks/batch", post(tasks::post_batch).route_layer(submit.clone()))
+        .route("/v1/groups", post(tasks::post_group).route_layer(submit))
         .route("/v1/tasks/{id}", get(tasks::get_task))
         .route(
             "/v1/tasks/{id}/events",

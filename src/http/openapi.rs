@@ -16,7 +16,9 @@
 use super::admin::{BreakerView, DeadLetterPage, DrainStarted, Purged, RelayPause, TaskPage};
 use super::health::{Probe, HEALTH_CONTENT_TYPE};
 use super::problem::{ProblemDetails, PROBLEM_CONTENT_TYPE};
-use super::tasks::{AcceptedBatch, AcceptedTask, BatchRequest, TaskStatus, TrackedTaskPage};
+use super::tasks::{
+    AcceptedBatch, AcceptedGroup, AcceptedTask, BatchRequest, GroupRequest, TaskStatus, TrackedTaskPage,
+};
 use crate::health::HealthReport;
 use crate::outbox::operations::{DeadLetterEntry, ImportOutcome, OutboxReport, QueueReport, RequeueOutcome};
 use crate::task::TaskRequest;
@@ -242,7 +244,9 @@ fn add_edge_responses(document: &mut OpenApi) {
             }
         }
         let media = match path.as_str() {
-            "/v1/tasks" | "/v1/tasks/batch" => "The request is not sent as Content-Type: application/json",
+            "/v1/tasks" | "/v1/tasks/batch" | "/v1/groups" => {
+                "The request is not sent as Content-Type: application/json"
+            }
             "/v1/outbox/import" => "A body, or a Content-Type, other than application/x-ndjson",
             _ => "A body, or a Content-Type, other than application/json (a body-less request needs none)",
         };
@@ -587,6 +591,31 @@ fn paths() -> PathsBuilder {
             ),
         )
         .path(
+            "/v1/groups",
+            PathItem::new(
+                HttpMethod::Post,
+                accept_errors(
+                    operation("post_group", "tasks", "Enqueue a Celery group, all or nothing")
+                        .description(Some(
+                            "Each member gets `group` = the group id and `group_index` = its position, as \
+                             Celery's group.apply_async does; every member passes intake or none is written, \
+                             in one outbox flush. Chords are not accepted here.",
+                        ))
+                        .parameter(idempotency_key())
+                        .request_body(Some(
+                            RequestBodyBuilder::new()
+                                .required(Some(Required::True))
+                                .content(JSON, content::<GroupRequest>())
+                                .build(),
+                        ))
+                        .response(
+                            "202",
+                            json_response::<AcceptedGroup>("The group and its members accepted"),
+                        ),
+                ),
+            ),
+        )
+        .path(
             "/v1/tasks/{id}",
             PathItem::new(
                 HttpMethod::Get,
@@ -916,6 +945,8 @@ pub fn document() -> OpenApi {
         .schema_from::<BatchRequest>()
         .schema_from::<AcceptedTask>()
         .schema_from::<AcceptedBatch>()
+        .schema_from::<GroupRequest>()
+        .schema_from::<AcceptedGroup>()
         .schema_from::<TaskStatus>()
         .schema_from::<TrackedTaskPage>()
         .schema_from::<ProblemDetails>()

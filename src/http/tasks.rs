@@ -207,6 +207,40 @@ pub struct AcceptedBatch {
     pub tasks: Vec<AcceptedTask>,
 }
 
+/// `POST /v1/groups`: a Celery group, all members accepted together or none.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GroupRequest {
+    /// The group's id (Celery's `group_id`, a UUID); made when not given
+    /// (from the `Idempotency-Key` when there is one, so a retry names the
+    /// same group).
+    #[serde(default)]
+    pub group_id: Option<String>,
+    /// The members, in order: each gets `group` = the group id and
+    /// `group_index` = its position, as Celery's `group.apply_async` does.
+    #[schema(min_items = 1, max_items = 1000)]
+    pub tasks: Vec<TaskRequest>,
+}
+
+/// `POST /v1/groups` response: the group id and the members, in order (what
+/// Celery's `GroupResult(group_id, [AsyncResult(id), ...])` needs).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AcceptedGroup {
+    pub group_id: String,
+    pub tasks: Vec<AcceptedTask>,
+}
+
+/// What a task route hands the outbox: the tasks (in request order), the
+/// idempotency key, and for a group its id.
+pub(crate) struct Submission {
+    pub(crate) tasks: Vec<Task>,
+    pub(crate) key: Option<IdempotencyKey>,
+    pub(crate) group_id: Option<String>,
+}
+
+/// Namespace of the group ids made from an `Idempotency-Key` (UUID v5).
+const GROUP_ID_NAMESPACE: uuid::Uuid = uuid::uuid!("6f0f7c1e-6a0b-4c53-9d0e-2f6f1b0e7a41");
+
 /// Which task route a submission came in on: its field names in problems
 /// (`tasks[3].args`) and its part of the idempotency fingerprint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -215,6 +249,8 @@ pub(crate) enum SubmitRoute {
     Single,
     /// `POST /v1/tasks/batch`: all or none.
     Batch,
+    /// `POST /v1/groups`: all or none, members numbered in one group.
+    Group,
 }
 
 impl SubmitRoute {
@@ -222,13 +258,14 @@ impl SubmitRoute {
         match self {
             SubmitRoute::Single => "task",
             SubmitRoute::Batch => "batch",
+            SubmitRoute::Group => "group",
         }
     }
 
     fn field_prefix(self, index: usize) -> String {
         match self {
             SubmitRoute::Single => String::new(),
-            SubmitRoute::Batch => format!("tasks[{index}]."),
+            SubmitRoute::Batch | SubmitRoute::Group => format!("tasks[{index}]."),
         }
     }
 }
@@ -244,22 +281,65 @@ pub(crate) fn parse_submission(
     registry: &Registry,
     router: &TopicRouter,
     now: chrono::DateTime<chrono::Utc>,
-) -> Result<(Vec<Task>, Option<IdempotencyKey>), Problem> {
-    let requests = match route {
-        SubmitRoute::Single => vec![decode::<TaskRequest>(body)?],
+) -> Result<Submission, Problem> {
+    let check_size = |tasks: &[TaskRequest], what: &str| {
+        if tasks.is_empty() || tasks.len() > MAX_BATCH {
+            return Err(Problem::invalid_field(
+                Some("tasks".into()),
+                format!("a {what} holds 1 to {MAX_BATCH} tasks, not {}", tasks.len()),
+            ));
+        }
+        Ok(())
+    };
+    let (mut requests, group_id) = match route {
+        SubmitRoute::Single => (vec![decode::<TaskRequest>(body)?], None),
         SubmitRoute::Batch => {
             let batch: BatchRequest = decode(body)?;
-            if batch.tasks.is_empty() || batch.tasks.len() > MAX_BATCH {
-                return Err(Problem::invalid_field(
-                    Some("tasks".into()),
-                    format!("a batch holds 1 to {MAX_BATCH} tasks, not {}", batch.tasks.len()),
-                ));
+            check_size(&batch.tasks, "batch")?;
+            (batch.tasks, None)
+        }
+        SubmitRoute::Group => {
+            let group: GroupRequest = decode(body)?;
+            check_size(&group.tasks, "group")?;
+            if let Some(id) = &group.group_id {
+                validate_group_id(id)?;
             }
-            batch.tasks
+            (group.tasks, Some(group.group_id))
         }
     };
-    let key = idempotency_key(headers)?
-        .map(|key| IdempotencyKey::new(key, request_fingerprint(route.fingerprint_name(), &requests)));
+    // The fingerprint is of the request as sent, before the group's numbers
+    // are filled in: a retry of the same request matches it.
+    let fingerprint = request_fingerprint(route.fingerprint_name(), &requests)
+        + &group_id
+            .clone()
+            .flatten()
+            .map(|id| format!("/{id}"))
+            .unwrap_or_default();
+    let idempotency = idempotency_key(headers)?;
+    let group_id = group_id.map(|given| {
+        given.unwrap_or_else(|| match &idempotency {
+            Some(key) => uuid::Uuid::new_v5(&GROUP_ID_NAMESPACE, key.as_bytes()).to_string(),
+            None => uuid::Uuid::new_v4().to_string(),
+        })
+    });
+    if let Some(group_id) = &group_id {
+        for (index, request) in requests.iter_mut().enumerate() {
+            if request.group.is_some() || request.group_index.is_some() {
+                let field = if request.group.is_some() {
+                    "group"
+                } else {
+                    "group_index"
+                };
+                return Err(Problem::invalid_field(
+                    Some(format!("tasks[{index}].{field}")),
+                    "a group's members are numbered by the group: leave group and group_index out",
+                ));
+            }
+            request.group = Some(group_id.clone());
+            request.group_index = Some(index as u32);
+        }
+    }
+    let key = idempotency.map(|key| IdempotencyKey::new(key, fingerprint));
     let tasks = requests
         .into_iter()
         .enumerate()
@@ -268,7 +348,18 @@ pub(crate) fn parse_submission(
                 .map_err(|error| intake_problem(error, &route.field_prefix(index)))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    Ok((tasks, key))
+    Ok(Submission { tasks, key, group_id })
+}
+
+/// A group id as Celery writes them (a UUID), or any short printable name.
+fn validate_group_id(id: &str) -> Result<(), Problem> {
+    if id.is_empty() || id.len() > 255 || id.chars().any(char::is_control) {
+        return Err(Problem::invalid_field(
+            Some("group_id".into()),
+            "a group id is 1 to 255 printable characters (Celery uses a UUID)",
+        ));
+    }
+    Ok(())
 }
 
 /// Parses a submission and makes its tasks durable, all or none.
@@ -277,8 +368,9 @@ async fn submit(
     route: SubmitRoute,
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Result<Vec<Acceptance>, Problem> {
-    let (tasks, key) = parse_submission(route, body, headers, &state.registry, &state.router, chrono::Utc::now())?;
+) -> Result<(Vec<Acceptance>, Option<String>), Problem> {
+    let Submission { tasks, key, group_id } =
+        parse_submission(route, body, headers, &state.registry, &state.router, chrono::Utc::now())?;
     let tasks: Vec<_> = tasks
         .into_iter()
         .map(|task| {
@@ -288,7 +380,7 @@ async fn submit(
         .collect();
     let count = tasks.len() as u64;
     let outcome = state.outbox.accept(tasks, key).await.map_err(outbox_problem)?;
-    Ok(match outcome {
+    let acceptances = match outcome {
         AcceptOutcome::Accepted(acceptances) => {
             metrics::counter!("taskgate_tasks_accepted_total").increment(count);
             acceptances
@@ -297,7 +389,8 @@ async fn submit(
             metrics::counter!("taskgate_idempotent_replays_total").increment(1);
             acceptances
         }
-    })
+    };
+    Ok((acceptances, group_id))
 }
 
 pub async fn post_task(
@@ -305,7 +398,7 @@ pub async fn post_task(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, [(header::HeaderName, String); 1], Json<AcceptedTask>), Problem> {
-    let acceptances = submit(&state, SubmitRoute::Single, &headers, body).await?;
+    let (acceptances, _) = submit(&state, SubmitRoute::Single, &headers, body).await?;
     let acceptance = acceptances.into_iter().next().expect("one acceptance per task");
     // A task id is a UUID, always a valid header value.
     let location = format!("/v1/tasks/{}", acceptance.id);
@@ -330,10 +423,27 @@ pub async fn post_batch(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<AcceptedBatch>), Problem> {
-    let acceptances = submit(&state, SubmitRoute::Batch, &headers, body).await?;
+    let (acceptances, _) = submit(&state, SubmitRoute::Batch, &headers, body).await?;
     Ok((
         StatusCode::ACCEPTED,
         Json(AcceptedBatch {
+            tasks: acceptances.into_iter().map(AcceptedTask::from).collect(),
+        }),
+    ))
+}
+
+/// `POST /v1/groups`: a Celery group (`group(...).apply_async()`), its
+/// members numbered and accepted together or not at all, in one flush.
+pub async fn post_group(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<AcceptedGroup>), Problem> {
+    let (acceptances, group_id) = submit(&state, SubmitRoute::Group, &headers, body).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(AcceptedGroup {
+            group_id: group_id.expect("a group submission has a group id"),
             tasks: acceptances.into_iter().map(AcceptedTask::from).collect(),
         }),
     ))

@@ -101,6 +101,7 @@ def _record(task):
             "root_id": request.root_id,
             "parent_id": request.parent_id,
             "group": request.group,
+            "group_index": getattr(request, "group_index", None),
             "retries": request.retries,
             "eta": request.eta,
             "expires": request.expires,

@@ -88,7 +88,7 @@ fn gate() -> &'static Gate {
 /// the handlers' own [`parse_submission`].
 fn submit(route: Route, body: &[u8], headers: &HeaderMap, registry: &Registry) -> Result<Vec<Task>, Problem> {
     let body = Ok(Bytes::copy_from_slice(body));
-    parse_submission(route, body, headers, registry, &gate().router, Utc::now()).map(|(tasks, _key)| tasks)
+    parse_submission(route, body, headers, registry, &gate().router, Utc::now()).map(|submission| submission.tasks)
 }
 
 /// Submits through both registries; every outcome must be a well-formed
