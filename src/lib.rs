@@ -43,6 +43,9 @@
 //! - [`topology`]: what Celery workers must match (exchange, queues,
 //!   bindings, tracking queue, routing, result backend), for
 //!   `GET /v1/topology`, `taskgate topology` and `taskgate_client.worker`.
+//! - [`verify`]: `taskgate verify-workers`: a probe task per queue proves
+//!   that real workers consume it, store results, get their scheduled tasks
+//!   tracked and match the topology.
 //! - [`app`]: building the server, background tasks, shutdown order.
 //! - [`systemd`]: `sd_notify` readiness, stopping and watchdog messages.
 //! - [`cli`]: the command line: `serve`, `check-config`, `migrate`, and the
@@ -67,3 +70,4 @@ pub mod systemd;
 pub mod task;
 pub mod topology;
 pub mod tracking;
+pub mod verify;

@@ -43,6 +43,17 @@ impl ServerArgs {
             Duration::from_secs(self.request_timeout.max(1)),
         )
     }
+
+    /// A client for a call the server holds open for up to `held` (worker
+    /// verification): `--request-timeout` plus that long, so the answer is
+    /// never given up on while the server is still waiting as asked.
+    pub fn client_for_held_call(&self, settings: &Settings, held: Duration) -> Result<AdminClient, ClientError> {
+        AdminClient::new(
+            settings,
+            self.server.as_deref(),
+            Duration::from_secs(self.request_timeout.max(1)) + held,
+        )
+    }
 }
 
 /// Why an operator command failed; each maps to an exit status.

@@ -6,7 +6,7 @@
 //! path and the way out.
 //!
 //! Operator commands (`send`, `health`, `outbox`, `dead-letters`,
-//! `breaker`) live in [`operator`] and its siblings: [`admin_client`] talks
+//! `breaker`, `verify-workers`) live in [`operator`] and its siblings: [`admin_client`] talks
 //! to the running server, [`offline`] opens a stopped server's outbox,
 //! [`output`] prints tables, JSON and progress bars.
 

@@ -1,12 +1,13 @@
-//! Operator commands: `send`, `health`, `outbox …`, `dead-letters …` and
-//! `breaker …`. They talk to the running server's API (address and admin
+//! Operator commands: `send`, `health`, `outbox …`, `dead-letters …`,
+//! `breaker …` and `verify-workers`. They talk to the running server's API (address and admin
 //! token from the same configuration the server reads); `outbox` and
 //! `dead-letters` can also work `--offline` on a stopped server's data
 //! directory.
 //!
 //! Exit statuses: 0 success; 1 the operation failed (server unreachable,
 //! refused, bad input), with a message on stderr; `health` answers 0 pass,
-//! 1 warn, 2 fail (an unreachable server is a fail); `outbox drain` exits
+//! 1 warn, 2 fail (an unreachable server is a fail); `verify-workers` exits
+//! 1 when any check of any queue failed (the report says which); `outbox drain` exits
 //! [`EXIT_DRAIN_TIMED_OUT`] when tasks were still waiting at `--timeout`;
 //! `outbox salvage` exits [`EXIT_SALVAGE_INCOMPLETE`] when some records
 //! could not be read; an `--offline` command on a damaged outbox exits
@@ -21,6 +22,7 @@ use super::{dead_letters, outbox};
 use crate::config::Settings;
 use crate::http::admin::BreakerView;
 use crate::relay::breaker::BreakerState;
+use crate::verify::{VerifyReport, VerifyRequest};
 use clap::{Args, Subcommand};
 use serde_json::{json, Map, Value};
 use std::process::ExitCode;
@@ -37,6 +39,23 @@ pub enum OperatorCommand {
     DeadLetters(dead_letters::DeadLetterArgs),
     /// The circuit breaker: status, forced open or closed, release.
     Breaker(BreakerArgs),
+    /// Send a probe task to each queue and check, per queue, that a worker
+    /// consumed it, its result reached celery_taskmeta, a task it scheduled
+    /// itself was tracked, and its declarations match the topology
+    /// (POST /v1/verify-workers). Exits 1 on any failure.
+    VerifyWorkers(VerifyWorkersArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyWorkersArgs {
+    /// Seconds to wait for the workers' answers (1 to 300).
+    #[arg(long, value_name = "SECONDS", default_value_t = crate::verify::DEFAULT_TIMEOUT_SECONDS)]
+    pub timeout: u64,
+    /// Verify only this queue (repeatable) [default: every configured queue].
+    #[arg(long = "queue", value_name = "QUEUE")]
+    pub queues: Vec<String>,
+    #[command(flatten)]
+    pub server: ServerArgs,
 }
 
 #[derive(Debug, Args)]
@@ -118,6 +137,7 @@ pub fn run(settings: &Settings, json: bool, command: OperatorCommand) -> ExitCod
         OperatorCommand::Outbox(args) => outbox::run(settings, json, args),
         OperatorCommand::DeadLetters(args) => dead_letters::run(settings, json, args),
         OperatorCommand::Breaker(args) => breaker(settings, json, &args),
+        OperatorCommand::VerifyWorkers(args) => return verify_workers(settings, json, &args),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
@@ -285,4 +305,32 @@ fn breaker(settings: &Settings, json: bool, args: &BreakerArgs) -> Result<(), Co
         _ => {}
     }
     Ok(())
+}
+
+fn verify_workers(settings: &Settings, json: bool, args: &VerifyWorkersArgs) -> ExitCode {
+    let request = VerifyRequest {
+        timeout_seconds: Some(args.timeout),
+        queues: (!args.queues.is_empty()).then(|| args.queues.clone()),
+    };
+    let answer = args
+        .server
+        .client_for_held_call(settings, std::time::Duration::from_secs(args.timeout))
+        .and_then(|client| client.post_json::<VerifyReport>("/v1/verify-workers", &request, &[]));
+    let report = match answer {
+        Ok(report) => report,
+        Err(error) => {
+            eprintln!("taskgate: {error}");
+            return ExitCode::from(EXIT_FAILED);
+        }
+    };
+    if json {
+        print_json(&report);
+    } else {
+        print!("{}", report.render_text());
+    }
+    if report.passed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_FAILED)
+    }
 }

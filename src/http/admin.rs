@@ -1,5 +1,6 @@
 //! The admin API: outbox figures, listing, drain, pause, export and import;
-//! dead letters; forced breaker states. Also the wire types the CLI's
+//! dead letters; forced breaker states; worker verification
+//! (`POST /v1/verify-workers`, see [`crate::verify`]). Also the wire types the CLI's
 //! admin client reads back, so server and client cannot drift apart.
 //!
 //! Authorization ([`authorize`]), checked before any handler runs:
@@ -26,6 +27,7 @@ use crate::outbox::{Lane, Outbox, OutboxError};
 use crate::relay::breaker::{BreakerSnapshot, BreakerState};
 use crate::relay::holds::{BreakerOverride, OperatorHolds};
 use crate::task::{routing, Task};
+use crate::verify::{self, VerifyError, VerifyReport, VerifyRequest};
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Query, Request, State};
@@ -158,6 +160,7 @@ pub fn routes(state: &AppState) -> Router<AppState> {
         .route("/v1/breaker/open", post(force_breaker_open))
         .route("/v1/breaker/close", post(force_breaker_closed))
         .route("/v1/breaker/release", post(release_breaker))
+        .route("/v1/verify-workers", post(verify_workers))
         // A route layer: unknown paths stay 404 rather than 401.
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), require_admin))
 }
@@ -640,6 +643,47 @@ async fn set_breaker_override(state: &AppState, wanted: Option<BreakerOverride>)
         }
     }
     Ok(Json(BreakerView::from(state.breaker.snapshot())))
+}
+
+/// Probes every (or every asked) queue and waits for the workers' traces,
+/// bounded by the request's `timeout_seconds`. The body is read before
+/// anything is sent, so the request timeout never cuts it (a probe was
+/// accepted: the report is the whole truth; see `http/server.rs`).
+async fn verify_workers(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<VerifyReport>, Problem> {
+    let body = body.map_err(|rejection| {
+        Problem::new(
+            rejection.status(),
+            "unreadable-body",
+            "Unreadable body",
+            rejection.body_text(),
+        )
+    })?;
+    let request: VerifyRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        VerifyRequest::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|error| Problem::malformed_json(error.to_string()))?
+    };
+    let gateway = verify::Gateway {
+        settings: &state.settings,
+        router: &state.router,
+        outbox: &state.outbox,
+        publisher: state.publisher.as_ref(),
+        tracking: &state.tracking,
+    };
+    verify::verify_workers(gateway, request)
+        .await
+        .map(Json)
+        .map_err(|error| match error {
+            VerifyError::Timeout(_) => Problem::invalid_field(Some("timeout_seconds".into()), error.to_string()),
+            VerifyError::UnknownQueue { .. } => Problem::invalid_field(Some("queues".into()), error.to_string()),
+            VerifyError::Unroutable { .. } | VerifyError::Intake { .. } => {
+                Problem::invalid_field(Some("queues".into()), error.to_string())
+            }
+            VerifyError::Outbox(error) => outbox_problem(error),
+        })
 }
 
 #[cfg(test)]

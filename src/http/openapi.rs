@@ -22,6 +22,7 @@ use super::tasks::{
 use crate::health::HealthReport;
 use crate::outbox::operations::{DeadLetterEntry, ImportOutcome, OutboxReport, QueueReport, RequeueOutcome};
 use crate::task::TaskRequest;
+use crate::verify::{VerifyReport, VerifyRequest};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use std::sync::OnceLock;
@@ -479,6 +480,32 @@ fn admin_paths(paths: PathsBuilder) -> PathsBuilder {
                 admin("release_breaker", "End a forced state; the breaker decides again")
                     .response("200", breaker())
                     .response("503", retry_after_problem(HOLD_NOT_SAVED)),
+            ),
+        )
+        .path(
+            "/v1/verify-workers",
+            PathItem::new(
+                HttpMethod::Post,
+                admin(
+                    "verify_workers",
+                    "Send a probe task to each queue and check the workers that run it",
+                )
+                .description(Some(
+                    "For each configured queue (or each of `queues`), accepts a `taskgate.probe` task                      (registered in the worker by taskgate_client.worker.register_probe) through the outbox                      and waits up to `timeout_seconds` (default 30) for four checks: a worker consumed it;                      its result reached celery_taskmeta; the task it scheduled itself reached the tracking                      queue and table; the worker's exchange and queue declarations match GET /v1/topology.                      Answers 200 with the report whether or not the checks pass (`passed`); the request                      timeout does not cut it. The body is optional.",
+                ))
+                .request_body(Some(
+                    RequestBodyBuilder::new()
+                        .required(Some(Required::False))
+                        .content(JSON, content::<VerifyRequest>())
+                        .build(),
+                ))
+                .response("200", json_response::<VerifyReport>("The report, one entry per queue"))
+                .response("400", problem("Malformed JSON"))
+                .response(
+                    "422",
+                    problem("timeout_seconds out of 1 to 300, or a queue that is not configured"),
+                )
+                .response("503", retry_after_problem("The outbox could not take the probes")),
             ),
         )
 }
@@ -963,6 +990,8 @@ pub fn document() -> OpenApi {
         .schema_from::<ImportOutcome>()
         .schema_from::<RequeueOutcome>()
         .schema_from::<DeadLetterEntry>()
+        .schema_from::<VerifyRequest>()
+        .schema_from::<VerifyReport>()
         // After the derived ones: BatchRequest brought TaskRequest along
         // without the descriptions.
         .schema("TaskRequest", task_request_schema())

@@ -41,7 +41,9 @@
 //! made durable behind a 408, and its 202 is never replaced by one. The
 //! handlers past that point are bounded on their own (intake is CPU only,
 //! the outbox's group commit answers or fails the store, admin operations
-//! are single sled scans). Before that point nothing was written, so the
+//! are single sled scans, `POST /v1/verify-workers` waits at most its own
+//! `timeout_seconds`, 300 at most, which may exceed the request timeout
+//! on purpose). Before that point nothing was written, so the
 //! 408 is the whole truth. The idle and stall bounds never apply while a
 //! handler runs.
 

@@ -16,6 +16,10 @@ celery`` wrote, so the two cannot drift::
     configure(app, "http://127.0.0.1:7439/v1/topology",
               result_backend_password=os.environ["DB_PASSWORD"])
 
+``configure`` also registers taskgate's probe (:func:`register_probe`), the
+built-in ``taskgate.probe`` task ``taskgate verify-workers`` sends to every
+queue; a worker configured by hand calls ``register_probe(app)`` itself.
+
 Invariants:
 
 * Only what the topology names is set: the broker URL and credentials stay
@@ -24,6 +28,9 @@ Invariants:
   exchange is copied to it) but never consumed by the worker.
 * A topology that cannot be read raises :class:`TopologyError`; a worker is
   never started half-configured.
+* The probe describes the worker as it really routes and consumes (Celery's
+  own router and queue selection), never as the topology says it should:
+  the gateway compares the two.
 """
 
 from __future__ import annotations
@@ -34,7 +41,22 @@ import urllib.parse
 import urllib.request
 from typing import Any, Mapping, Optional, Union
 
-__all__ = ["TopologyError", "configure", "load_topology", "celery_settings"]
+__all__ = [
+    "PROBE_TASK",
+    "PROBE_SCHEDULED_TASK",
+    "TopologyError",
+    "celery_settings",
+    "configure",
+    "describe_worker",
+    "load_topology",
+    "register_probe",
+]
+
+#: The task ``taskgate verify-workers`` sends to each queue.
+PROBE_TASK = "taskgate.probe"
+#: The task the probe schedules from inside the worker, routed by the
+#: worker's own routing: taskgate sees it only through the tracking queue.
+PROBE_SCHEDULED_TASK = "taskgate.probe.scheduled"
 
 
 class TopologyError(Exception):
@@ -182,6 +204,7 @@ def configure(
         app.conf.broker_transport_options = options
     if declare_only:
         _declare_when_ready(app, declare_only)
+    register_probe(app)
     return settings
 
 
@@ -198,3 +221,114 @@ def _declare_when_ready(app, queues) -> None:
 
     signals.worker_ready.connect(declare, weak=False)
     app.conf.taskgate_declare_only = [queue.name for queue in queues]
+
+
+# The queues each app's worker consumes, noted once the worker has selected
+# them (-Q applied) and before a prefork pool forks, so every process
+# reports what the consumer really reads.
+_consumed_at_start: dict = {}
+
+
+def register_probe(app) -> None:
+    """Registers ``taskgate.probe`` and ``taskgate.probe.scheduled`` in
+    ``app`` (idempotent). ``configure`` calls it; a worker configured by
+    hand calls it to be verifiable by ``taskgate verify-workers``.
+
+    The probe schedules ``taskgate.probe.scheduled`` with ``apply_async``
+    from inside the worker, routed as the worker routes everything it
+    schedules, and returns :func:`describe_worker`'s description with the
+    child's id. The child carries the same description as its argument, so
+    the gateway learns it from the tracking queue even when the worker
+    stores no result.
+    """
+    if getattr(app, "_taskgate_probe_registered", False):
+        return
+    app._taskgate_probe_registered = True
+    from celery import signals
+
+    def note_consumed(sender=None, instance=None, **_):
+        if instance is not None and getattr(instance, "app", None) is app:
+            _consumed_at_start[id(app)] = list(app.amqp.queues.consume_from.values())
+
+    signals.celeryd_after_setup.connect(note_consumed, weak=False)
+
+    @app.task(name=PROBE_SCHEDULED_TASK, shared=False, ignore_result=True)
+    def probe_scheduled(description=None):
+        """Does nothing: its copy in the tracking queue is the point."""
+        return None
+
+    @app.task(name=PROBE_TASK, bind=True, shared=False)
+    def probe(self, queue=None):
+        description = describe_worker(app, self.request, probed_queue=queue)
+        child = probe_scheduled.apply_async(args=[description])
+        return dict(description, scheduled_id=child.id)
+
+
+def describe_worker(app, request=None, probed_queue: Optional[str] = None) -> dict:
+    """What the gateway compares with its topology: the worker's hostname,
+    where it publishes ``taskgate.probe.scheduled`` (exchange, type, routing
+    key, found by Celery's own router), the queues it consumes with their
+    exchange, type and routing key, and its result backend (password left
+    out)."""
+    queues = _consumed_at_start.get(id(app))
+    if queues is None:
+        queues = list(app.amqp.queues.consume_from.values())
+    backend = app.conf.result_backend
+    return {
+        "hostname": getattr(request, "hostname", None),
+        "probed_queue": probed_queue,
+        "delivery_routing_key": ((getattr(request, "delivery_info", None) or {}).get("routing_key")),
+        "publishes_to": _publish_destination(app, PROBE_SCHEDULED_TASK),
+        "queues": [_describe_queue(queue) for queue in queues],
+        "result_backend": _without_password(str(backend)) if backend else None,
+    }
+
+
+def _describe_queue(queue) -> dict:
+    exchange = queue.exchange
+    return {
+        "name": queue.name,
+        "exchange": exchange.name if exchange is not None else "",
+        "type": exchange.type if exchange is not None else "direct",
+        "routing_key": queue.routing_key,
+        "durable": bool(queue.durable),
+        "queue_arguments": dict(queue.queue_arguments or {}),
+    }
+
+
+def _publish_destination(app, name: str) -> dict:
+    """Where Celery publishes task ``name``: its router, then
+    ``send_task_message``'s own defaults (a direct exchange without a
+    routing key becomes the default exchange ``''``)."""
+    from kombu import Exchange
+
+    options = app.amqp.router.route({}, name, (), {})
+    queue = options.get("queue")
+    exchange = options.get("exchange")
+    exchange_type = options.get("exchange_type")
+    routing_key = options.get("routing_key")
+    if isinstance(queue, str):
+        queue = app.amqp.queues[queue]
+    if isinstance(exchange, Exchange):
+        exchange_type = exchange_type or exchange.type
+        exchange = exchange.name
+    if exchange_type is None:
+        exchange_type = queue.exchange.type if queue is not None and queue.exchange is not None else "direct"
+    if (not exchange or not routing_key) and exchange_type == "direct":
+        exchange, routing_key = "", queue.name if queue is not None else routing_key
+    elif exchange is None:
+        exchange = (queue.exchange.name if queue is not None else None) or app.conf.task_default_exchange
+        routing_key = routing_key or (queue.routing_key if queue is not None else None)
+        routing_key = routing_key or app.conf.task_default_routing_key
+    return {"exchange": exchange, "type": exchange_type, "routing_key": routing_key}
+
+
+def _without_password(url: str) -> str:
+    scheme, separator, rest = url.partition("://")
+    if not separator:
+        return url
+    authority, slash, path = rest.partition("/")
+    if "@" not in authority:
+        return url
+    user, host = authority.rsplit("@", 1)
+    return f"{scheme}://{user.split(':', 1)[0]}@{host}{slash}{path}"
