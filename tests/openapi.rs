@@ -462,6 +462,29 @@ async fn response_schemas_match_live_responses() {
         let schema = response_schema(&document, "post", path, status);
         assert_matches(&format!("POST {path}"), schema, &response.json().await.unwrap(), &[]);
     }
+
+    // No worker answers here: a failing report, shortest timeout, one queue.
+    let verified: Value = app
+        .client
+        .post(app.url("/v1/verify-workers"))
+        .json(&json!({"timeout_seconds": 1}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let report = response_schema(&document, "post", "/v1/verify-workers", "200");
+    assert_matches("VerifyReport", report, &verified, &[]);
+    assert_eq!(verified["passed"], false);
+    let queue = &verified["queues"][0];
+    assert_matches("QueueReport", component(&document, "QueueReport"), queue, &[]);
+    assert_matches(
+        "CheckReport",
+        component(&document, "CheckReport"),
+        &queue["checks"][0],
+        &[],
+    );
 }
 
 #[test]
