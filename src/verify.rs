@@ -81,12 +81,12 @@ pub struct VerifyReport {
     pub passed: bool,
     /// How long the workers were given.
     pub timeout_seconds: u64,
-    pub queues: Vec<QueueReport>,
+    pub queues: Vec<QueueVerification>,
 }
 
 /// The checks of one queue.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
-pub struct QueueReport {
+pub struct QueueVerification {
     pub queue: String,
     /// The probe task sent to it.
     pub probe_id: String,
@@ -688,7 +688,7 @@ pub async fn verify_workers(gateway: Gateway<'_>, request: VerifyRequest) -> Res
     }
 
     let consumer = gateway.tracking.health().consumer;
-    let queues: Vec<QueueReport> = probes
+    let queues: Vec<QueueVerification> = probes
         .into_iter()
         .map(|mut probe| {
             if probe.observed.result.is_none() && probe.observed.scheduled.is_none() {
@@ -704,7 +704,7 @@ pub async fn verify_workers(gateway: Gateway<'_>, request: VerifyRequest) -> Res
                 timeout_seconds,
                 consumer.as_ref(),
             );
-            QueueReport {
+            QueueVerification {
                 passed: checks.iter().all(|check| check.passed),
                 queue: probe.queue.name,
                 probe_id: probe.observed.probe_id,
@@ -955,7 +955,7 @@ mod tests {
         let report = VerifyReport {
             passed: false,
             timeout_seconds: 10,
-            queues: vec![QueueReport {
+            queues: vec![QueueVerification {
                 queue: "export".into(),
                 probe_id: "probe-1".into(),
                 routing_key: "taskgate-probe".into(),

@@ -478,7 +478,12 @@ async fn response_schemas_match_live_responses() {
     assert_matches("VerifyReport", report, &verified, &[]);
     assert_eq!(verified["passed"], false);
     let queue = &verified["queues"][0];
-    assert_matches("QueueReport", component(&document, "QueueReport"), queue, &[]);
+    assert_matches(
+        "QueueVerification",
+        component(&document, "QueueVerification"),
+        queue,
+        &[],
+    );
     assert_matches(
         "CheckReport",
         component(&document, "CheckReport"),

@@ -22,7 +22,7 @@ use super::tasks::{
 use crate::health::HealthReport;
 use crate::outbox::operations::{DeadLetterEntry, ImportOutcome, OutboxReport, QueueReport, RequeueOutcome};
 use crate::task::TaskRequest;
-use crate::verify::{Check, CheckReport, QueueReport, VerifyReport, VerifyRequest};
+use crate::verify::{Check, CheckReport, QueueVerification, VerifyReport, VerifyRequest};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use std::sync::OnceLock;
@@ -992,7 +992,7 @@ pub fn document() -> OpenApi {
         .schema_from::<DeadLetterEntry>()
         .schema_from::<VerifyRequest>()
         .schema_from::<VerifyReport>()
-        .schema_from::<QueueReport>()
+        .schema_from::<QueueVerification>()
         .schema_from::<CheckReport>()
         .schema_from::<Check>()
         // After the derived ones: BatchRequest brought TaskRequest along
