@@ -15,7 +15,7 @@ platform never waits on the broker::
 Django: see :mod:`taskgate_client.django`. Only the standard library is used.
 """
 
-from .client import DEFAULT_URL, Client, build_request
+from .client import DEFAULT_URL, Client, build_request, signature_dict
 from .errors import GatewayUnavailable, TaskgateError, TaskRejected
 
 __all__ = [
@@ -25,5 +25,6 @@ __all__ = [
     "TaskRejected",
     "TaskgateError",
     "build_request",
+    "signature_dict",
 ]
 __version__ = "0.1.0"

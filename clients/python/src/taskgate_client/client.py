@@ -1,8 +1,11 @@
 """The taskgate HTTP client: enqueue tasks, read their state, ask for health.
 
 Mirrors Celery's ``app.send_task`` so that the platform can swap it in:
-``send_task(name, args, kwargs, **options)`` returns the task id, and extra
-keyword options become message properties, as Celery's do.
+``send_task(name, args, kwargs, **options)`` returns the task id. Celery's
+``apply_async`` options are taken in Celery's spelling (see
+:func:`build_request`); the ones taskgate cannot honour raise TypeError
+naming the option; other keywords become message properties, as Celery's
+do. :mod:`taskgate_client.celery` puts this under a Celery app.
 
 Invariants:
 
@@ -13,6 +16,9 @@ Invariants:
   than ``availability_timeout``; its answer is cached for
   ``availability_ttl`` seconds, failures included, so a page rendered while
   taskgate is down costs at most one short probe per TTL, not one per view.
+* No option is silently dropped: each is sent, refused with a TypeError
+  naming it, or (a value taskgate gives anyway, such as
+  ``serializer="json"``) known to change nothing.
 * Proxies from the environment (``HTTP_PROXY``) are ignored: taskgate is a
   local sidecar, and routing it through a proxy would only add a way to fail.
 """
@@ -35,11 +41,14 @@ from .errors import GatewayUnavailable, TaskgateError, TaskRejected
 
 DEFAULT_URL = "http://127.0.0.1:7439"
 
-# Request fields taskgate takes besides task, args and kwargs.
+# Request fields taskgate takes besides task, args and kwargs (TaskRequest
+# in src/task/mod.rs), spelled as Celery's apply_async spells them.
 _REQUEST_FIELDS = frozenset(
     {
         "id",
         "routing_key",
+        "queue",
+        "exchange",
         "eta",
         "expires",
         "countdown",
@@ -47,35 +56,72 @@ _REQUEST_FIELDS = frozenset(
         "parent_id",
         "root_id",
         "group",
+        "group_index",
         "time_limit",
         "soft_time_limit",
-        "properties",
+        "shadow",
+        "headers",
+        "ignore_result",
+        "retries",
+        "link",
+        "link_error",
+        "chain",
     }
 )
 # Celery's spelling of the same options.
 _CELERY_ALIASES = {"task_id": "id", "group_id": "group"}
-# Celery options that taskgate decides itself (routing, encoding) or that
-# need a result backend connection in the caller; accepting them silently
-# would send the task somewhere else than the caller meant.
-_UNSUPPORTED = frozenset(
-    {
-        "queue",
-        "exchange",
-        "exchange_type",
-        "serializer",
-        "compression",
-        "connection",
-        "producer",
-        "link",
-        "link_error",
-        "chain",
-        "chord",
-        "retry",
-        "retry_policy",
-        "result_cls",
-        "add_to_parent",
-    }
-)
+
+_PUBLISHES_ITSELF = "taskgate publishes with its own broker connection and sets it itself"
+# Options taskgate cannot honour, with the reason the TypeError gives. Each
+# one would change how or where the message is published, or needs the
+# caller to hold a broker connection; accepting it silently would send the
+# task otherwise than the caller meant. A value of None counts as not given
+# (Celery passes its defaults as None), and the values in _HARMLESS are what
+# taskgate does anyway.
+_REFUSED = {
+    "serializer": "taskgate always sends JSON (Celery's json serializer); "
+    "pickle, yaml and msgpack bodies cannot be sent",
+    "compression": "taskgate does not compress message bodies",
+    "connection": "the caller holds no broker connection: " + _PUBLISHES_ITSELF,
+    "producer": "the caller holds no broker producer: " + _PUBLISHES_ITSELF,
+    "publisher": "the caller holds no broker producer: " + _PUBLISHES_ITSELF,
+    "retry": "taskgate retries publishing itself, with backoff, until the broker confirms "
+    "or the task is dead-lettered (docs/coming-from-celery.md)",
+    "retry_policy": "taskgate retries publishing itself, with backoff, until the broker confirms "
+    "or the task is dead-lettered (docs/coming-from-celery.md)",
+    "chord": "chords are not supported through taskgate yet",
+    "add_to_parent": "only a task running in a worker has a parent; that worker publishes through its broker",
+    "exchange_type": "taskgate's exchange is the topic exchange routing.exchange",
+    "delivery_mode": "taskgate publishes every message persistent",
+    "immediate": "RabbitMQ does not implement immediate",
+    "mandatory": "taskgate publishes every message mandatory",
+    "reply_to": "taskgate sends no reply_to: read results from the result backend (rpc:// cannot work)",
+    "router": "taskgate routes by its own [routing] configuration: pass routing_key or queue",
+    "route_name": "taskgate routes by its own [routing] configuration: pass routing_key or queue",
+    "result_cls": "Client.send_task returns the task id; taskgate_client.celery returns AsyncResults",
+    "task_type": "Client.send_task returns the task id; taskgate_client.celery returns AsyncResults",
+    "stamped_headers": "canvas stamping is not supported through taskgate",
+    "stamps": "canvas stamping is not supported through taskgate",
+    "replaced_task_nesting": "Task.replace() runs in a worker, which publishes through its broker",
+    "declare": _PUBLISHES_ITSELF + " (it declares its configured topology)",
+    "timeout": _PUBLISHES_ITSELF + " (broker.publish_timeout_ms); Client(timeout=...) bounds the HTTP call",
+    "confirm_timeout": _PUBLISHES_ITSELF + " (broker.publish_timeout_ms)",
+    # Message properties the broker or kombu set: taskgate would drop them.
+    "expiration": "use expires (taskgate derives the AMQP expiration from it)",
+    "correlation_id": _PUBLISHES_ITSELF + " (the task id)",
+    "content_type": _PUBLISHES_ITSELF + " (application/json)",
+    "content_encoding": _PUBLISHES_ITSELF + " (utf-8)",
+    "delivery_info": _PUBLISHES_ITSELF,
+    "delivery_tag": _PUBLISHES_ITSELF,
+    "body_encoding": _PUBLISHES_ITSELF,
+}
+_HARMLESS = {
+    "serializer": ("json",),
+    "delivery_mode": (2, "persistent"),
+    "replaced_task_nesting": (0,),
+}
+# Kept for callers that imported it: the options refused whatever their value.
+_UNSUPPORTED = frozenset(_REFUSED)
 
 _PROBLEM_JSON = "application/problem+json"
 _HEALTH_JSON = "application/health+json"
@@ -89,6 +135,8 @@ def _json_default(value: Any) -> Any:
         return value.isoformat()
     if isinstance(value, (uuid.UUID, decimal.Decimal)):
         return str(value)
+    if isinstance(value, _dt.timedelta):
+        return value.total_seconds()
     raise TypeError(f"{type(value).__name__} is not JSON serializable: {value!r}")
 
 
@@ -100,13 +148,87 @@ def _rfc3339(value: _dt.datetime) -> str:
     return value.isoformat()
 
 
+def _seconds(name: str, value: Any) -> Any:
+    if isinstance(value, _dt.timedelta):
+        return value.total_seconds()
+    return value
+
+
 def _time_field(name: str, value: Any) -> Any:
+    """eta and expires as taskgate takes them: an RFC 3339 time (from a
+    datetime), or for expires (and countdown) a number of seconds, which
+    taskgate counts from acceptance as Celery counts from the call."""
     if isinstance(value, _dt.datetime):
         return _rfc3339(value)
-    if name == "expires" and isinstance(value, (int, float)) and not isinstance(value, bool):
-        # Celery reads a number of seconds from now.
-        return _rfc3339(_dt.datetime.now(_dt.timezone.utc) + _dt.timedelta(seconds=value))
+    if name in ("expires", "countdown"):
+        return _seconds(name, value)
     return value
+
+
+def _destination(name: str, value: Any) -> str:
+    # A kombu Queue or Exchange (what Celery's task_queues hold) goes by its name.
+    if isinstance(value, str):
+        return value
+    named = getattr(value, "name", None)
+    if isinstance(named, str) and named:
+        return named
+    raise TypeError(f"{name!r} must be a name (or a kombu {name.title()}), not {value!r}")
+
+
+_SIGNATURE_KEYS = ("task", "args", "kwargs", "options", "subtask_type", "immutable", "chord_size")
+
+
+def signature_dict(value: Any, option: str = "link") -> dict:
+    """A task signature in the JSON shape taskgate takes (Celery's own:
+    ``{task, args, kwargs, options, subtask_type, immutable}``), from a
+    ``celery.canvas.Signature`` (a dict subclass, so celery is never
+    imported here) or a plain mapping.
+
+    Raises TypeError naming ``option`` for anything that is not one task:
+    taskgate publishes plain task signatures only (no group, chain or chord
+    as a callback).
+    """
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{option!r} must be a task signature (task.s(...) or its dict), not {value!r}")
+    unknown = sorted(set(value) - set(_SIGNATURE_KEYS))
+    if unknown:
+        raise TypeError(f"{option!r}: not a Celery signature (unknown keys {unknown})")
+    task = value.get("task")
+    if not isinstance(task, str) or not task:
+        raise TypeError(f"{option!r}: a signature needs a task name, got {task!r}")
+    subtask_type = value.get("subtask_type")
+    if subtask_type is not None:
+        raise TypeError(
+            f"{option!r}: a {subtask_type} cannot be sent through taskgate there, only task signatures "
+            "(a callback that is a chain: link the chain's first task and chain the rest)"
+        )
+    args = value.get("args") or ()
+    if isinstance(args, (str, bytes)) or not isinstance(args, Sequence):
+        raise TypeError(f"{option!r}: signature args must be a list or tuple, not {args!r}")
+    options = {}
+    for key, item in dict(value.get("options") or {}).items():
+        if item is None:
+            continue
+        options[key] = _destination(f"{option}.options.{key}", item) if key in ("queue", "exchange") else item
+    signature = {
+        "task": task,
+        "args": list(args),
+        "kwargs": dict(value.get("kwargs") or {}),
+        "options": options,
+        "subtask_type": None,
+        "immutable": bool(value.get("immutable", False)),
+    }
+    if value.get("chord_size") is not None:
+        signature["chord_size"] = value["chord_size"]
+    return signature
+
+
+def _signatures(option: str, value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return signature_dict(value, option)
+    if isinstance(value, (list, tuple)):
+        return [signature_dict(item, f"{option}[{index}]") for index, item in enumerate(value)]
+    raise TypeError(f"{option!r} must be a signature or a list of them, not {value!r}")
 
 
 def build_request(
@@ -117,9 +239,23 @@ def build_request(
 ) -> dict:
     """The JSON body of ``POST /v1/tasks`` for a Celery-style call.
 
-    Known options (``task_id``, ``countdown``, ``eta``, ``expires``,
-    ``priority``, ``routing_key``, ...) become request fields; any other
-    keyword becomes a message property, as with Celery's ``send_task``.
+    Celery's ``apply_async`` options, in Celery's spelling, become request
+    fields: ``task_id``, ``countdown``, ``eta``, ``expires`` (seconds, a
+    datetime or a timedelta), ``priority``, ``routing_key``, ``queue`` and
+    ``exchange`` (names or kombu objects), ``group_id``, ``group_index``,
+    ``parent_id``, ``root_id``, ``time_limit``, ``soft_time_limit``,
+    ``shadow``, ``headers``, ``ignore_result``, ``retries``, ``link`` and
+    ``link_error`` (signatures or their dicts), ``chain`` (signatures **in
+    execution order**: the steps after this task).
+
+    Options taskgate cannot honour (``serializer`` other than json,
+    ``compression``, ``connection``, ``producer``, ``retry``,
+    ``retry_policy``, ``chord``, ``add_to_parent``, ...) raise TypeError
+    naming the option. A value of ``None`` is "not given", as in Celery.
+    Any other keyword becomes a message property, as with Celery's
+    ``send_task`` (``creator_id="u1"``), and so do the entries of
+    ``properties={...}``; names the broker sets itself are refused, not
+    dropped.
     """
     if not isinstance(name, str) or not name:
         raise TypeError("the task name must be a non-empty string")
@@ -128,25 +264,59 @@ def build_request(
     if kwargs is not None and not isinstance(kwargs, Mapping):
         raise TypeError(f"kwargs must be a mapping, not {type(kwargs).__name__}")
     request: dict = {"task": name, "args": list(args or ()), "kwargs": dict(kwargs or {})}
-    properties = dict(options.pop("properties", None) or {})
+    explicit = options.pop("properties", None) or {}
+    if not isinstance(explicit, Mapping):
+        raise TypeError(f"'properties' must be a mapping, not {explicit!r}")
+    properties: dict = {}
     for key, value in options.items():
+        celery_key = key
         key = _CELERY_ALIASES.get(key, key)
-        if key in _UNSUPPORTED:
-            raise TypeError(
-                f"{key!r} is not supported: taskgate routes by routing key (set routing_key, "
-                "or configure [[routing.queues]]) and always sends JSON"
-            )
         if value is None:
             continue
+        if key in _REFUSED:
+            if value in _HARMLESS.get(key, ()):
+                continue
+            raise TypeError(f"{celery_key!r} is not supported: {_REFUSED[key]}")
         if key in _REQUEST_FIELDS:
-            request[key] = _time_field(key, value)
+            request[key] = _field(key, value)
         else:
             properties[key] = value
+    for key, value in explicit.items():
+        # properties={...} are message properties whatever their names,
+        # except the ones the broker sets (taskgate would drop those).
+        if key in _REFUSED and key not in _HARMLESS:
+            raise TypeError(f"property {key!r} is not supported: {_REFUSED[key]}")
+        properties[key] = value
     if properties:
         request["properties"] = properties
     if isinstance(request.get("id"), uuid.UUID):
         request["id"] = str(request["id"])
     return request
+
+
+def _field(key: str, value: Any) -> Any:
+    if key in ("eta", "expires", "countdown"):
+        return _time_field(key, value)
+    if key in ("queue", "exchange"):
+        return _destination(key, value)
+    if key in ("link", "link_error"):
+        return _signatures(key, value)
+    if key == "chain":
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(f"'chain' must be a list of signatures in execution order, not {value!r}")
+        return [signature_dict(item, f"chain[{index}]") for index, item in enumerate(value)]
+    if key == "headers":
+        if not isinstance(value, Mapping):
+            raise TypeError(f"'headers' must be a mapping, not {value!r}")
+        return dict(value)
+    if key in ("time_limit", "soft_time_limit"):
+        return _seconds(key, value)
+    return value
+
+
+class _Built(dict):
+    """A request :func:`build_request` already made (taskgate_client.celery
+    builds group members itself): sent as it is."""
 
 
 TaskSpec = Union[Mapping[str, Any], Tuple[Any, ...]]
@@ -229,8 +399,12 @@ class Client:
         :class:`GatewayUnavailable` when taskgate cannot be reached (then
         retry with the same ``idempotency_key`` to enqueue it exactly once).
         """
-        body = build_request(name, args, kwargs, **options)
-        answer = self._call("POST", "/v1/tasks", body=body, idempotency_key=idempotency_key, expect=(202,))
+        return self.send_request(build_request(name, args, kwargs, **options), idempotency_key=idempotency_key)
+
+    def send_request(self, request: Mapping[str, Any], *, idempotency_key: Optional[str] = None) -> str:
+        """Enqueues one task given as a ``POST /v1/tasks`` body (what
+        :func:`build_request` returns); returns its id."""
+        answer = self._call("POST", "/v1/tasks", body=dict(request), idempotency_key=idempotency_key, expect=(202,))
         return str(answer.body["id"])
 
     def send_tasks(self, tasks: Iterable[TaskSpec], *, idempotency_key: Optional[str] = None) -> list:
@@ -245,6 +419,52 @@ class Client:
             "POST", "/v1/tasks/batch", body={"tasks": requests}, idempotency_key=idempotency_key, expect=(202,)
         )
         return [str(item["id"]) for item in answer.body["tasks"]]
+
+    def send_group(
+        self,
+        tasks: Iterable[TaskSpec],
+        *,
+        group_id: Optional[str] = None,
+        idempotency_key: Optional[str] = None,
+    ) -> Tuple[str, list]:
+        """Enqueues a Celery group, all its tasks or none (``POST
+        /v1/groups``, one flush): each task gets ``group`` = the group id and
+        ``group_index`` = its position. Returns ``(group_id, task ids)``.
+
+        ``group_id`` defaults to a new UUID (Celery's choice); a task that
+        sets its own ``group_id``/``group_index`` is refused (TypeError).
+        A gateway older than ``/v1/groups`` (404 for the route) gets the same
+        tasks as one ``/v1/tasks/batch`` with group and index set on each,
+        which is just as all-or-nothing.
+        """
+        requests = [dict(spec) if isinstance(spec, _Built) else _spec_to_request(spec) for spec in tasks]
+        for index, request in enumerate(requests):
+            for field in ("group", "group_index"):
+                if field in request:
+                    raise TypeError(
+                        f"tasks[{index}] sets {'group_id' if field == 'group' else field}: "
+                        "a group gives every member its id and position"
+                    )
+        group_id = str(group_id) if group_id is not None else str(uuid.uuid4())
+        if not requests:
+            return group_id, []
+        try:
+            answer = self._call(
+                "POST",
+                "/v1/groups",
+                body={"group_id": group_id, "tasks": requests},
+                idempotency_key=idempotency_key,
+                expect=(202,),
+            )
+        except TaskRejected as rejected:
+            if not (rejected.status == 404 and rejected.slug == "not-found"):
+                raise
+            members = [dict(request, group=group_id, group_index=index) for index, request in enumerate(requests)]
+            answer = self._call(
+                "POST", "/v1/tasks/batch", body={"tasks": members}, idempotency_key=idempotency_key, expect=(202,)
+            )
+            return group_id, [str(item["id"]) for item in answer.body["tasks"]]
+        return str(answer.body.get("group_id") or group_id), [str(item["id"]) for item in answer.body["tasks"]]
 
     def get_task(self, task_id: Union[str, uuid.UUID]) -> Optional[dict]:
         """What taskgate knows about a task (``state``: ``queued``,
