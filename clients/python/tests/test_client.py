@@ -55,18 +55,72 @@ def test_celery_options_map_onto_the_request(client):
     assert request["expires"] == "2099-01-01T00:00:00+00:00"  # naive means UTC, as in Celery
     assert request["properties"] == {"creator_id": "u1"}
     assert request["args"] == [1]
-    # A number of seconds, as Celery reads `expires=`.
-    soon = dt.datetime.fromisoformat(build_request("t.x", expires=60)["expires"])
-    assert 50 < (soon - dt.datetime.now(dt.timezone.utc)).total_seconds() <= 60
+    # A number of seconds, as Celery reads `expires=`: sent as seconds,
+    # which taskgate counts from acceptance; a timedelta is the same.
+    assert build_request("t.x", expires=60)["expires"] == 60
+    assert build_request("t.x", expires=dt.timedelta(minutes=1))["expires"] == 60.0
 
 
-def test_options_taskgate_decides_itself_are_refused_before_sending():
-    with pytest.raises(TypeError, match="queue"):
-        build_request("t.x", queue="export")
+def test_options_taskgate_cannot_honour_are_refused_before_sending():
+    for option, value in [
+        ("serializer", "pickle"),
+        ("compression", "zlib"),
+        ("connection", object()),
+        ("producer", object()),
+        ("retry", True),
+        ("retry_policy", {"max_retries": 3}),
+        ("chord", {"task": "t.body"}),
+        ("add_to_parent", True),
+        ("exchange_type", "direct"),
+        ("reply_to", "somewhere"),
+        ("correlation_id", "x"),
+        ("expiration", 10),
+    ]:
+        with pytest.raises(TypeError, match=repr(option)):
+            build_request("t.x", **{option: value})
+    # What taskgate does anyway is no refusal.
+    assert build_request("t.x", serializer="json", delivery_mode=2, retry=None) == {"task": "t.x", "args": [], "kwargs": {}}
+    with pytest.raises(TypeError, match="property 'reply_to'"):
+        build_request("t.x", properties={"reply_to": "q"})
+    with pytest.raises(TypeError, match="'link'.*chain"):
+        build_request("t.x", link={"task": "t.y", "subtask_type": "chain"})
     with pytest.raises(TypeError, match="args"):
         build_request("t.x", args="not a list")
     with pytest.raises(TypeError, match="not JSON serializable"):
         Client("http://127.0.0.1:9").send_task("t.x", args=[object()])
+
+
+def test_unknown_options_are_message_properties_and_properties_stay_properties():
+    request = build_request("t.x", creator_id="u1", properties={"queue": "not a field", "related_object_id": "p1"})
+    assert "queue" not in request
+    assert request["properties"] == {"creator_id": "u1", "queue": "not a field", "related_object_id": "p1"}
+
+
+def test_signatures_and_the_other_celery_fields_are_sent_in_taskgates_shape():
+    request = build_request(
+        "t.x",
+        link={"task": "t.done", "args": (1,)},
+        link_error=[{"task": "t.failed", "immutable": True}],
+        chain=[{"task": "t.second"}, {"task": "t.third", "options": {"queue": "q"}}],
+        shadow="alias",
+        headers={"x_trace": "abc"},
+        ignore_result=True,
+        retries=2,
+        queue="export",
+        exchange="tasks",
+        group_id="g1",
+        group_index=0,
+        time_limit=dt.timedelta(seconds=30),
+    )
+    plain = {"args": [], "kwargs": {}, "options": {}, "subtask_type": None, "immutable": False}
+    assert request["link"] == dict(plain, task="t.done", args=[1])
+    assert request["link_error"] == [dict(plain, task="t.failed", immutable=True)]
+    assert request["chain"] == [dict(plain, task="t.second"), dict(plain, task="t.third", options={"queue": "q"})]
+    assert request["group"] == "g1" and request["group_index"] == 0
+    assert request["time_limit"] == 30.0
+    for field, value in [("shadow", "alias"), ("headers", {"x_trace": "abc"}), ("ignore_result", True),
+                         ("retries", 2), ("queue", "export"), ("exchange", "tasks")]:
+        assert request[field] == value, field
 
 
 def test_idempotency_key_gives_the_first_answer_again(client):

@@ -16,6 +16,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -34,7 +35,7 @@ def get_json(url: str) -> dict:
 class ConfiguredWorker:
     """``celery -A configured_worker_app worker``: no -Q, no queues of its own."""
 
-    def __init__(self, topology: str):
+    def __init__(self, topology: str, module: str = "configured_worker_app", env: Optional[dict] = None):
         self.dir = Path(tempfile.mkdtemp(prefix="taskgate-pytest-configured-"))
         self.log_path = self.dir / "worker.log"
         env = {key: value for key, value in os.environ.items() if not key.startswith("CELERY_")}
@@ -44,6 +45,7 @@ class ConfiguredWorker:
                 "TASKGATE_TOPOLOGY": topology,
                 "PYTHONDONTWRITEBYTECODE": "1",
                 "PYTHONUNBUFFERED": "1",
+                **(env or {}),
             }
         )
         with open(self.log_path, "w") as log:
@@ -53,7 +55,7 @@ class ConfiguredWorker:
                     "-m",
                     "celery",
                     "-A",
-                    "configured_worker_app",
+                    module,
                     "worker",
                     "--pool=solo",
                     "-n",
