@@ -146,9 +146,11 @@ def _step_aside_in_workers(app: Any) -> None:
         if getattr(sender, "app", None) is app:
             uninstall(app)
 
-    # weak=False: the handler is a closure nobody else holds.
-    signals.worker_init.connect(step_aside, weak=False)
-    signals.beat_init.connect(step_aside, weak=False)
+    # weak=False: the handler is a closure nobody else holds; one per app,
+    # however often install() runs.
+    uid = f"taskgate_client.celery.step_aside.{id(app)}"
+    signals.worker_init.connect(step_aside, weak=False, dispatch_uid=uid)
+    signals.beat_init.connect(step_aside, weak=False, dispatch_uid=uid)
 
 
 class _DropIn:
