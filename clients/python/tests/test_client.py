@@ -123,6 +123,23 @@ def test_signatures_and_the_other_celery_fields_are_sent_in_taskgates_shape():
         assert request[field] == value, field
 
 
+def test_a_group_is_enqueued_whole_with_its_id_and_positions(client):
+    group_id, ids = client.send_group([("tests.record", [1]), {"name": "tests.record", "args": [2]}])
+    assert str(uuid.UUID(group_id)) == group_id and len(ids) == 2
+    for task_id in ids:
+        assert client.get_task(task_id)["task"] == "tests.record"
+    chosen = str(uuid.uuid4())
+    assert client.send_group([("tests.record", [3])], group_id=chosen)[0] == chosen
+    key = f"group-{uuid.uuid4()}"
+    first = client.send_group([("tests.record", [4])], idempotency_key=key)
+    assert client.send_group([("tests.record", [4])], idempotency_key=key) == first, "a retry names the same group"
+    with pytest.raises(TypeError, match="group_index"):
+        client.send_group([{"name": "tests.record", "group_index": 3}])
+    with pytest.raises(TaskRejected) as refused:
+        client.send_group([("tests.record", [5]), {"name": "tests.record", "task_id": "not a uuid"}])
+    assert refused.value.status == 422 and refused.value.field.startswith("tasks[1]")
+
+
 def test_idempotency_key_gives_the_first_answer_again(client):
     key = f"export-{uuid.uuid4()}"
     first = client.send_task("tests.record", args=[1], idempotency_key=key)

@@ -35,7 +35,7 @@ def get_json(url: str) -> dict:
 class ConfiguredWorker:
     """``celery -A configured_worker_app worker``: no -Q, no queues of its own."""
 
-    def __init__(self, topology: str, module: str = "configured_worker_app", env: Optional[dict] = None):
+    def __init__(self, topology: str, module: str = "configured_worker_app", extra_env: Optional[dict] = None):
         self.dir = Path(tempfile.mkdtemp(prefix="taskgate-pytest-configured-"))
         self.log_path = self.dir / "worker.log"
         env = {key: value for key, value in os.environ.items() if not key.startswith("CELERY_")}
@@ -45,7 +45,7 @@ class ConfiguredWorker:
                 "TASKGATE_TOPOLOGY": topology,
                 "PYTHONDONTWRITEBYTECODE": "1",
                 "PYTHONUNBUFFERED": "1",
-                **(env or {}),
+                **(extra_env or {}),
             }
         )
         with open(self.log_path, "w") as log:
@@ -76,8 +76,9 @@ class ConfiguredWorker:
         deadline = time.monotonic() + 60
         while not any(line.rstrip().endswith(" ready.") for line in self.log().splitlines()):
             if self.process.poll() is not None or time.monotonic() > deadline:
+                log = self.log()  # stop() removes the directory
                 self.stop()
-                pytest.fail(f"the configured worker did not get ready; log:\n{self.log()}", pytrace=False)
+                pytest.fail(f"the configured worker did not get ready; log:\n{log}", pytrace=False)
             time.sleep(0.1)
 
     def log(self) -> str:

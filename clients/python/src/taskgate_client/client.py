@@ -197,6 +197,8 @@ def signature_dict(value: Any, option: str = "link") -> dict:
     if not isinstance(task, str) or not task:
         raise TypeError(f"{option!r}: a signature needs a task name, got {task!r}")
     subtask_type = value.get("subtask_type")
+    if subtask_type == "chord":
+        raise TypeError(f"{option!r}: chords are not supported through taskgate yet")
     if subtask_type is not None:
         raise TypeError(
             f"{option!r}: a {subtask_type} cannot be sent through taskgate there, only task signatures "
@@ -431,8 +433,10 @@ class Client:
         /v1/groups``, one flush): each task gets ``group`` = the group id and
         ``group_index`` = its position. Returns ``(group_id, task ids)``.
 
-        ``group_id`` defaults to a new UUID (Celery's choice); a task that
-        sets its own ``group_id``/``group_index`` is refused (TypeError).
+        Without ``group_id`` taskgate makes one (derived from
+        ``idempotency_key`` when given, so a retry names the same group); a
+        task that sets its own ``group_id``/``group_index`` is refused
+        (TypeError).
         A gateway older than ``/v1/groups`` (404 for the route) gets the same
         tasks as one ``/v1/tasks/batch`` with group and index set on each,
         which is just as all-or-nothing.
@@ -445,26 +449,32 @@ class Client:
                         f"tasks[{index}] sets {'group_id' if field == 'group' else field}: "
                         "a group gives every member its id and position"
                     )
-        group_id = str(group_id) if group_id is not None else str(uuid.uuid4())
         if not requests:
-            return group_id, []
+            return (str(group_id) if group_id is not None else str(uuid.uuid4())), []
+        body: dict = {"tasks": requests}
+        if group_id is not None:
+            body["group_id"] = group_id = str(group_id)
         try:
             answer = self._call(
                 "POST",
                 "/v1/groups",
-                body={"group_id": group_id, "tasks": requests},
+                body=body,
                 idempotency_key=idempotency_key,
                 expect=(202,),
             )
         except TaskRejected as rejected:
             if not (rejected.status == 404 and rejected.slug == "not-found"):
                 raise
+            if group_id is None:
+                # The same key names the same group, so a retried batch is a replay.
+                seed = "taskgate-group:" + idempotency_key if idempotency_key else None
+                group_id = str(uuid.uuid5(uuid.NAMESPACE_URL, seed) if seed else uuid.uuid4())
             members = [dict(request, group=group_id, group_index=index) for index, request in enumerate(requests)]
             answer = self._call(
                 "POST", "/v1/tasks/batch", body={"tasks": members}, idempotency_key=idempotency_key, expect=(202,)
             )
             return group_id, [str(item["id"]) for item in answer.body["tasks"]]
-        return str(answer.body.get("group_id") or group_id), [str(item["id"]) for item in answer.body["tasks"]]
+        return str(answer.body["group_id"]), [str(item["id"]) for item in answer.body["tasks"]]
 
     def get_task(self, task_id: Union[str, uuid.UUID]) -> Optional[dict]:
         """What taskgate knows about a task (``state``: ``queued``,
