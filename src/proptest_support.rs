@@ -235,6 +235,7 @@ pub(crate) fn task_of(
         link: None,
         link_error: None,
         chain: None,
+        chord: None,
     }
 }
 

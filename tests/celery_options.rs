@@ -425,6 +425,33 @@ async fn a_group_is_accepted_whole_and_read_back_with_celerys_group_result() {
     let again: Value = post_with_key().await.unwrap().json().await.unwrap();
     assert_eq!(first, again, "the replay answers the first group");
 
+    // A chord: the body gets the members' results once all succeeded,
+    // through Celery's own chord_unlock on the database backend. The worker
+    // sends the body itself, routed by its own configuration: `options.queue`
+    // keeps it on the test's queue (the unlock goes there too).
+    let chord: Value = app
+        .client
+        .post(app.url("/v1/groups"))
+        .json(&json!({
+            "tasks": (0..3).map(|n| json!({"task": "rawa.add", "args": [n, n]})).collect::<Vec<_>>(),
+            "chord": {"task": "rawa.tsum", "options": {"queue": queue}},
+        }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(chord["tasks"].as_array().map(Vec::len), Some(3), "{chord}");
+    assert_eq!(chord["chord"]["task"], "rawa.tsum", "{chord}");
+    let body_id = chord["chord"]["id"].as_str().unwrap().to_owned();
+    let pool = database.pool().await;
+    assert_eq!(
+        wait_for_result(&pool, &body_id).await,
+        ("SUCCESS".into(), json!(6)),
+        "the chord's body summed 0 + 2 + 4"
+    );
+
     drop(worker);
     app.stop().await.unwrap();
     delete_amqp_entities(RABBITMQ_URL, &[&queue], &[&exchange]);

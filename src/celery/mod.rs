@@ -105,7 +105,8 @@ pub struct MessageProperties {
 }
 
 /// `callbacks` / `errbacks` / `chain` / `chord`, the third body element, in
-/// Celery's order. `chord` is always `null`: taskgate publishes no chords.
+/// Celery's order. `chord` is the body of the chord a header member
+/// belongs to (`null` otherwise).
 #[derive(Debug, Default, Serialize)]
 struct EmbeddedSignatures {
     callbacks: Option<Vec<Value>>,
@@ -117,7 +118,7 @@ struct EmbeddedSignatures {
 /// A signature as `celery.canvas.Signature` serializes: `task`, `args`,
 /// `kwargs`, `options`, `subtask_type`, `immutable`, in that order (Celery
 /// 5.7 writes no `chord_size`; the captured traffic has none).
-fn signature_value(signature: &CelerySignature) -> Value {
+pub fn signature_value(signature: &CelerySignature) -> Value {
     let mut dict = Map::new();
     dict.insert("task".into(), signature.task.as_str().into());
     dict.insert("args".into(), Value::Array(signature.args.clone()));
@@ -237,7 +238,7 @@ fn task_body(task: &Task) -> Vec<u8> {
             steps.reverse();
             steps
         }),
-        chord: None,
+        chord: task.chord.as_ref().map(signature_value),
     };
     let body = (&task.args, &task.kwargs, embed);
     // Serializing JSON values with string keys into a Vec cannot fail: there

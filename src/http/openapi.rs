@@ -17,7 +17,7 @@ use super::admin::{BreakerView, DeadLetterPage, DrainStarted, Purged, RelayPause
 use super::health::{Probe, HEALTH_CONTENT_TYPE};
 use super::problem::{ProblemDetails, PROBLEM_CONTENT_TYPE};
 use super::tasks::{
-    AcceptedBatch, AcceptedGroup, AcceptedTask, BatchRequest, GroupRequest, TaskStatus, TrackedTaskPage,
+    AcceptedBatch, AcceptedChord, AcceptedGroup, AcceptedTask, BatchRequest, GroupRequest, TaskStatus, TrackedTaskPage,
 };
 use crate::health::HealthReport;
 use crate::outbox::operations::{DeadLetterEntry, ImportOutcome, OutboxReport, QueueReport, RequeueOutcome};
@@ -626,7 +626,8 @@ fn paths() -> PathsBuilder {
                         .description(Some(
                             "Each member gets `group` = the group id and `group_index` = its position, as \
                              Celery's group.apply_async does; every member passes intake or none is written, \
-                             in one outbox flush. Chords are not accepted here.",
+                             in one outbox flush. With `chord`, the body is applied with the members' results once all succeeded \
+                             (Celery's chord_unlock, as on the database backend).",
                         ))
                         .parameter(idempotency_key())
                         .request_body(Some(
@@ -974,6 +975,7 @@ pub fn document() -> OpenApi {
         .schema_from::<AcceptedBatch>()
         .schema_from::<GroupRequest>()
         .schema_from::<AcceptedGroup>()
+        .schema_from::<AcceptedChord>()
         .schema_from::<TaskStatus>()
         .schema_from::<TrackedTaskPage>()
         .schema_from::<ProblemDetails>()

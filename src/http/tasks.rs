@@ -16,7 +16,7 @@ use crate::outbox::{AcceptOutcome, Acceptance, IdempotencyKey, OutboxError, Task
 use crate::task::intake::{self, IntakeErrorKind};
 use crate::task::registry::Registry;
 use crate::task::routing::TopicRouter;
-use crate::task::{QueueName, Task, TaskId, TaskName, TaskRequest};
+use crate::task::{CelerySignature, QueueName, SignatureRequest, Task, TaskId, TaskName, TaskRequest};
 use crate::tracking::result::TaskResult;
 use crate::tracking::store::{ListCursor, TaskFilter, TrackedTask, MAX_PAGE};
 use axum::body::Bytes;
@@ -27,12 +27,12 @@ use axum::Json;
 use chrono::{DateTime, Utc};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::{json, Value};
 use utoipa::ToSchema;
 // The property tests (`tasks/request_proptests.rs`) build requests and read
 // responses with these through `use super::*`.
 #[cfg(test)]
-use {axum::http::HeaderValue, axum::response::IntoResponse, serde_json::json};
+use {axum::http::HeaderValue, axum::response::IntoResponse};
 
 const MAX_BATCH: usize = 1000;
 const IDEMPOTENCY_HEADER: &str = "idempotency-key";
@@ -220,14 +220,32 @@ pub struct GroupRequest {
     /// `group_index` = its position, as Celery's `group.apply_async` does.
     #[schema(min_items = 1, max_items = 1000)]
     pub tasks: Vec<TaskRequest>,
+    /// A chord's body (`chord(header)(body)`): applied by the worker with
+    /// the list of the members' results once they all succeeded, through
+    /// Celery's `celery.chord_unlock` (the database backend has no native
+    /// join). Checked like a callback.
+    #[serde(default)]
+    #[schema(inline)]
+    pub chord: Option<SignatureRequest>,
 }
 
 /// `POST /v1/groups` response: the group id and the members, in order (what
-/// Celery's `GroupResult(group_id, [AsyncResult(id), ...])` needs).
+/// Celery's `GroupResult(group_id, [AsyncResult(id), ...])` needs), and a
+/// chord's body.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct AcceptedGroup {
     pub group_id: String,
     pub tasks: Vec<AcceptedTask>,
+    /// The chord's body: its result is the chord's (`AsyncResult(id)`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub chord: Option<AcceptedChord>,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct AcceptedChord {
+    #[schema(format = "uuid")]
+    pub id: String,
+    pub task: String,
 }
 
 /// What a task route hands the outbox: the tasks (in request order), the
@@ -236,6 +254,14 @@ pub(crate) struct Submission {
     pub(crate) tasks: Vec<Task>,
     pub(crate) key: Option<IdempotencyKey>,
     pub(crate) group_id: Option<String>,
+    /// A chord's body; `tasks` then starts with its `celery.chord_unlock`.
+    pub(crate) chord: Option<AcceptedChord>,
+}
+
+/// What a submission named besides its tasks (a group's id, a chord's body).
+struct Submitted {
+    group_id: Option<String>,
+    chord: Option<AcceptedChord>,
 }
 
 /// Namespace of the group ids made from an `Idempotency-Key` (UUID v5).
@@ -291,12 +317,12 @@ pub(crate) fn parse_submission(
         }
         Ok(())
     };
-    let (mut requests, group_id) = match route {
-        SubmitRoute::Single => (vec![decode::<TaskRequest>(body)?], None),
+    let (mut requests, group_id, chord) = match route {
+        SubmitRoute::Single => (vec![decode::<TaskRequest>(body)?], None, None),
         SubmitRoute::Batch => {
             let batch: BatchRequest = decode(body)?;
             check_size(&batch.tasks, "batch")?;
-            (batch.tasks, None)
+            (batch.tasks, None, None)
         }
         SubmitRoute::Group => {
             let group: GroupRequest = decode(body)?;
@@ -304,7 +330,7 @@ pub(crate) fn parse_submission(
             if let Some(id) = &group.group_id {
                 validate_group_id(id)?;
             }
-            (group.tasks, Some(group.group_id))
+            (group.tasks, Some(group.group_id), group.chord)
         }
     };
     // The fingerprint is of the request as sent, before the group's numbers
@@ -314,6 +340,10 @@ pub(crate) fn parse_submission(
             .clone()
             .flatten()
             .map(|id| format!("/{id}"))
+            .unwrap_or_default()
+        + &chord
+            .as_ref()
+            .map(|body| format!("/chord:{}", serde_json::to_string(body).unwrap_or_default()))
             .unwrap_or_default();
     let idempotency = idempotency_key(headers)?;
     let group_id = group_id.map(|given| {
@@ -339,8 +369,7 @@ pub(crate) fn parse_submission(
             request.group_index = Some(index as u32);
         }
     }
-    let key = idempotency.map(|key| IdempotencyKey::new(key, fingerprint));
-    let tasks = requests
+    let mut tasks = requests
         .into_iter()
         .enumerate()
         .map(|(index, request)| {
@@ -348,8 +377,85 @@ pub(crate) fn parse_submission(
                 .map_err(|error| intake_problem(error, &route.field_prefix(index)))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(Submission { tasks, key, group_id })
+    let mut accepted_chord = None;
+    if let (Some(body), Some(group_id)) = (chord, &group_id) {
+        let body_id = (!body.options.contains_key("task_id")).then(|| match &idempotency {
+            Some(key) => uuid::Uuid::new_v5(&GROUP_ID_NAMESPACE, format!("{key}/chord").as_bytes()).to_string(),
+            None => uuid::Uuid::new_v4().to_string(),
+        });
+        let mut body = intake::accept_chord_body(body, registry).map_err(|error| intake_problem(error, ""))?;
+        if let Some(id) = body_id {
+            body.options.insert("task_id".into(), id.into());
+        }
+        body.options.insert("group_id".into(), group_id.clone().into());
+        let unlock = chord_unlock(group_id, &body, &tasks, router, registry, now)?;
+        accepted_chord = Some(AcceptedChord {
+            id: body.options["task_id"].as_str().unwrap_or_default().to_owned(),
+            task: body.task.to_string(),
+        });
+        for member in &mut tasks {
+            member.chord = Some(body.clone());
+        }
+        // Published before the members, as Celery's chord does.
+        tasks.insert(0, unlock);
+    }
+    let key = idempotency.map(|key| IdempotencyKey::new(key, fingerprint));
+    Ok(Submission {
+        tasks,
+        key,
+        group_id,
+        chord: accepted_chord,
+    })
 }
+
+/// Celery's `celery.chord_unlock` for a chord on a backend without a native
+/// join (the database backend): a worker polls the members' results (by
+/// retrying itself every `result_chord_retry_interval`) and applies the
+/// body with them once all are ready. Sent as Celery's
+/// `fallback_chord_unlock` sends it: one second ahead, routed where the
+/// body goes, its arguments the group id and the body, the members as
+/// `result` tuples.
+fn chord_unlock(
+    group_id: &str,
+    body: &CelerySignature,
+    members: &[Task],
+    router: &TopicRouter,
+    registry: &Registry,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<Task, Problem> {
+    let results: Vec<Value> = members
+        .iter()
+        .map(|member| json!([[member.id.to_string(), null], null]))
+        .collect();
+    let mut kwargs = serde_json::Map::new();
+    kwargs.insert("interval".into(), Value::Null);
+    kwargs.insert("max_retries".into(), Value::Null);
+    kwargs.insert("result".into(), results.into());
+    // The unlock keeps the exchange's type across its own retries.
+    kwargs.insert("_chord_unlock_exchange_type".into(), "topic".into());
+    let queue = body.options.get("queue").and_then(Value::as_str).map(str::to_owned);
+    let routing_key = match &queue {
+        Some(_) => None,
+        None => Some(
+            registry
+                .routing_key_of(&body.task)
+                .map(str::to_owned)
+                .unwrap_or_else(|| crate::task::routing::default_routing_key(&body.task)),
+        ),
+    };
+    let mut request = TaskRequest::named(UNLOCK_TASK);
+    request.args = vec![group_id.into(), crate::celery::signature_value(body)];
+    request.kwargs = kwargs;
+    request.routing_key = routing_key;
+    request.queue = queue;
+    request.countdown = Some(1.0);
+    request.ignore_result = Some(true);
+    // A built-in: a strict registry need not list it.
+    intake::accept(request, &Registry::lenient(), router, now).map_err(|error| intake_problem(error, "chord."))
+}
+
+/// Celery's own task that applies a chord's body once its header is done.
+const UNLOCK_TASK: &str = "celery.chord_unlock";
 
 /// A group id as Celery writes them (a UUID), or any short printable name.
 fn validate_group_id(id: &str) -> Result<(), Problem> {
@@ -368,9 +474,13 @@ async fn submit(
     route: SubmitRoute,
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Result<(Vec<Acceptance>, Option<String>), Problem> {
-    let Submission { tasks, key, group_id } =
-        parse_submission(route, body, headers, &state.registry, &state.router, chrono::Utc::now())?;
+) -> Result<(Vec<Acceptance>, Submitted), Problem> {
+    let Submission {
+        tasks,
+        key,
+        group_id,
+        chord,
+    } = parse_submission(route, body, headers, &state.registry, &state.router, chrono::Utc::now())?;
     let tasks: Vec<_> = tasks
         .into_iter()
         .map(|task| {
@@ -390,7 +500,7 @@ async fn submit(
             acceptances
         }
     };
-    Ok((acceptances, group_id))
+    Ok((acceptances, Submitted { group_id, chord }))
 }
 
 pub async fn post_task(
@@ -439,12 +549,18 @@ pub async fn post_group(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<AcceptedGroup>), Problem> {
-    let (acceptances, group_id) = submit(&state, SubmitRoute::Group, &headers, body).await?;
+    let (acceptances, submitted) = submit(&state, SubmitRoute::Group, &headers, body).await?;
+    let mut members = acceptances.into_iter().map(AcceptedTask::from);
+    if submitted.chord.is_some() {
+        // The first is the chord's unlock, not a member.
+        members.next();
+    }
     Ok((
         StatusCode::ACCEPTED,
         Json(AcceptedGroup {
-            group_id: group_id.expect("a group submission has a group id"),
-            tasks: acceptances.into_iter().map(AcceptedTask::from).collect(),
+            group_id: submitted.group_id.expect("a group submission has a group id"),
+            tasks: members.collect(),
+            chord: submitted.chord,
         }),
     ))
 }

@@ -637,6 +637,7 @@ mod tests {
             link: None,
             link_error: None,
             chain: None,
+            chord: None,
         }
     }
 

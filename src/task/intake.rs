@@ -241,7 +241,15 @@ pub fn accept(
         link,
         link_error,
         chain,
+        chord: None,
     })
+}
+
+/// A chord's body (`chord(header)(body)`): checked like a callback (the
+/// worker calls it with the list of the header's results first, unless
+/// immutable) and frozen with a `task_id` when the caller gave none.
+pub fn accept_chord_body(request: SignatureRequest, registry: &Registry) -> Result<CelerySignature, IntakeError> {
+    accept_signature("chord", request, StepKind::ChainStep, registry)
 }
 
 /// `now + seconds`, for `countdown` and `expires` given in seconds.

@@ -261,6 +261,13 @@ impl<'de> Deserialize<'de> for ExpiresRequest {
     }
 }
 
+impl TaskRequest {
+    /// A request for `task` with every option left out.
+    pub fn named(task: &str) -> TaskRequest {
+        serde_json::from_value(serde_json::json!({ "task": task })).expect("a request with only a task name decodes")
+    }
+}
+
 /// An accepted task: validated, bound, routed, with its id fixed. This is the
 /// record the outbox makes durable and every publisher encodes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -306,6 +313,10 @@ pub struct Task {
     /// reversed, as Celery does).
     #[serde(default)]
     pub chain: Option<Vec<CelerySignature>>,
+    /// A chord header member's body (frozen with its `task_id` and the
+    /// group's `group_id`), carried in the message as Celery does.
+    #[serde(default)]
+    pub chord: Option<CelerySignature>,
 }
 
 #[cfg(test)]
@@ -348,6 +359,7 @@ impl Task {
             link: None,
             link_error: None,
             chain: None,
+            chord: None,
         }
     }
 }

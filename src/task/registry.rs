@@ -273,6 +273,19 @@ impl Registry {
         self.tasks.contains_key(name)
     }
 
+    /// An empty, non-strict registry: for taskgate's own built-in tasks
+    /// (Celery's chord unlock, the worker probe), which no registry lists.
+    pub fn lenient() -> Registry {
+        Registry::from_settings(&RegistrySettings::default()).expect("an empty registry is valid")
+    }
+
+    /// The routing key the registry gives `name`, if it gives one.
+    pub fn routing_key_of(&self, name: &TaskName) -> Option<&str> {
+        self.tasks
+            .get(name)
+            .and_then(|registered| registered.routing_key.as_deref())
+    }
+
     /// Checks that `task(*args, **kwargs)` would bind in Python, and returns
     /// what the registry adds to the call. An unlisted task is refused when
     /// the registry is strict and passes unchecked otherwise.

@@ -139,6 +139,13 @@ def export_project(self, org_slug, project_slug, output_type="xls"):
     return {"org_slug": org_slug, "project_slug": project_slug, "output_type": output_type}
 
 
+@app.task(name="rawa.tsum", bind=True)
+def tsum(self, numbers):
+    """A chord's body: the sum of its header's results."""
+    _record(self)
+    return sum(numbers)
+
+
 @app.task(name="tests.record", bind=True)
 def record(self, *args, **kwargs):
     _record(self)
