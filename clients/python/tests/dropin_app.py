@@ -46,6 +46,12 @@ def add(x, y):
     return x + y
 
 
+@app.task(name="dropin.tsum")
+def tsum(numbers):
+    """A chord's body: the sum of its header's results."""
+    return sum(numbers)
+
+
 @app.task(name="dropin.fail")
 def fail(x):
     raise ValueError(f"failed on purpose with {x}")

@@ -239,15 +239,15 @@ def test_a_django_view_enqueues_with_no_broker_at_all(platform):
     assert body["state"] in ("PENDING", "SUCCESS")
 
 
-def test_chords_are_refused_not_dropped(platform):
+def test_a_chord_runs_its_body_with_the_headers_results(platform):
     _, _, web, _ = platform
     from celery import chain, chord, group
 
-    with pytest.raises(NotImplementedError, match="chords are not supported"):
-        chord([web.add.s(1, 1), web.add.s(2, 2)], web.add.s(3)).delay()
-    with pytest.raises(NotImplementedError, match="chords are not supported"):
-        (group(web.add.s(1, 1), web.add.s(2, 2)) | web.add.s(3)).delay()
-    # Celery turns the group and the task after it into a chord step of the chain.
+    result = chord(web.add.s(i, i) for i in range(3))(web.tsum.s())
+    assert result.get(timeout=60) == 6, "0 + 2 + 4, summed by the body"
+    assert [member.get(timeout=10) for member in result.parent.results] == [0, 2, 4]
+    assert (group(web.add.s(1, 1), web.add.s(2, 2)) | web.tsum.s()).delay().get(timeout=60) == 6
+    # A chord inside a chain is not one taskgate sends: refused, not dropped.
     with pytest.raises(TypeError, match="'chain\\[0\\]': chords are not supported"):
         chain(web.add.s(1, 1), group(web.add.s(1), web.add.s(2)), web.add.s(3)).delay()
 

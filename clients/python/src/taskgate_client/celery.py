@@ -28,7 +28,8 @@ What this module owns, and its invariants:
   taskgate, is a value taskgate gives anyway (``serializer="json"``, the
   thread's ``reply_to`` Celery adds to every frozen signature), or raises
   TypeError naming it (:func:`taskgate_client.client.build_request`).
-  Chords raise NotImplementedError: taskgate does not publish them yet.
+  Chords go in one ``POST /v1/groups`` with their body; taskgate sends
+  Celery's ``celery.chord_unlock`` that applies it.
 * **Routing is taskgate's.** Celery's ``task_routes`` and
   ``task_default_queue`` are not consulted in the web process: taskgate
   routes by its registry and ``[routing]`` (explicit ``queue=`` and
@@ -51,6 +52,7 @@ from __future__ import annotations
 
 import contextvars
 import threading
+import uuid
 import warnings
 import weakref
 from typing import Any, Callable, Optional, Union
@@ -70,8 +72,8 @@ _collecting: contextvars.ContextVar[Optional[list]] = contextvars.ContextVar("ta
 _canvas_patched = False
 
 _CHORD_REFUSAL = (
-    "chords are not supported through taskgate yet: send the header as a group, "
-    "then the body when its results are in, or call the chord from a worker"
+    "a chord as a group option is not supported through taskgate: call the chord itself "
+    "(chord(header)(body) or chord(header, body).delay())"
 )
 
 
@@ -227,15 +229,11 @@ class _DropIn:
 
     # -- a group -------------------------------------------------------------
 
-    def apply_group(self, group: Any, args: Any, kwargs: Any, add_to_parent: bool, options: dict) -> Any:
-        """``group.apply_async`` as Celery's, but the members go in one
-        ``POST /v1/groups`` instead of one publish each."""
+    def collect_group(self, group: Any, args: Any, kwargs: Any, options: dict) -> tuple:
+        """Celery's own freezing and option merge for a group's members,
+        through send_task, which collects the requests instead of sending:
+        ``(group_id, results, members)``."""
         app = self.app
-        if options.get("chord") is not None:
-            raise NotImplementedError(_CHORD_REFUSAL)
-        if not group.tasks:
-            return group.freeze()
-        original = dict(options)
         options, group_id, root_id = group._freeze_gid(options)
         prepared = list(group._prepared(group.tasks, [], group_id, root_id, app))
         collected: list = []
@@ -243,8 +241,6 @@ class _DropIn:
         try:
             results = []
             for signature, result, _ in prepared:
-                # Celery's own merge of partial args and options, through
-                # send_task, which collects instead of sending.
                 signature.apply_async(args=args, kwargs=kwargs, add_to_parent=False, **options)
                 results.append(result)
         finally:
@@ -256,6 +252,18 @@ class _DropIn:
             if member_group != group_id:
                 raise TypeError(f"group member {request['task']!r} belongs to group {member_group!r}, not {group_id!r}")
             members.append(_Built(request))
+        return group_id, results, members
+
+    def apply_group(self, group: Any, args: Any, kwargs: Any, add_to_parent: bool, options: dict) -> Any:
+        """``group.apply_async`` as Celery's, but the members go in one
+        ``POST /v1/groups`` instead of one publish each."""
+        app = self.app
+        if options.get("chord") is not None:
+            raise NotImplementedError(_CHORD_REFUSAL)
+        if not group.tasks:
+            return group.freeze()
+        original = dict(options)
+        group_id, results, members = self.collect_group(group, args, kwargs, options)
         try:
             self.client.send_group(members, group_id=group_id)
         except GatewayUnavailable as error:
@@ -268,6 +276,33 @@ class _DropIn:
         parent = app.current_worker_task
         if add_to_parent and parent is not None:
             parent.add_trail(result)
+        return result
+
+    def apply_chord(self, chord: Any, args: Any, kwargs: Any, task_id: Any, options: dict) -> Any:
+        """``chord(header)(body)`` in one ``POST /v1/groups`` with the body:
+        taskgate sends the members, carries the body in each, and sends
+        Celery's ``celery.chord_unlock`` that applies it once all succeeded.
+        Returns the body's ``AsyncResult``, its parent the header's
+        ``GroupResult``, as Celery's chord does."""
+        from celery import group as celery_group
+
+        app = self.app
+        header = chord.tasks if isinstance(chord.tasks, celery_group) else celery_group(chord.tasks, app=app)
+        # chord(header)(body) hands the body over in kwargs, as Celery's own
+        # chord.apply_async takes it.
+        kwargs = dict(kwargs or {})
+        body = kwargs.pop("body", None) or chord.body
+        if body is None:
+            raise TypeError("a chord needs a body: chord(header)(body)")
+        body = body.clone()
+        if not header.tasks:
+            raise TypeError("a chord needs at least one task in its header")
+        body_id = task_id or body.options.get("task_id") or str(uuid.uuid4())
+        body.options["task_id"] = body_id
+        group_id, results, members = self.collect_group(header, args, kwargs, dict(options))
+        self.client.send_chord(members, body, group_id=group_id)
+        result = app.AsyncResult(body_id)
+        result.parent = app.GroupResult(group_id, results)
         return result
 
 
@@ -304,11 +339,18 @@ def _patch_canvas() -> None:
                 raise TypeError("'producer' is not supported: taskgate publishes with its own broker connection")
             return dropin.apply_group(self, args or (), kwargs, add_to_parent, options)
 
-        def chord_apply_async(self, *args, **kwargs):
+        def chord_apply_async(self, args=None, kwargs=None, task_id=None, producer=None, publisher=None,
+                              connection=None, router=None, result_cls=None, **options):
             app = self._get_app()
-            if _active(app) is None or app.conf.task_always_eager:
-                return _celery_chord_apply_async(self, *args, **kwargs)
-            raise NotImplementedError(_CHORD_REFUSAL)
+            dropin = _active(app)
+            if dropin is None or app.conf.task_always_eager:
+                return _celery_chord_apply_async(
+                    self, args, kwargs, task_id=task_id, producer=producer, publisher=publisher,
+                    connection=connection, router=router, result_cls=result_cls, **options,
+                )
+            if producer is not None or publisher is not None or connection is not None:
+                raise TypeError("'producer' is not supported: taskgate publishes with its own broker connection")
+            return dropin.apply_chord(self, args or (), kwargs, task_id, options)
 
         group_apply_async.__doc__ = _celery_group_apply_async.__doc__
         canvas.group.apply_async = group_apply_async

@@ -476,6 +476,41 @@ class Client:
             return group_id, [str(item["id"]) for item in answer.body["tasks"]]
         return str(answer.body["group_id"]), [str(item["id"]) for item in answer.body["tasks"]]
 
+    def send_chord(
+        self,
+        tasks: Iterable[TaskSpec],
+        body: Any,
+        *,
+        group_id: Optional[str] = None,
+        idempotency_key: Optional[str] = None,
+    ) -> Tuple[str, list, str]:
+        """Enqueues a Celery chord (``chord(tasks)(body)``), all or nothing:
+        the group as :meth:`send_group` does, and ``body`` (a Celery
+        Signature or its dict), which a worker applies with the list of the
+        tasks' results once all succeeded (taskgate sends Celery's own
+        ``celery.chord_unlock`` for it). Returns ``(group_id, task ids, body
+        id)``; the chord's result is the body's.
+        """
+        requests = [dict(spec) if isinstance(spec, _Built) else _spec_to_request(spec) for spec in tasks]
+        if not requests:
+            raise TypeError("a chord needs at least one task in its header")
+        for index, request in enumerate(requests):
+            for field in ("group", "group_index"):
+                if field in request:
+                    raise TypeError(
+                        f"tasks[{index}] sets {'group_id' if field == 'group' else field}: "
+                        "a group gives every member its id and position"
+                    )
+        payload: dict = {"tasks": requests, "chord": signature_dict(body, "chord")}
+        if group_id is not None:
+            payload["group_id"] = str(group_id)
+        answer = self._call("POST", "/v1/groups", body=payload, idempotency_key=idempotency_key, expect=(202,))
+        return (
+            str(answer.body["group_id"]),
+            [str(item["id"]) for item in answer.body["tasks"]],
+            str(answer.body["chord"]["id"]),
+        )
+
     def get_task(self, task_id: Union[str, uuid.UUID]) -> Optional[dict]:
         """What taskgate knows about a task (``state``: ``queued``,
         ``published`` or ``dead_letter``, attempts, result, ...), or ``None``
