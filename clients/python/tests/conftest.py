@@ -259,13 +259,56 @@ def closed_url() -> str:
     return f"http://127.0.0.1:{port}"
 
 
-class CeleryWorker:
+class WorkerProcess:
+    """``python -m celery -A MODULE worker`` (solo pool, no gossip, mingle or
+    heartbeat) in ``cwd``, ready before the constructor returns, or the test
+    fails with its log. ``stop`` kills its whole process group and removes
+    its directory (``self.dir``, where ``worker.log`` is)."""
+
+    def __init__(self, module: str, env: dict, *, cwd: Path, args=(), name: str = "taskgate-pytest", directory=None):
+        self.dir = directory or Path(tempfile.mkdtemp(prefix=f"{name}-"))
+        self.log_path = self.dir / "worker.log"
+        command = [sys.executable, "-m", "celery", "-A", module, "worker", "--pool=solo", "-n", f"{unique(name)}@%h"]
+        command += ["--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "info", *args]
+        with open(self.log_path, "w") as log:
+            self.process = subprocess.Popen(
+                command,
+                cwd=cwd,
+                env={**env, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1"},
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + 60
+        while not any(line.rstrip().endswith(" ready.") for line in self.log().splitlines()):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                log = self.log()  # stop() removes the directory
+                self.stop()
+                pytest.fail(f"celery worker {module} did not get ready; log:\n{log}", pytrace=False)
+            time.sleep(0.1)
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text()
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            # The whole process group, at once: a solo worker only notices
+            # SIGTERM between tasks, and acks_late redelivers anything unfinished.
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+        remove_test_dir(self.dir)
+
+
+class CeleryWorker(WorkerProcess):
     """``celery -A celery_app worker`` on the gateway's exchange and queue."""
 
     def __init__(self, gateway: Gateway):
-        self.dir = Path(tempfile.mkdtemp(prefix="taskgate-pytest-celery-"))
-        self.log_path = self.dir / "worker.log"
-        self.records_path = self.dir / "records.jsonl"
+        directory = Path(tempfile.mkdtemp(prefix="taskgate-pytest-celery-"))
+        self.records_path = directory / "records.jsonl"
         env = dict(os.environ)
         env.update(
             {
@@ -275,50 +318,11 @@ class CeleryWorker:
                 "TASKGATE_TEST_EXCHANGE": gateway.exchange,
                 "TASKGATE_TEST_RECORD": str(self.records_path),
                 "TASKGATE_TEST_PARENT_PID": str(os.getpid()),
-                "PYTHONDONTWRITEBYTECODE": "1",
-                "PYTHONUNBUFFERED": "1",
             }
         )
-        with open(self.log_path, "w") as log:
-            self.process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "celery",
-                    "-A",
-                    "celery_app",
-                    "worker",
-                    "--pool=solo",
-                    "--concurrency=1",
-                    "-n",
-                    f"{unique('taskgate-pytest')}@%h",
-                    "-Q",
-                    gateway.queue,
-                    "--without-gossip",
-                    "--without-mingle",
-                    "--without-heartbeat",
-                    "-l",
-                    "info",
-                ],
-                cwd=SUPPORT,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + 60
-        while not any(line.rstrip().endswith(" ready.") for line in self.log().splitlines()):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                pytest.fail(f"celery worker did not get ready; log:\n{self.log()}", pytrace=False)
-            time.sleep(0.1)
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text()
-        except OSError:
-            return ""
+        super().__init__(
+            "celery_app", env, cwd=SUPPORT, args=["--concurrency=1", "-Q", gateway.queue], directory=directory
+        )
 
     def records(self) -> list:
         try:
@@ -341,14 +345,6 @@ class CeleryWorker:
                     f"celery ran {sorted(by_id)} of {sorted(wanted)}; worker log:\n{self.log()}", pytrace=False
                 )
             time.sleep(0.1)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            # The whole process group, at once: a solo worker only notices
-            # SIGTERM between tasks, and acks_late redelivers anything unfinished.
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait()
-
 
 @pytest.fixture(scope="session")
 def celery_worker(gateway):

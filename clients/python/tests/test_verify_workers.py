@@ -10,60 +10,25 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import AMQP_URL, Gateway, binary, delete_topology, remove_test_dir, require_rabbitmq, unique
+from conftest import AMQP_URL, Gateway, WorkerProcess, binary, delete_topology, remove_test_dir, require_rabbitmq, unique
 from taskgate_client.testing import WorkersNotVerified, assert_workers_verified, verify_workers
 
 HERE = Path(__file__).resolve().parent
 
 
-class Worker:
+class Worker(WorkerProcess):
     """``celery -A <module> worker`` from this directory."""
 
     def __init__(self, module: str, env: dict, args=()):
-        self.dir = Path(tempfile.mkdtemp(prefix="taskgate-pytest-verify-"))
-        self.log_path = self.dir / "worker.log"
         environment = {key: value for key, value in os.environ.items() if not key.startswith(("CELERY_", "TASKGATE_"))}
-        environment.update({"CELERY_BROKER_URL": AMQP_URL, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1"})
-        environment.update(env)
-        command = [sys.executable, "-m", "celery", "-A", module, "worker", "--pool=solo", "-n", f"{unique('verify')}@%h"]
-        command += ["--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "info", *args]
-        with open(self.log_path, "w") as log:
-            self.process = subprocess.Popen(
-                command,
-                cwd=HERE,
-                env=environment,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + 60
-        while not any(line.rstrip().endswith(" ready.") for line in self.log().splitlines()):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                pytest.fail(f"the worker did not get ready; log:\n{self.log()}", pytrace=False)
-            time.sleep(0.1)
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text()
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait()
-        remove_test_dir(self.dir)
+        environment.update({"CELERY_BROKER_URL": AMQP_URL, **env})
+        super().__init__(module, environment, cwd=HERE, args=args, name="taskgate-pytest-verify")
 
 
 @pytest.fixture

@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
-import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -20,7 +17,7 @@ from typing import Optional
 
 import pytest
 
-from conftest import AMQP_URL, Gateway, binary, delete_topology, remove_test_dir, require_rabbitmq, unique
+from conftest import AMQP_URL, Gateway, WorkerProcess, binary, delete_topology, remove_test_dir, require_rabbitmq, unique
 from taskgate_client.worker import TopologyError, celery_settings, load_topology
 
 HERE = Path(__file__).resolve().parent
@@ -32,66 +29,13 @@ def get_json(url: str) -> dict:
         return json.loads(response.read().decode("utf-8"))
 
 
-class ConfiguredWorker:
+class ConfiguredWorker(WorkerProcess):
     """``celery -A configured_worker_app worker``: no -Q, no queues of its own."""
 
     def __init__(self, topology: str, module: str = "configured_worker_app", extra_env: Optional[dict] = None):
-        self.dir = Path(tempfile.mkdtemp(prefix="taskgate-pytest-configured-"))
-        self.log_path = self.dir / "worker.log"
         env = {key: value for key, value in os.environ.items() if not key.startswith("CELERY_")}
-        env.update(
-            {
-                "CELERY_BROKER_URL": AMQP_URL,
-                "TASKGATE_TOPOLOGY": topology,
-                "PYTHONDONTWRITEBYTECODE": "1",
-                "PYTHONUNBUFFERED": "1",
-                **(extra_env or {}),
-            }
-        )
-        with open(self.log_path, "w") as log:
-            self.process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "celery",
-                    "-A",
-                    module,
-                    "worker",
-                    "--pool=solo",
-                    "-n",
-                    f"{unique('configured')}@%h",
-                    "--without-gossip",
-                    "--without-mingle",
-                    "--without-heartbeat",
-                    "-l",
-                    "info",
-                ],
-                cwd=HERE,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + 60
-        while not any(line.rstrip().endswith(" ready.") for line in self.log().splitlines()):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                log = self.log()  # stop() removes the directory
-                self.stop()
-                pytest.fail(f"the configured worker did not get ready; log:\n{log}", pytrace=False)
-            time.sleep(0.1)
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text()
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait()
-        remove_test_dir(self.dir)
+        env.update({"CELERY_BROKER_URL": AMQP_URL, "TASKGATE_TOPOLOGY": topology, **(extra_env or {})})
+        super().__init__(module, env, cwd=HERE, name="taskgate-pytest-configured")
 
 
 def wait_for(read, done, timeout: float, what: str, log=lambda: ""):
