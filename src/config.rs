@@ -282,7 +282,8 @@ pub struct RelaySettings {
     /// Most unconfirmed messages per lane: the relay's sliding window,
     /// topped up slice by slice as confirms arrive. 500 drains as fast as
     /// 1000 against a local RabbitMQ and holds 25 MiB less while doing it
-    /// (docs/benchmarks.md); a remote broker may want more.
+    /// (measured with `scripts/bench` when the window was made to slide,
+    /// commit 695a452); a remote broker may want more.
     pub publish_window: usize,
 }
 

@@ -5,8 +5,9 @@
 //! every write, and each task is decoded and encoded a few times).
 //! jemalloc, with the options below, measured 20-25% less CPU per task than
 //! glibc for accepting, draining and end to end, at the same resident
-//! memory with a spooled backlog and 20 MiB less while draining it
-//! (docs/benchmarks.md).
+//! memory with a spooled backlog and 20 MiB less while draining it (measured
+//! side by side with `scripts/bench` when it was chosen, commit debcbc9;
+//! docs/benchmarks.md has the current figures).
 
 use clap::Parser;
 use std::process::ExitCode;
