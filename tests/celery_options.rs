@@ -44,19 +44,28 @@ with app.connection_for_write() as connection:
 print(json.dumps(ids))
 "#;
 
-fn celery_publishes(options: &CeleryWorkerOptions, queue: &str, expires_at: &str) -> Vec<String> {
+/// Runs `script` with the venv's Python in the worker's environment (the
+/// same Celery app configuration) and returns what it printed, as JSON.
+fn run_celery_script(options: &CeleryWorkerOptions, what: &str, script: &str, args: &[&str]) -> Value {
     let output = python_command()
-        .args(["-c", CELERY_PUBLISHES, queue, expires_at])
+        .arg("-c")
+        .arg(script)
+        .args(args)
         .envs(options.celery_env())
         .stdin(Stdio::null())
         .output()
         .expect("run python");
     assert!(
         output.status.success(),
-        "celery publishing failed:\n{}",
+        "{what} failed:\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    serde_json::from_slice(&output.stdout).expect("a JSON list of ids")
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|error| panic!("{what} printed no JSON: {error}"))
+}
+
+fn celery_publishes(options: &CeleryWorkerOptions, queue: &str, expires_at: &str) -> Vec<String> {
+    let ids = run_celery_script(options, "celery publishing", CELERY_PUBLISHES, &[queue, expires_at]);
+    serde_json::from_value(ids).expect("a JSON list of ids")
 }
 
 fn parse_time(value: &Value) -> DateTime<Utc> {
@@ -395,18 +404,8 @@ async fn a_group_is_accepted_whole_and_read_back_with_celerys_group_result() {
         assert_eq!(record["request"]["group"], group_id.as_str(), "{record}");
         assert_eq!(record["request"]["group_index"], index, "{record}");
     }
-    let output = python_command()
-        .args(["-c", GROUP_RESULT, &group_id, &serde_json::to_string(&ids).unwrap()])
-        .envs(options.celery_env())
-        .stdin(Stdio::null())
-        .output()
-        .expect("run python");
-    assert!(
-        output.status.success(),
-        "GroupResult.get failed:\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let results: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let ids_json = serde_json::to_string(&ids).unwrap();
+    let results = run_celery_script(&options, "GroupResult.get", GROUP_RESULT, &[&group_id, &ids_json]);
     assert_eq!(
         results,
         json!([0, 2, 4, 6, 8]),

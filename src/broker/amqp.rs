@@ -439,12 +439,21 @@ impl AmqpPublisher {
                     format!("cannot be declared, so its tasks are dead-lettered as unroutable: {declare_error}")
                 }
             };
-            tracing::warn!(queue, %problem, "cannot declare a configured queue");
             queue_errors.push(format!("queue {queue}: {problem}"));
         }
         *self.undeclared.lock().expect("undeclared lock") = undeclared;
         self.status.send_if_modified(|status| {
             let changed = status.queue_errors != queue_errors;
+            // Logged when the problems change, not at every retry (every
+            // REDECLARE_INTERVAL): a queue that stays broken is in health.
+            if changed {
+                for problem in &queue_errors {
+                    tracing::warn!(%problem, "cannot declare a configured queue");
+                }
+                if queue_errors.is_empty() && !status.queue_errors.is_empty() {
+                    tracing::info!("every configured queue is declared again");
+                }
+            }
             status.queue_errors = queue_errors;
             changed
         });

@@ -608,37 +608,20 @@ impl Outbox {
 mod tests {
     use super::*;
     use crate::outbox::OutboxSettings;
-    use crate::task::QueueName;
     use serde_json::json;
 
     fn task(n: i64, queues: &[&str]) -> Task {
-        Task {
-            id: TaskId::generate(),
-            task: TaskName::parse("export.project").unwrap(),
-            args: vec![json!(n)],
-            kwargs: Default::default(),
-            routing_key: "export".into(),
-            queues: queues.iter().map(|q| QueueName::parse(q).unwrap()).collect(),
-            eta: None,
-            expires: None,
-            priority: Some(3),
-            parent_id: None,
-            root_id: None,
-            group: None,
-            time_limit: Some(30.0),
-            soft_time_limit: None,
-            properties: Default::default(),
-            accepted_at: Utc::now(),
-            shadow: None,
-            headers: Default::default(),
-            ignore_result: None,
-            retries: 0,
-            group_index: None,
-            link: None,
-            link_error: None,
-            chain: None,
-            chord: None,
-        }
+        let mut task = Task::for_test(
+            TaskId::generate(),
+            "export.project",
+            vec![json!(n)],
+            Default::default(),
+            "export",
+            queues,
+        );
+        task.priority = Some(3);
+        task.time_limit = Some(30.0);
+        task
     }
 
     fn open(dir: &std::path::Path) -> std::sync::Arc<Outbox> {

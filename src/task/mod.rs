@@ -143,7 +143,7 @@ impl fmt::Display for QueueName {
 }
 
 /// The JSON body of `POST /v1/tasks` (and each element of a batch), as sent.
-#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TaskRequest {
     pub task: String,
@@ -264,7 +264,10 @@ impl<'de> Deserialize<'de> for ExpiresRequest {
 impl TaskRequest {
     /// A request for `task` with every option left out.
     pub fn named(task: &str) -> TaskRequest {
-        serde_json::from_value(serde_json::json!({ "task": task })).expect("a request with only a task name decodes")
+        TaskRequest {
+            task: task.to_owned(),
+            ..TaskRequest::default()
+        }
     }
 }
 
