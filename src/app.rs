@@ -64,6 +64,11 @@ pub struct Application {
 
 impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        // The recorder goes in before anything that counts starts: the
+        // relay's first round (re-sends after a crash, its first
+        // publishes) runs as soon as it is spawned, and a count made
+        // before the recorder is installed is lost without a trace.
+        let metrics = metrics_handle();
         let settings = Arc::new(settings);
         if settings.environment == Environment::Production && !settings.registry.strict {
             tracing::warn!(
@@ -117,7 +122,7 @@ impl Application {
             breaker,
             relay,
             health,
-            metrics: metrics_handle(),
+            metrics,
             tracking,
         });
         Ok(Self {
