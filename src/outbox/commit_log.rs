@@ -49,9 +49,12 @@
 //!   sync): sled then holds everything the segment held.
 //! - Replay applies the records above sled's `m/log_applied`, in order,
 //!   and stops at the first record that is cut short or fails its CRC in
-//!   the last segment (an append the crash interrupted, never
-//!   acknowledged). Any other gap or damage is a damaged store: the open
-//!   refuses it rather than serve it with acknowledged writes missing.
+//!   the last segment with nothing valid after it (an append the crash
+//!   interrupted, never acknowledged). Damage with valid records after it
+//!   is not a torn append: unless every record it covers is in sled
+//!   already, it is a damaged store, like any gap, a damaged segment
+//!   before the last, or a store older than the log. The open refuses a
+//!   damaged store rather than serve it with acknowledged writes missing.
 
 use super::storage::WriteOperation;
 use std::fs::File;
@@ -184,6 +187,39 @@ pub fn read_segment(bytes: &[u8]) -> SegmentReading {
     }
 }
 
+/// Where the next whole, valid record after damage at `from` starts, and
+/// its number, if there is one numbered above `after`. A crash mid-append leaves only a
+/// partial record at the very end, so a valid record after bad bytes means
+/// the segment was damaged, not torn. Only offsets whose length and number
+/// fields are plausible are checked against their CRC, which keeps this
+/// cheap even over a long damaged tail.
+pub fn next_valid_record(bytes: &[u8], from: usize, after: u64) -> Option<(usize, u64)> {
+    /// Records further ahead than this are not looked for.
+    const NUMBER_HORIZON: u64 = 1 << 32;
+    let mut at = from + 1;
+    while at + HEADER_BYTES + 12 <= bytes.len() {
+        let length = u32::from_le_bytes(bytes[at..at + 4].try_into().expect("four bytes")) as usize;
+        let number = u64::from_le_bytes(
+            bytes[at + HEADER_BYTES..at + HEADER_BYTES + 8]
+                .try_into()
+                .expect("eight bytes"),
+        );
+        if length >= 12
+            && at + HEADER_BYTES + length <= bytes.len()
+            && number > after
+            && number - after < NUMBER_HORIZON
+        {
+            let crc = u32::from_le_bytes(bytes[at + 4..at + 8].try_into().expect("four bytes"));
+            let payload = &bytes[at + HEADER_BYTES..at + HEADER_BYTES + length];
+            if crc32fast::hash(payload) == crc && decode_payload(payload).is_some() {
+                return Some((at, number));
+            }
+        }
+        at += 1;
+    }
+    None
+}
+
 pub(super) fn segment_name(first: u64) -> String {
     format!("{first:020}.log")
 }
@@ -252,26 +288,47 @@ pub fn records_after(directory: &Path, applied: u64) -> Result<Vec<LogRecord>, R
             )));
         }
         let bytes = std::fs::read(path)?;
-        let reading = read_segment(&bytes);
-        for record in reading.records {
-            if record.number != expected {
-                return Err(ReplayError::Damaged(format!(
-                    "its commit log segment {} holds record {} where record {expected} belongs",
-                    path.display(),
-                    record.number
-                )));
+        let mut at = 0usize;
+        loop {
+            let reading = read_segment(&bytes[at..]);
+            for record in reading.records {
+                if record.number != expected {
+                    return Err(ReplayError::Damaged(format!(
+                        "its commit log segment {} holds record {} where record {expected} belongs",
+                        path.display(),
+                        record.number
+                    )));
+                }
+                expected += 1;
+                if record.number > applied {
+                    needed.push(record);
+                }
             }
-            expected += 1;
-            if record.number > applied {
-                needed.push(record);
+            if !reading.damaged_tail {
+                break;
             }
-        }
-        if reading.damaged_tail && !last_segment {
-            return Err(ReplayError::Damaged(format!(
-                "its commit log segment {} is damaged after {} bytes, and later segments follow it",
-                path.display(),
-                reading.valid_bytes
-            )));
+            let damaged_at = at + reading.valid_bytes as usize;
+            match next_valid_record(&bytes, damaged_at, expected - 1) {
+                // Damage over records the store holds already costs nothing.
+                Some((next, number)) if number - 1 <= applied => {
+                    expected = number;
+                    at = next;
+                }
+                Some((next, _)) => {
+                    return Err(ReplayError::Damaged(format!(
+                        "its commit log segment {} is damaged after {damaged_at} bytes, and records follow the \
+                         damage (at byte {next}): it was not cut short by a crash",
+                        path.display(),
+                    )));
+                }
+                None if last_segment => break,
+                None => {
+                    return Err(ReplayError::Damaged(format!(
+                        "its commit log segment {} is damaged after {damaged_at} bytes, and later segments follow it",
+                        path.display(),
+                    )));
+                }
+            }
         }
     }
     Ok(needed)
@@ -299,9 +356,32 @@ pub fn readable_records(directory: &Path) -> io::Result<Readable> {
             readable.damaged_segments += 1;
             continue;
         };
-        let reading = read_segment(&bytes);
-        readable.damaged_segments += u64::from(reading.damaged_tail && !last);
-        readable.records.extend(reading.records);
+        // Past damage, reading goes on at the next valid record; damage
+        // with nothing valid after it in the last segment is a torn append.
+        let mut at = 0usize;
+        let mut after = 0u64;
+        let mut damaged = false;
+        loop {
+            let reading = read_segment(&bytes[at..]);
+            if let Some(record) = reading.records.last() {
+                after = record.number;
+            }
+            readable.records.extend(reading.records);
+            if !reading.damaged_tail {
+                break;
+            }
+            match next_valid_record(&bytes, at + reading.valid_bytes as usize, after) {
+                Some((next, _)) => {
+                    damaged = true;
+                    at = next;
+                }
+                None => {
+                    damaged |= !last;
+                    break;
+                }
+            }
+        }
+        readable.damaged_segments += u64::from(damaged);
     }
     readable.records.sort_by_key(|record| record.number);
     readable.records.dedup_by_key(|record| record.number);
@@ -457,6 +537,42 @@ mod tests {
             records_after(directory.path(), 0),
             Err(ReplayError::Damaged(_))
         ));
+    }
+
+    /// Bad bytes in the middle of the last segment are damage, not a torn
+    /// append: the records after them were acknowledged. Salvage reads on
+    /// past the damage.
+    #[test]
+    fn damage_with_records_after_it_is_refused_and_salvage_reads_past_it() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = write_segment(directory.path(), 1, 1..6);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let record = bytes.len() / 5;
+        bytes[record + 30] ^= 0x01;
+        std::fs::write(&path, &bytes).unwrap();
+        let error = records_after(directory.path(), 0).unwrap_err().to_string();
+        assert!(error.contains("records follow the damage"), "{error}");
+        // The same damage over a record the store holds already is harmless.
+        let numbers_after = |applied| -> Vec<u64> {
+            records_after(directory.path(), applied)
+                .unwrap()
+                .iter()
+                .map(|record| record.number)
+                .collect()
+        };
+        assert_eq!(numbers_after(2), vec![3, 4, 5]);
+        let readable = readable_records(directory.path()).unwrap();
+        let numbers: Vec<u64> = readable.records.iter().map(|record| record.number).collect();
+        assert_eq!(numbers, vec![1, 3, 4, 5]);
+        assert_eq!(readable.damaged_segments, 1);
+        // The same damage in the last record is a torn append.
+        let mut torn = std::fs::read(&path).unwrap();
+        torn[record + 30] ^= 0x01;
+        let length = torn.len();
+        torn[length - 5] ^= 0x01;
+        std::fs::write(&path, &torn).unwrap();
+        assert_eq!(records_after(directory.path(), 0).unwrap().len(), 4);
+        assert_eq!(readable_records(directory.path()).unwrap().damaged_segments, 0);
     }
 
     #[test]

@@ -420,7 +420,13 @@ fn replay_commit_log(source: &Path, db: &sled::Db, report: &mut SalvageReport) -
              checkpoint)"
         ));
     }
-    if missing > 0 || readable.damaged_segments > 0 {
+    if readable.damaged_segments > 0 && missing == 0 {
+        report.notes.push(format!(
+            "{} commit log segments are damaged, but only over records the store held already",
+            readable.damaged_segments
+        ));
+    }
+    if missing > 0 {
         report.notes.push(format!(
             "the commit log is incomplete ({} damaged segments, {missing} records missing between the store \
              and the last record read): tasks accepted in what is missing are recovered only if the raw scan \
