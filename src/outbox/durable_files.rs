@@ -5,12 +5,7 @@
 //! starts and waits for write-back of those pages, but it writes no file
 //! metadata (a file that grew keeps its old size on disk) and issues no
 //! cache flush to the drive, so a power loss can still take the data. sled
-//! calls a real `fsync` only from its background flusher (which the outbox
-//! turns off).
-//!
-//! The outbox's writes are made durable by its commit log
-//! ([`super::commit_log`]); these syscalls make sled durable at each
-//! checkpoint, before the log segments it covered are deleted.
+//! calls a real `fsync` only from its background flusher, every 500 ms.
 //!
 //! [`DurableFiles::sync`] runs right after sled's `flush()` returned, so
 //! every byte sled has written for the batches applied so far is already in
@@ -30,9 +25,8 @@
 //! its parent, so a store created a moment before a power loss is found.
 //!
 //! That is enough because sled recovers from its newest snapshot plus the
-//! log after it, and both are then on disk in full: a write is in sled
-//! after a crash once the log bytes that hold it are, and step 1 makes
-//! them so. Removals (old
+//! log after it, and both are then on disk in full: a batch is durable once
+//! the log bytes that hold it are, and step 1 makes them so. Removals (old
 //! snapshots, collected blobs) need no sync: a removed file that comes back
 //! after a crash is one sled no longer points at.
 

@@ -3,14 +3,10 @@
 //! Why fatal rather than retried: sled 0.34 keeps the first I/O error of
 //! its log (`ENOSPC`, `EIO`, `EFBIG`) and refuses every later write with it
 //! until the store is reopened, and after a failed `fsync` nobody can say
-//! which of the writes before it reached the disk. So once a write, a
-//! flush or a checkpoint fails (the store's own commit log and checkpoint
-//! thread stop too, [`super::storage`]), [`GuardedStorage`] refuses every
-//! later write and flush itself, with the first error, without calling
-//! the store again. A write refused for a full disk leaves nothing
-//! behind: its commit log append is cut off again before sled sees it,
-//! and a failed store is not flushed when it closes. What that gives the
-//! rest of taskgate:
+//! which of the writes before it reached the disk. So once a write or a
+//! flush fails, [`GuardedStorage`] refuses every later write and flush
+//! itself, with the first error, without calling sled again. What that
+//! gives the rest of taskgate:
 //!
 //! - a group whose flush failed is answered 503 and was never made visible
 //!   (see [`super::group_commit`]); no later group is written, so no later

@@ -9,8 +9,8 @@
 //! only after a flush that *started after* its writes were applied, so an
 //! `Ok` means on disk.
 //!
-//! Invariant: nothing is seen before it is durable. The store makes a
-//! batch visible as soon as it is applied, before the flush that makes it
+//! Invariant: nothing is seen before it is durable. sled makes a batch
+//! visible as soon as it is applied, before the flush that makes it
 //! durable; [`Visibility`] hides it until then. Pending and journal entries
 //! are read only below the sequence that was allocated when the last
 //! successful flush started, and the statuses of a group's tasks are hidden
@@ -21,9 +21,9 @@
 //! after the restart.
 //!
 //! Under concurrent load the committer lingers up to [`LINGER`] after the
-//! first request of a group so that more writers join it: each flush is an
-//! `fdatasync` of the commit log, a device write, so fewer, larger flushes
-//! are what let accepts scale. A writer arriving alone (the previous group had no
+//! first request of a group so that more writers join it: every sled flush
+//! wakes sled's whole I/O thread pool, so fewer, larger flushes are what
+//! let accepts scale. A writer arriving alone (the previous group had no
 //! company) is flushed at once, so light traffic pays no added latency.
 //!
 //! The relay's own flushes (its sent marks and completions,

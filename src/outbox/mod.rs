@@ -48,9 +48,8 @@
 //!   sent marks, failures, dead letters);
 //! - [`operations`]: what operators do (list, drain, export, import,
 //!   requeue, purge); [`salvage`]: recovering a damaged store;
-//! - [`journal`]: the tracking journal; [`commit_log`], [`watermark`],
-//!   [`durable_files`], [`failure`], [`storage`]: durability and the store
-//!   underneath.
+//! - [`journal`]: the tracking journal; [`watermark`], [`durable_files`],
+//!   [`failure`], [`storage`]: durability and the store underneath.
 //!
 //! # On-disk layout (one sled tree; big-endian integers so keys sort)
 //!
@@ -69,35 +68,21 @@
 //!
 //! # What makes a batch durable
 //!
-//! A batch is appended to the [`commit_log`] (one `pwrite` to its current
-//! segment, `commit-log/{first record:020}.log`) before sled applies it,
-//! and a flush is one `fdatasync` of that segment: it writes the record's
-//! pages and the file's new size, and flushes the drive's cache. That is
-//! enough because a segment is `fdatasync`'ed before the next one is
-//! created and the directory is `fsync`'ed when one is, so the current
-//! segment's sync covers every earlier record; and because the next open
-//! applies to sled every record above the one sled holds
-//! (`m/log_applied`, written with each record). sled itself is never
-//! trusted with durability (its `flush()` ends in `sync_file_range`): a
-//! checkpoint thread runs sled's `flush()` and then `fdatasync` of sled's
-//! log file, of any new blob file, and `fsync` of the directories whose
-//! names changed ([`durable_files`] says which), every 500 ms while writes
-//! arrive, and only then deletes the log segments it covered. Nothing is
+//! sled's `flush()` alone is not (it ends in `sync_file_range`); a flush
+//! here is sled's `flush()` followed by `fdatasync` of sled's log file, of
+//! any new blob file, and `fsync` of the directories whose names changed
+//! ([`durable_files`] says which and why that is enough). Nothing is
 //! readable before the flush that covers it returned ([`group_commit`]),
-//! and a failed append, flush or checkpoint stops the store ([`failure`]).
+//! and a failed write or flush stops the store ([`failure`]).
 //!
 //! Beside sled's files, `accepted-watermark` ([`watermark`]) records how
 //! far accepts were made durable, so a log that sled opens at an earlier
 //! state (damage in its middle) is refused as damaged instead of served
 //! with acknowledged tasks missing.
 //!
-//! Beside the tree, `commit-log/` holds the writes since sled's last
-//! checkpoint ([`commit_log`] has its format).
-//!
 //! Lane names never contain `\0` (they are exchange or queue names).
 
 mod accept;
-pub mod commit_log;
 mod counters;
 mod delivery;
 mod durable_files;

@@ -71,7 +71,6 @@
 //! them, through [`Outbox::import`] for a new outbox (counters, statuses
 //! and journal entries as for any accept), or as `outbox export` lines.
 
-use super::commit_log;
 use super::counters::{apply_counted, PersistedCounters};
 use super::keys::{
     dead_key, parse_pending_key, pending_prefix, status_key, COUNTERS, DEAD, OPERATOR_HOLDS, PENDING, STATUS,
@@ -371,71 +370,6 @@ fn prepare_copy(source: &Path, target: &Path, variant: Variant) -> Result<(), Sa
         }
     }
     Ok(())
-}
-
-/// Applies to the copy sled opened the records of the source's commit log
-/// that it does not hold (the writes acknowledged since sled's last
-/// checkpoint), in order, as far as they read. A damaged or incomplete log
-/// is noted in the report; what reads of it is applied all the same.
-/// Returns whether the whole log needed was applied.
-fn replay_commit_log(source: &Path, db: &sled::Db, report: &mut SalvageReport) -> bool {
-    let directory = source.join(commit_log::LOG_DIRECTORY);
-    let readable = match commit_log::readable_records(&directory) {
-        Ok(readable) => readable,
-        Err(error) => {
-            report.notes.push(format!(
-                "the commit log {} could not be read: {error}",
-                directory.display()
-            ));
-            return false;
-        }
-    };
-    let applied = get(db, commit_log::APPLIED_KEY)
-        .and_then(|value| <[u8; 8]>::try_from(value.as_slice()).ok())
-        .map_or(0, u64::from_be_bytes);
-    let needed: Vec<commit_log::LogRecord> = readable
-        .records
-        .into_iter()
-        .filter(|record| record.number > applied)
-        .collect();
-    let count = needed.len();
-    // Numbers missing from what the store needs: before the first record
-    // found, and between those found.
-    let missing = needed.last().map_or(0, |last| last.number - applied - count as u64);
-    for record in needed {
-        if let Err(error) = catch_sled_panic(|| super::storage::apply_to_sled(db, record.operations))
-            .map_err(|panic| panic.to_string())
-            .and_then(|applied| applied.map_err(|error| error.to_string()))
-        {
-            report.notes.push(format!(
-                "applying commit log record {} to the copy failed: {error}",
-                record.number
-            ));
-            return false;
-        }
-    }
-    if count > 0 {
-        report.notes.push(format!(
-            "{count} records of the commit log were applied on top of what sled held (writes since its last \
-             checkpoint)"
-        ));
-    }
-    if readable.damaged_segments > 0 && missing == 0 {
-        report.notes.push(format!(
-            "{} commit log segments are damaged, but only over records the store held already",
-            readable.damaged_segments
-        ));
-    }
-    if missing > 0 {
-        report.notes.push(format!(
-            "the commit log is incomplete ({} damaged segments, {missing} records missing between the store \
-             and the last record read): tasks accepted in what is missing are recovered only if the raw scan \
-             found them",
-            readable.damaged_segments
-        ));
-        return false;
-    }
-    true
 }
 
 /// The work directory, removed however [`salvage`] ends.
@@ -870,15 +804,6 @@ fn for_each_chunk(source: &Path, segment: u64, mut chunk: impl FnMut(&[u8], Opti
             break;
         }
     }
-    // The commit log holds every write since sled's last checkpoint, the
-    // task records verbatim.
-    if let Ok(segments) = commit_log::list_segments(&source.join(commit_log::LOG_DIRECTORY)) {
-        for (_, path) in segments {
-            if let Ok(bytes) = std::fs::read(path) {
-                chunk(&bytes, None);
-            }
-        }
-    }
     if let Ok(blobs) = std::fs::read_dir(source.join("blobs")) {
         for entry in blobs.flatten() {
             if let Ok(bytes) = std::fs::read(entry.path()) {
@@ -1029,7 +954,6 @@ pub fn salvage(
             }
             Ok(db) => db,
         };
-        let log_complete = replay_commit_log(source, &db, &mut report);
         let inventory = take_inventory(&db);
         let written = write_inventory(&db, &inventory, sink)?;
         if let Some(record) = inventory.holds {
@@ -1077,8 +1001,7 @@ pub fn salvage(
         }
         known = inventory.known;
         published = inventory.published;
-        if variant.is_whole() && log_complete && inventory.damaged_regions == 0 && written.unreadable == 0 && short == 0
-        {
+        if variant.is_whole() && inventory.damaged_regions == 0 && written.unreadable == 0 && short == 0 {
             report.complete = true;
         } else {
             // Entries counted but not read, unless the raw scan finds them.
