@@ -5,6 +5,12 @@
 //! from the journal head, upsert them in one transaction, then remove
 //! exactly those entries.
 //!
+//! A page that is not full waits until its oldest entry is [`GATHER`] old
+//! before it is written: a producer sending one task at a time would
+//! otherwise cost one SQL transaction and one outbox batch (with its own
+//! writes to disk) per task, on the same two cores as the accepts it
+//! slows. Recording is at most that much later; a full page goes at once.
+//!
 //! Accepting and publishing come first. While the outbox is under load
 //! (the relay publishing a backlog, or accepts queueing for the disk), the
 //! writer leaves the journal alone until its oldest entry is
@@ -22,15 +28,28 @@
 use super::record::{RecordSource, TaskRecord};
 use super::Shared;
 use crate::outbox::Outbox;
+use chrono::{DateTime, Utc};
 use std::sync::Arc;
 use std::time::Duration;
 
 /// How long the writer sleeps with an empty journal when no accept wakes it.
 const IDLE_WAIT: Duration = Duration::from_secs(1);
+/// How long the oldest entry of a page that is not full waits for company.
+const GATHER: Duration = Duration::from_millis(100);
 /// How often a deferring writer looks again.
 const DEFERRAL_POLL: Duration = Duration::from_millis(250);
 /// The outbox counts as under load for this long after the last sign of it.
 const BUSY_WITHIN: Duration = Duration::from_secs(1);
+
+/// How much longer a page of `len` entries (of at most `limit`) waits for
+/// company, given when its oldest task was accepted: `None` to write it now.
+fn gather_wait(len: usize, limit: usize, oldest: Option<DateTime<Utc>>, now: DateTime<Utc>) -> Option<Duration> {
+    if len >= limit {
+        return None;
+    }
+    let age = (now - oldest?).to_std().unwrap_or_default();
+    GATHER.checked_sub(age).filter(|wait| !wait.is_zero())
+}
 
 /// Whether the journal may wait: the outbox is under load and the oldest
 /// unrecorded task is younger than the bound.
@@ -86,6 +105,13 @@ pub(crate) async fn run(shared: Arc<Shared>) {
             }
             continue;
         }
+        let oldest = page[0].task.as_ref().ok().map(|task| task.accepted_at);
+        if let Some(wait) = gather_wait(page.len(), limit, oldest, Utc::now()) {
+            if !shared.pause(wait).await {
+                return;
+            }
+            continue;
+        }
         let sequences: Vec<u64> = page.iter().map(|entry| entry.sequence).collect();
         let mut records = Vec::with_capacity(page.len());
         for entry in &page {
@@ -131,6 +157,25 @@ mod tests {
     use crate::outbox::{Lane, OutboxSettings};
     use crate::task::{Task, TaskId};
     use serde_json::Map;
+
+    /// A page that is not full waits until its oldest task is GATHER old,
+    /// and no longer; a full page, or one whose age is unknown, goes now.
+    #[test]
+    fn a_page_that_is_not_full_waits_for_company_only_so_long() {
+        let now = Utc::now();
+        let accepted = |ago_ms: i64| Some(now - chrono::Duration::milliseconds(ago_ms));
+        assert_eq!(gather_wait(1, 500, accepted(0), now), Some(GATHER));
+        assert_eq!(
+            gather_wait(1, 500, accepted(40), now),
+            Some(GATHER - Duration::from_millis(40))
+        );
+        assert_eq!(gather_wait(1, 500, accepted(100), now), None);
+        assert_eq!(gather_wait(1, 500, accepted(5_000), now), None);
+        assert_eq!(gather_wait(500, 500, accepted(0), now), None);
+        assert_eq!(gather_wait(1, 500, None, now), None);
+        // A clock that stepped back makes the task look new: it waits GATHER.
+        assert_eq!(gather_wait(1, 500, accepted(-1_000), now), Some(GATHER));
+    }
 
     #[tokio::test]
     async fn the_journal_waits_only_while_the_outbox_is_under_load_and_only_so_long() {
