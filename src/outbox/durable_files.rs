@@ -21,6 +21,17 @@
 //!    snapshot as `snap.*.generating`, syncs it and renames it; it never
 //!    syncs the directory): `fsync(directory)` so the rename is durable.
 //!
+//! Steps 2 and 3 list the two directories only when a name appeared in
+//! them since the last look: an inotify watch on each (`IN_CREATE`,
+//! `IN_MOVED_TO`) is drained, without blocking, before the listing. The
+//! kernel queues the event inside the `open` or `rename` that made the
+//! name, so every name sled made before its `flush()` returned is seen by
+//! the sync that follows it; a name made during a listing is listed again
+//! next time, which only repeats an `fdatasync`. Without the watch (no
+//! inotify instance to be had, or the queue overflowed) every sync lists
+//! both directories. Listing them on every flush cost a tenth of a single
+//! producer's accept latency (11 syscalls on the path of every 202).
+//!
 //! At open, every file already there is synced once, and the directory and
 //! its parent, so a store created a moment before a power loss is found.
 //!
@@ -43,6 +54,9 @@ pub(super) struct DurableFiles {
     log: File,
     /// Names seen at the last sync, in the directory and in `blobs/`.
     known: Mutex<KnownNames>,
+    /// Tells whether names appeared since the last listing; `None` lists
+    /// on every sync.
+    watch: Option<NameWatch>,
 }
 
 #[derive(Default)]
@@ -59,10 +73,14 @@ impl DurableFiles {
     /// just opened) and syncs everything already there once.
     pub(super) fn open(directory: &Path) -> io::Result<Self> {
         let log = File::open(directory.join(LOG_FILE))?;
+        // Watching starts before the first listing, so nothing made in
+        // between is missed.
+        let watch = NameWatch::start(&[directory, &directory.join(BLOB_DIRECTORY)]);
         let files = Self {
             directory: directory.to_path_buf(),
             log,
             known: Mutex::new(KnownNames::default()),
+            watch,
         };
         {
             let mut known = files.known.lock().expect("durable files lock poisoned");
@@ -86,6 +104,11 @@ impl DurableFiles {
     pub(super) fn sync(&self) -> io::Result<()> {
         let mut known = self.known.lock().expect("durable files lock poisoned");
         self.log.sync_data()?;
+        if let Some(watch) = &self.watch {
+            if !watch.names_appeared() {
+                return Ok(());
+            }
+        }
         let blob_directory = self.blob_directory();
         let blobs = sync_new_files(&blob_directory, &known.blobs)?;
         if blobs != known.blobs {
@@ -98,6 +121,53 @@ impl DurableFiles {
             known.directory = names;
         }
         Ok(())
+    }
+}
+
+/// An inotify instance watching directories for names that appear.
+struct NameWatch {
+    events: std::os::fd::OwnedFd,
+}
+
+impl NameWatch {
+    /// Watches `directories` (which must exist); `None` when the kernel
+    /// gives no inotify instance or watch (a per-user limit), and the
+    /// caller then lists every time.
+    fn start(directories: &[&Path]) -> Option<Self> {
+        use rustix::fs::inotify;
+        let start = || -> rustix::io::Result<Self> {
+            let events = inotify::init(inotify::CreateFlags::CLOEXEC | inotify::CreateFlags::NONBLOCK)?;
+            for directory in directories {
+                inotify::add_watch(
+                    &events,
+                    *directory,
+                    inotify::WatchFlags::CREATE | inotify::WatchFlags::MOVED_TO | inotify::WatchFlags::ONLYDIR,
+                )?;
+            }
+            Ok(Self { events })
+        };
+        start()
+            .inspect_err(|error| {
+                tracing::debug!(%error, "no inotify watch on the outbox directory: every flush lists it");
+            })
+            .ok()
+    }
+
+    /// Whether any event (a name made, a watch gone, the queue overflowed)
+    /// arrived since the last call. Drains the queue; never blocks.
+    fn names_appeared(&self) -> bool {
+        let mut buffer = [0u8; 4096];
+        let mut appeared = false;
+        loop {
+            match rustix::io::read(&self.events, &mut buffer) {
+                Ok(0) => return appeared,
+                Ok(_) => appeared = true,
+                Err(rustix::io::Errno::AGAIN) => return appeared,
+                Err(rustix::io::Errno::INTR) => continue,
+                // Cannot tell: look.
+                Err(_) => return true,
+            }
+        }
     }
 }
 
@@ -159,5 +229,42 @@ mod tests {
         let known = files.known.lock().unwrap();
         assert!(known.blobs.contains(&OsString::from("17")));
         assert!(known.directory.contains(&OsString::from("snap.0000000000000010")));
+    }
+
+    /// With the watch, a sync after which no name appeared lists nothing,
+    /// and a name made or renamed into either directory is picked up by
+    /// the next sync (as it is without the watch).
+    #[test]
+    fn the_watch_lists_only_after_a_name_appeared() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(LOG_FILE), b"log").unwrap();
+        std::fs::create_dir(dir.path().join(BLOB_DIRECTORY)).unwrap();
+        let files = DurableFiles::open(dir.path()).unwrap();
+        let watch = files.watch.as_ref().expect("an inotify watch on this machine");
+        assert!(!watch.names_appeared(), "nothing was made since open");
+
+        std::fs::write(dir.path().join(BLOB_DIRECTORY).join("18"), b"blob").unwrap();
+        files.sync().unwrap();
+        assert!(files.known.lock().unwrap().blobs.contains(&OsString::from("18")));
+
+        // A file made outside, then renamed in, as sled writes a snapshot.
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("snap.generating"), b"snapshot").unwrap();
+        files.sync().unwrap();
+        std::fs::rename(
+            dir.path().join("snap.generating"),
+            dir.path().join("snap.0000000000000020"),
+        )
+        .unwrap();
+        std::fs::write(outside.path().join("unrelated"), b"x").unwrap();
+        files.sync().unwrap();
+        let known = files.known.lock().unwrap();
+        assert!(known.directory.contains(&OsString::from("snap.0000000000000020")));
+        assert!(!known.directory.contains(&OsString::from("snap.generating")));
+        drop(known);
+
+        // Writing into a known file makes no name: no listing is needed.
+        std::fs::write(dir.path().join(LOG_FILE), b"more log").unwrap();
+        assert!(!watch.names_appeared());
     }
 }
