@@ -330,7 +330,8 @@ pub struct TrackingSettings {
     /// Journal age after which health warns even with the database up.
     pub warn_journal_age_seconds: f64,
     /// While the outbox is under load, the journal writer waits until its
-    /// oldest entry is this old (0: never waits), leaving the cores to
+    /// oldest entry is this old (0: never waits, not even the 100 ms a
+    /// page that is not full waits otherwise), leaving the cores to
     /// accepting and publishing; see [`crate::tracking::writer`].
     pub max_deferral_seconds: f64,
 }

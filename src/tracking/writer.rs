@@ -9,7 +9,8 @@
 //! before it is written: a producer sending one task at a time would
 //! otherwise cost one SQL transaction and one outbox batch (with its own
 //! writes to disk) per task, on the same two cores as the accepts it
-//! slows. Recording is at most that much later; a full page goes at once.
+//! slows. Recording is at most that much later; a full page goes at once,
+//! and `tracking.max_deferral_seconds = 0` (record at once) turns it off.
 //!
 //! Accepting and publishing come first. While the outbox is under load
 //! (the relay publishing a backlog, or accepts queueing for the disk), the
@@ -106,7 +107,8 @@ pub(crate) async fn run(shared: Arc<Shared>) {
             continue;
         }
         let oldest = page[0].task.as_ref().ok().map(|task| task.accepted_at);
-        if let Some(wait) = gather_wait(page.len(), limit, oldest, Utc::now()) {
+        let may_wait = shared.settings.max_deferral_seconds > 0.0;
+        if let Some(wait) = gather_wait(page.len(), limit, oldest, Utc::now()).filter(|_| may_wait) {
             if !shared.pause(wait).await {
                 return;
             }
