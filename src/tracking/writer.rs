@@ -72,6 +72,10 @@ pub(crate) async fn run(shared: Arc<Shared>) {
         return;
     }
     let mut backoff = shared.backoff();
+    // Whether the page about to be read has had its wait for company: one
+    // wait per page at most, whatever the wall clock (which dates the
+    // entries) does.
+    let mut gathered = false;
     loop {
         if shared.stop.is_cancelled() {
             return;
@@ -107,13 +111,15 @@ pub(crate) async fn run(shared: Arc<Shared>) {
             continue;
         }
         let oldest = page[0].task.as_ref().ok().map(|task| task.accepted_at);
-        let may_wait = shared.settings.max_deferral_seconds > 0.0;
+        let may_wait = !gathered && shared.settings.max_deferral_seconds > 0.0;
         if let Some(wait) = gather_wait(page.len(), limit, oldest, Utc::now()).filter(|_| may_wait) {
+            gathered = true;
             if !shared.pause(wait).await {
                 return;
             }
             continue;
         }
+        gathered = false;
         let sequences: Vec<u64> = page.iter().map(|entry| entry.sequence).collect();
         let mut records = Vec::with_capacity(page.len());
         for entry in &page {
@@ -175,7 +181,8 @@ mod tests {
         assert_eq!(gather_wait(1, 500, accepted(5_000), now), None);
         assert_eq!(gather_wait(500, 500, accepted(0), now), None);
         assert_eq!(gather_wait(1, 500, None, now), None);
-        // A clock that stepped back makes the task look new: it waits GATHER.
+        // A clock that stepped back makes the task look new: it waits GATHER
+        // (once: the writer waits at most once per page).
         assert_eq!(gather_wait(1, 500, accepted(-1_000), now), Some(GATHER));
     }
 
