@@ -186,6 +186,39 @@ mod tests {
         assert_eq!(gather_wait(1, 500, accepted(-1_000), now), Some(GATHER));
     }
 
+    /// Wired up: a task accepted alone is recorded, but only once its page
+    /// waited GATHER for company.
+    #[tokio::test]
+    async fn a_lone_task_is_recorded_once_its_page_waited_for_company() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Outbox::open(&OutboxSettings::for_test(&dir.path().join("outbox"))).unwrap();
+        let mut settings = crate::config::Settings::default();
+        settings.tracking.database_url = format!("sqlite://{}", dir.path().join("tracking.db").display());
+        let tracking = super::super::Tracking::start(&settings, outbox.clone()).unwrap();
+        // Taken before the task is made, so the task's accepted_at (which
+        // the writer dates the page by) is no earlier.
+        let started = std::time::Instant::now();
+        let task = Task::for_test(TaskId::generate(), "app.work", vec![], Map::new(), "app", &["q"]);
+        outbox
+            .accept(vec![(task, vec![Lane::new("exchange")])], None)
+            .await
+            .unwrap();
+        assert_eq!(outbox.journal_depth(), 1);
+        while outbox.journal_depth() > 0 {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "the lone task was never recorded"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let recorded_after = started.elapsed();
+        assert!(
+            recorded_after >= GATHER,
+            "recorded after {recorded_after:?}, before its page waited {GATHER:?}"
+        );
+        tracking.shutdown(Duration::from_secs(1)).await;
+    }
+
     #[tokio::test]
     async fn the_journal_waits_only_while_the_outbox_is_under_load_and_only_so_long() {
         let dir = tempfile::tempdir().unwrap();
