@@ -5,6 +5,11 @@
 //! lost, then a restart on the backing directory with RabbitMQ back:
 //! every task that got a `202` must be delivered. Five rounds; each prints
 //! what it accepted, delivered, lost and delivered twice.
+//!
+//! One producer sends large tasks: sled writes a page too large for its
+//! log segment as a file of its own in `blobs/`, which it never syncs, so
+//! those tasks test the blob half of the flush (`durable_files.rs`). The
+//! test requires that blobs were made, and counts those the disk kept.
 
 mod support;
 
@@ -28,6 +33,10 @@ const PRODUCERS: usize = 16;
 /// every round (2 s exactly: right after a flusher fsync, losing nothing).
 const LOAD: Duration = Duration::from_millis(1_750);
 const KILL_JITTER: Duration = Duration::from_millis(500);
+/// The producer that sends large tasks, and their padding: sled stores a
+/// page above a quarter of its 512 KiB segment as a blob file.
+const LARGE_PRODUCER: usize = 0;
+const LARGE_PADDING: usize = 160 * 1024;
 
 /// What one round saw.
 struct Round {
@@ -41,6 +50,9 @@ struct Round {
     duplicates: Vec<String>,
     fsyncs: u64,
     unsynced_bytes: u64,
+    /// Large tasks accepted, and blob files left on the disk after the power loss.
+    large_accepted: usize,
+    blobs_kept: usize,
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -52,7 +64,7 @@ async fn power_loss_under_load_loses_no_accepted_task() {
         println!(
             "power loss round {round} ({:.1} s): {} accepted ({} unanswered at the kill), {} delivered, \
              {} accepted tasks lost, {} delivered more than once; {} fsyncs reached the filesystem, \
-             {} unsynced bytes dropped{}",
+             {} unsynced bytes dropped; {} large tasks accepted, {} blob files kept{}",
             started.elapsed().as_secs_f64(),
             outcome.accepted,
             outcome.unanswered,
@@ -61,6 +73,8 @@ async fn power_loss_under_load_loses_no_accepted_task() {
             outcome.duplicates.len(),
             outcome.fsyncs,
             outcome.unsynced_bytes,
+            outcome.large_accepted,
+            outcome.blobs_kept,
             outcome.failure.as_deref().map(|f| format!("; {f}")).unwrap_or_default(),
         );
         if !outcome.duplicates.is_empty() {
@@ -83,6 +97,10 @@ async fn power_loss_under_load_loses_no_accepted_task() {
             )
         })
         .collect();
+    assert!(
+        rounds.iter().any(|round| round.blobs_kept > 0),
+        "no round left a blob file on the disk: the large tasks did not test blobs"
+    );
     assert!(
         failed.is_empty(),
         "a 202 was lost to a power loss in {} of {ROUNDS} rounds:\n{}",
@@ -112,12 +130,14 @@ async fn run_round() -> Round {
     let mut gateway = GatewayProcess::start(&config, &dir.path().join("first.log"));
 
     let accepted = Arc::new(Mutex::new(Vec::<String>::new()));
+    let large_accepted = Arc::new(AtomicUsize::new(0));
     let unanswered = Arc::new(AtomicUsize::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let url = gateway.url("/v1/tasks");
     let producers: Vec<_> = (0..PRODUCERS)
         .map(|producer| {
             let (accepted, unanswered, stop, url) = (accepted.clone(), unanswered.clone(), stop.clone(), url.clone());
+            let large_accepted = large_accepted.clone();
             std::thread::spawn(move || {
                 let client = reqwest::blocking::Client::builder()
                     .timeout(Duration::from_secs(5))
@@ -128,12 +148,19 @@ async fn run_round() -> Round {
                         break;
                     }
                     let id = uuid::Uuid::new_v4().to_string();
-                    let body = json!({"task": "power.loss", "id": id, "args": [producer, n]});
+                    let body = if producer == LARGE_PRODUCER {
+                        json!({"task": "power.loss", "id": id, "args": [producer, n], "kwargs": {"padding": "x".repeat(LARGE_PADDING)}})
+                    } else {
+                        json!({"task": "power.loss", "id": id, "args": [producer, n]})
+                    };
                     match client.post(&url).json(&body).send() {
                         Ok(response) if response.status().as_u16() == 202 => {
                             let answer: Value = response.json().unwrap_or_default();
                             assert_eq!(answer["id"], id.as_str(), "the client's id is the task's id");
                             accepted.lock().unwrap().push(id);
+                            if producer == LARGE_PRODUCER {
+                                large_accepted.fetch_add(1, Ordering::SeqCst);
+                            }
                         }
                         Ok(response) => panic!("POST answered {} under load", response.status()),
                         Err(_) => {
@@ -158,6 +185,7 @@ async fn run_round() -> Round {
     assert!(accepted.len() > 100, "the load ran: {} tasks accepted", accepted.len());
     let fsyncs = crashfs.fsync_count();
     let dropped = crashfs.lose_power();
+    let blobs_kept = std::fs::read_dir(dir.path().join("backing/outbox/blobs")).map_or(0, |entries| entries.count());
 
     // Back up on what the disk kept, with the broker there.
     settings.outbox.path = dir.path().join("backing/outbox");
@@ -174,6 +202,8 @@ async fn run_round() -> Round {
         duplicates: Vec::new(),
         fsyncs,
         unsynced_bytes: dropped.bytes,
+        large_accepted: large_accepted.load(Ordering::SeqCst),
+        blobs_kept,
     };
     let restarted = match std::panic::catch_unwind(AssertUnwindSafe(|| GatewayProcess::start(&config, &log))) {
         Ok(restarted) => restarted,

@@ -32,6 +32,17 @@
 //! both directories. Listing them on every flush cost a tenth of a single
 //! producer's accept latency (11 syscalls on the path of every 202).
 //!
+//! A blob can be listed while it is still being written: sled writes it
+//! from whichever thread changed the page (a relay settling a window as
+//! well as the committer), and a sync running meanwhile would `fdatasync`
+//! a partial file and then take it as known. So the watch on `blobs/` also
+//! reports `IN_CLOSE_WRITE`, and a blob closed after writing is synced
+//! again by the next sync. sled closes a blob before the log record that
+//! points at it can be written (the record's buffer waits for its writer),
+//! so every blob that a flushed record points at was closed before that
+//! flush returned, and its close is seen by the sync after it. An
+//! overflowed queue, which loses names, syncs every blob again.
+//!
 //! At open, every file already there is synced once, and the directory and
 //! its parent, so a store created a moment before a power loss is found.
 //!
@@ -42,7 +53,7 @@
 //! after a crash is one sled no longer points at.
 
 use std::collections::BTreeSet;
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -63,6 +74,8 @@ pub(super) struct DurableFiles {
 struct KnownNames {
     directory: BTreeSet<OsString>,
     blobs: BTreeSet<OsString>,
+    /// Files opened and `fdatasync`ed by listings (tests read it).
+    files_synced: u64,
 }
 
 const LOG_FILE: &str = "db";
@@ -75,7 +88,7 @@ impl DurableFiles {
         let log = File::open(directory.join(LOG_FILE))?;
         // Watching starts before the first listing, so nothing made in
         // between is missed.
-        let watch = NameWatch::start(&[directory, &directory.join(BLOB_DIRECTORY)]);
+        let watch = NameWatch::start(directory, &directory.join(BLOB_DIRECTORY));
         let files = Self {
             directory: directory.to_path_buf(),
             log,
@@ -84,8 +97,9 @@ impl DurableFiles {
         };
         {
             let mut known = files.known.lock().expect("durable files lock poisoned");
-            known.directory = sync_new_files(&files.directory, &BTreeSet::new())?;
-            known.blobs = sync_new_files(&files.blob_directory(), &BTreeSet::new())?;
+            let known = &mut *known;
+            known.directory = sync_new_files(&files.directory, &BTreeSet::new(), &mut known.files_synced)?;
+            known.blobs = sync_new_files(&files.blob_directory(), &BTreeSet::new(), &mut known.files_synced)?;
         }
         sync_directory(&files.blob_directory())?;
         sync_directory(&files.directory)?;
@@ -102,20 +116,27 @@ impl DurableFiles {
     /// Makes everything sled has written so far durable (see the module
     /// comment for the steps). Call it only after `sled::Db::flush`.
     pub(super) fn sync(&self) -> io::Result<()> {
-        let mut known = self.known.lock().expect("durable files lock poisoned");
+        let mut guard = self.known.lock().expect("durable files lock poisoned");
+        let known = &mut *guard;
         self.log.sync_data()?;
         if let Some(watch) = &self.watch {
-            if !watch.names_appeared() {
-                return Ok(());
+            match watch.changes() {
+                Changes::None => return Ok(()),
+                Changes::Names { closed_blobs } => {
+                    for name in &closed_blobs {
+                        known.blobs.remove(name);
+                    }
+                }
+                Changes::Unknown => known.blobs.clear(),
             }
         }
         let blob_directory = self.blob_directory();
-        let blobs = sync_new_files(&blob_directory, &known.blobs)?;
+        let blobs = sync_new_files(&blob_directory, &known.blobs, &mut known.files_synced)?;
         if blobs != known.blobs {
             sync_directory(&blob_directory)?;
             known.blobs = blobs;
         }
-        let names = sync_new_files(&self.directory, &known.directory)?;
+        let names = sync_new_files(&self.directory, &known.directory, &mut known.files_synced)?;
         if names != known.directory {
             sync_directory(&self.directory)?;
             known.directory = names;
@@ -124,27 +145,39 @@ impl DurableFiles {
     }
 }
 
-/// An inotify instance watching directories for names that appear.
+/// What the watch saw since the last look.
+#[derive(Debug, PartialEq)]
+enum Changes {
+    /// No name appeared and no blob was closed: nothing to list.
+    None,
+    /// Names appeared, or these blobs were closed after writing (each is
+    /// synced again).
+    Names { closed_blobs: Vec<OsString> },
+    /// Events were lost (the queue overflowed, a watch went away, a read
+    /// failed): every blob is synced again.
+    Unknown,
+}
+
+/// An inotify instance watching the outbox directory for names that
+/// appear, and `blobs/` for names that appear and files closed after
+/// writing.
 struct NameWatch {
     events: std::os::fd::OwnedFd,
+    blob_watch: i32,
 }
 
 impl NameWatch {
-    /// Watches `directories` (which must exist); `None` when the kernel
-    /// gives no inotify instance or watch (a per-user limit), and the
-    /// caller then lists every time.
-    fn start(directories: &[&Path]) -> Option<Self> {
-        use rustix::fs::inotify;
+    /// Watches `directory` and `blob_directory` (which must exist); `None`
+    /// when the kernel gives no inotify instance or watch (a per-user
+    /// limit), and the caller then lists every time.
+    fn start(directory: &Path, blob_directory: &Path) -> Option<Self> {
+        use rustix::fs::inotify::{self, WatchFlags};
+        let names = WatchFlags::CREATE | WatchFlags::MOVED_TO | WatchFlags::ONLYDIR;
         let start = || -> rustix::io::Result<Self> {
             let events = inotify::init(inotify::CreateFlags::CLOEXEC | inotify::CreateFlags::NONBLOCK)?;
-            for directory in directories {
-                inotify::add_watch(
-                    &events,
-                    *directory,
-                    inotify::WatchFlags::CREATE | inotify::WatchFlags::MOVED_TO | inotify::WatchFlags::ONLYDIR,
-                )?;
-            }
-            Ok(Self { events })
+            inotify::add_watch(&events, directory, names)?;
+            let blob_watch = inotify::add_watch(&events, blob_directory, names | WatchFlags::CLOSE_WRITE)?;
+            Ok(Self { events, blob_watch })
         };
         start()
             .inspect_err(|error| {
@@ -153,27 +186,49 @@ impl NameWatch {
             .ok()
     }
 
-    /// Whether any event (a name made, a watch gone, the queue overflowed)
-    /// arrived since the last call. Drains the queue; never blocks.
-    fn names_appeared(&self) -> bool {
-        let mut buffer = [0u8; 4096];
-        let mut appeared = false;
+    /// Drains the queue (never blocks) and says what it held.
+    fn changes(&self) -> Changes {
+        use rustix::fs::inotify::{ReadFlags, Reader};
+        use std::os::unix::ffi::OsStrExt;
+        let mut buffer = [std::mem::MaybeUninit::<u8>::uninit(); 4096];
+        let mut reader = Reader::new(&self.events, &mut buffer);
+        let mut names_appeared = false;
+        let mut closed_blobs = Vec::new();
         loop {
-            match rustix::io::read(&self.events, &mut buffer) {
-                Ok(0) => return appeared,
-                Ok(_) => appeared = true,
-                Err(rustix::io::Errno::AGAIN) => return appeared,
+            match reader.next() {
+                Ok(event) => {
+                    let flags = event.events();
+                    if flags.intersects(ReadFlags::QUEUE_OVERFLOW | ReadFlags::IGNORED | ReadFlags::UNMOUNT) {
+                        return Changes::Unknown;
+                    }
+                    if flags.contains(ReadFlags::CLOSE_WRITE) && event.wd() == self.blob_watch {
+                        if let Some(name) = event.file_name() {
+                            closed_blobs.push(OsStr::from_bytes(name.to_bytes()).to_os_string());
+                        }
+                    } else {
+                        names_appeared = true;
+                    }
+                }
+                Err(rustix::io::Errno::AGAIN) => break,
                 Err(rustix::io::Errno::INTR) => continue,
-                // Cannot tell: look.
-                Err(_) => return true,
+                Err(_) => return Changes::Unknown,
             }
+        }
+        if names_appeared || !closed_blobs.is_empty() {
+            Changes::Names { closed_blobs }
+        } else {
+            Changes::None
         }
     }
 }
 
 /// Lists the regular files in `directory` and `fdatasync`s those not in
 /// `known`. A missing directory has no files.
-fn sync_new_files(directory: &Path, known: &BTreeSet<OsString>) -> io::Result<BTreeSet<OsString>> {
+fn sync_new_files(
+    directory: &Path,
+    known: &BTreeSet<OsString>,
+    files_synced: &mut u64,
+) -> io::Result<BTreeSet<OsString>> {
     let entries = match std::fs::read_dir(directory) {
         Ok(entries) => entries,
         Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(BTreeSet::new()),
@@ -188,7 +243,10 @@ fn sync_new_files(directory: &Path, known: &BTreeSet<OsString>) -> io::Result<BT
         let name = entry.file_name();
         if !known.contains(&name) {
             match File::open(entry.path()) {
-                Ok(file) => file.sync_data()?,
+                Ok(file) => {
+                    file.sync_data()?;
+                    *files_synced += 1;
+                }
                 // Removed between the listing and the open (sled cleaning up
                 // an old snapshot): nothing to make durable.
                 Err(error) if error.kind() == io::ErrorKind::NotFound => continue,
@@ -241,7 +299,7 @@ mod tests {
         std::fs::create_dir(dir.path().join(BLOB_DIRECTORY)).unwrap();
         let files = DurableFiles::open(dir.path()).unwrap();
         let watch = files.watch.as_ref().expect("an inotify watch on this machine");
-        assert!(!watch.names_appeared(), "nothing was made since open");
+        assert_eq!(watch.changes(), Changes::None, "nothing was made since open");
 
         std::fs::write(dir.path().join(BLOB_DIRECTORY).join("18"), b"blob").unwrap();
         files.sync().unwrap();
@@ -265,6 +323,43 @@ mod tests {
 
         // Writing into a known file makes no name: no listing is needed.
         std::fs::write(dir.path().join(LOG_FILE), b"more log").unwrap();
-        assert!(!watch.names_appeared());
+        assert_eq!(watch.changes(), Changes::None);
+    }
+
+    /// A blob listed while it was still being written (another thread of
+    /// sled's) is synced again once it is closed, and only then taken as
+    /// done; closing a blob that was only read changes nothing.
+    #[test]
+    fn a_blob_synced_while_partial_is_synced_again_when_closed() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(LOG_FILE), b"log").unwrap();
+        std::fs::create_dir(dir.path().join(BLOB_DIRECTORY)).unwrap();
+        let files = DurableFiles::open(dir.path()).unwrap();
+        assert!(files.watch.is_some(), "an inotify watch on this machine");
+        let synced = || files.known.lock().unwrap().files_synced;
+        let before = synced();
+
+        let blob_path = dir.path().join(BLOB_DIRECTORY).join("19");
+        let mut blob = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&blob_path)
+            .unwrap();
+        blob.write_all(b"first half").unwrap();
+        files.sync().unwrap();
+        assert_eq!(synced(), before + 1, "the new blob is synced as it stands");
+        blob.write_all(b", second half").unwrap();
+        files.sync().unwrap();
+        assert_eq!(synced(), before + 1, "still open: nothing new to sync yet");
+        drop(blob);
+        files.sync().unwrap();
+        assert_eq!(synced(), before + 2, "closed after writing: synced again, whole");
+        files.sync().unwrap();
+        assert_eq!(synced(), before + 2, "synced whole once: not again");
+
+        let _read = std::fs::read(&blob_path).unwrap();
+        files.sync().unwrap();
+        assert_eq!(synced(), before + 2, "a read is no write");
     }
 }

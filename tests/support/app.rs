@@ -314,7 +314,7 @@ async fn consume_until(
         });
         delivery.ack(BasicAckOptions::default()).await.unwrap();
     }
-    let _ = connection.close(200, "done".into()).await;
+    close_quietly(connection).await;
     received
 }
 
@@ -336,7 +336,7 @@ pub async fn ready_messages(queue: &str) -> u32 {
         )
         .await
         .expect("the queue exists");
-    let _ = connection.close(200, "done".into()).await;
+    close_quietly(connection).await;
     declared.message_count()
 }
 
@@ -350,8 +350,15 @@ pub async fn delete_queues(queues: &[&str]) {
                     .await;
             }
         }
-        let _ = connection.close(200, "done".into()).await;
+        close_quietly(connection).await;
     }
+}
+
+/// Closes a test's own AMQP connection, waiting at most a few seconds: a
+/// close whose socket already went away can wait for its close-ok forever,
+/// and a test's clean-up must not hang the suite.
+pub async fn close_quietly(connection: Connection) {
+    let _ = tokio::time::timeout(Duration::from_secs(5), connection.close(200, "done".into())).await;
 }
 
 /// The compiled taskgate binary, run as a child process.
