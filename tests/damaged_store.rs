@@ -14,7 +14,13 @@
 //! watermark knows more was acknowledged. Salvage reads the whole store as
 //! sled gives it and reports the intact task records sled did not return
 //! (`raw_scan_unmatched`); `--include-unmatched` recovers them. The test
-//! asserts exactly that, case by case.
+//! asserts exactly that, case by case; such a salvage is never complete
+//! (exit 4), and its report says how far the watermark and the store
+//! disagree (`acknowledged_past_store`).
+//!
+//! The second life also spools a few large tasks, which sled writes as
+//! blob files; every blob cut short must make serve refuse the store and
+//! salvage report itself incomplete.
 
 mod support;
 
@@ -31,6 +37,11 @@ const SEGMENT: u64 = 512 * 1024;
 const SINGLE_POSTS: usize = 600;
 const BATCHES: usize = 12;
 const BATCH: usize = 50;
+/// Large tasks posted in the second life: sled stores each page holding
+/// one as a file of its own in `blobs/` (a page above a quarter of its
+/// 512 KiB segment), so blobs can be damaged too.
+const LARGE_POSTS: usize = 8;
+const LARGE_PADDING: usize = 160 * 1024;
 
 /// What one run of the binary did.
 #[derive(Debug)]
@@ -178,6 +189,9 @@ struct Case {
     damage: Box<dyn Fn(&Path)>,
     serve: Serve,
     recovers: Recovers,
+    /// The damage destroys accepted tasks for certain: salvage must say
+    /// it is incomplete (exit 4).
+    loses_tasks: bool,
 }
 
 fn case(name: impl Into<String>, serve: Serve, recovers: Recovers, damage: impl Fn(&Path) + 'static) -> Case {
@@ -186,7 +200,21 @@ fn case(name: impl Into<String>, serve: Serve, recovers: Recovers, damage: impl 
         damage: Box::new(damage),
         serve,
         recovers,
+        loses_tasks: false,
     }
+}
+
+impl Case {
+    fn loses_tasks(mut self) -> Self {
+        self.loses_tasks = true;
+        self
+    }
+}
+
+fn blobs(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir.join("blobs"))
+        .map(|entries| entries.map(|entry| entry.unwrap().path()).collect())
+        .unwrap_or_default()
 }
 
 /// Checks a run on a damaged store that must refuse it.
@@ -320,11 +348,25 @@ async fn a_damaged_outbox_never_panics_and_salvage_recovers_its_intact_tasks() {
         }
         accepted.extend(batched.iter().cloned());
         sequences.push(batched);
+        if life == 1 {
+            let mut large = Vec::new();
+            for n in 0..LARGE_POSTS {
+                let body =
+                    json!({"task": "export.large", "args": [n], "kwargs": {"padding": "x".repeat(LARGE_PADDING)}});
+                let response = client.post(gateway.url("/v1/tasks")).json(&body).send().await.unwrap();
+                assert_eq!(response.status(), 202);
+                let answer: Value = response.json().await.unwrap();
+                large.push(answer["id"].as_str().unwrap().to_owned());
+            }
+            accepted.extend(large.iter().cloned());
+            sequences.push(large);
+        }
         gateway.signal("TERM");
         assert_eq!(gateway.wait(Duration::from_secs(30)), Some(0), "a clean stop");
     }
     let accepted_set: HashSet<String> = accepted.iter().cloned().collect();
-    assert_eq!(accepted_set.len(), 2 * (SINGLE_POSTS + BATCHES * BATCH));
+    assert_eq!(accepted_set.len(), 2 * (SINGLE_POSTS + BATCHES * BATCH) + LARGE_POSTS);
+    assert!(!blobs(&store).is_empty(), "the large tasks made blob files");
     let log_bytes = std::fs::metadata(store.join("db")).unwrap().len();
     assert!(log_bytes > 6 * SEGMENT, "a log of several segments: {log_bytes} bytes");
     assert!(!snapshots(&store).is_empty(), "sled wrote a snapshot at the restart");
@@ -408,6 +450,12 @@ async fn a_damaged_outbox_never_panics_and_salvage_recovers_its_intact_tasks() {
                 truncate(&snapshot, 0);
             }
         }),
+        case("every blob cut to 1000 bytes", Serve::Refuses, Recovers::Intact, |s| {
+            for blob in blobs(s) {
+                truncate(&blob, 1000);
+            }
+        })
+        .loses_tasks(),
     ];
 
     for (number, case) in cases.iter().enumerate() {
@@ -485,9 +533,8 @@ async fn a_damaged_outbox_never_panics_and_salvage_recovers_its_intact_tasks() {
         if !missing.is_empty() {
             // Only where sled read the store as a whole and gave an earlier
             // state: salvage says how many records it did not return.
-            assert_eq!(
-                report["complete"],
-                true,
+            assert!(
+                report["method"].as_str().unwrap().starts_with("sled"),
                 "{}: {} intact tasks not recovered: {report:#}",
                 case.name,
                 missing.len()
@@ -518,6 +565,24 @@ async fn a_damaged_outbox_never_panics_and_salvage_recovers_its_intact_tasks() {
                 ", sled silently dropped {} (reported; all back with --include-unmatched)",
                 missing.len()
             );
+        }
+        // The watermark knew: a store sled opened at an earlier state than
+        // it had acknowledged is refused by serve and is never a complete
+        // salvage (whether or not the lost tasks' records are intact).
+        if served.stderr.contains("earlier state than it had acknowledged") {
+            assert!(
+                report["acknowledged_past_store"].is_object() && report["complete"] == false,
+                "{}: serve saw acknowledged tasks missing; salvage must say so: {report:#}",
+                case.name
+            );
+        }
+        if case.loses_tasks {
+            assert_eq!(
+                report["complete"], false,
+                "{}: accepted tasks were destroyed; salvage must not call itself complete: {report:#}",
+                case.name
+            );
+            assert_eq!(serve_outcome, "exit 65", "{}: {served:#?}", case.name);
         }
         if case.recovers == Recovers::All {
             let lost = accepted_set.difference(&with_everything).count();

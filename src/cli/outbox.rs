@@ -836,7 +836,15 @@ fn salvage(settings: &Settings, json: bool, target: SalvageTarget) -> Result<(),
     if report.complete {
         Ok(())
     } else {
-        let what = if report.unreadable > 0 {
+        let what = if let Some(gap) = report.acknowledged_past_store {
+            format!(
+                "{} had acknowledged tasks up to sequence {}, but what could be read of it ends below {}, so \
+                 tasks accepted after that are missing unless the raw scan found them",
+                source.display(),
+                gap.accepted_below,
+                gap.store_ends_below
+            )
+        } else if report.unreadable > 0 {
             format!(
                 "{} records of {} could not be read",
                 report.unreadable,

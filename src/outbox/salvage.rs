@@ -73,7 +73,8 @@
 
 use super::counters::{apply_counted, PersistedCounters};
 use super::keys::{
-    dead_key, parse_pending_key, pending_prefix, status_key, COUNTERS, DEAD, OPERATOR_HOLDS, PENDING, STATUS,
+    dead_key, parse_pending_key, pending_prefix, status_key, COUNTERS, DEAD, OPERATOR_HOLDS, PENDING,
+    SEQUENCE_RESERVED, STATUS,
 };
 use super::operations::OutboxRecord;
 use super::{DeadLetter, Lane, Outbox, OutboxError, OutboxSettings, TaskState, TaskStatus};
@@ -216,6 +217,16 @@ pub struct SalvageAttempt {
     pub outcome: String,
 }
 
+/// Sequences the watermark says were acknowledged, against what sled
+/// recovered (see [`super::watermark`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AcknowledgedPastStore {
+    /// Accepts were made durable below this sequence.
+    pub accepted_below: u64,
+    /// The store sled recovered hands out sequences from here.
+    pub store_ends_below: u64,
+}
+
 /// What [`salvage`] found and wrote.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SalvageReport {
@@ -252,9 +263,15 @@ pub struct SalvageReport {
     /// forced breaker state; decoded by [`crate::relay::holds`]).
     #[serde(skip)]
     pub operator_holds: Option<Vec<u8>>,
+    /// Set when the store's `accepted-watermark` says tasks were
+    /// acknowledged past what sled recovered (a damaged blob or log makes
+    /// sled open at an earlier state): those tasks are missing unless the
+    /// raw scan found them, and how many there were is not known.
+    pub acknowledged_past_store: Option<AcknowledgedPastStore>,
     /// Everything the store held was read: sled opened it (or it without
-    /// its snapshot), no node was damaged, nothing failed to decode, and
-    /// the counts match its counters record.
+    /// its snapshot), no node was damaged, nothing failed to decode, the
+    /// counts match its counters record, and it holds every sequence its
+    /// watermark says was acknowledged.
     pub complete: bool,
     pub notes: Vec<String>,
 }
@@ -928,8 +945,13 @@ pub fn salvage(
         expected_pending_entries: None,
         expected_dead_letters: None,
         operator_holds: None,
+        acknowledged_past_store: None,
         complete: false,
         notes: Vec::new(),
+    };
+    let accepted_below = match super::watermark::read(source) {
+        super::watermark::Reading::Valid(accepted_below) => Some(accepted_below),
+        _ => None,
     };
     let mut known: HashSet<TaskId> = HashSet::new();
     let mut published: HashSet<TaskId> = HashSet::new();
@@ -956,6 +978,23 @@ pub fn salvage(
         };
         let inventory = take_inventory(&db);
         let written = write_inventory(&db, &inventory, sink)?;
+        let store_ends_below = get(&db, SEQUENCE_RESERVED)
+            .and_then(|bytes| <[u8; 8]>::try_from(bytes.as_slice()).ok())
+            .map_or(0, u64::from_be_bytes)
+            .max(
+                inventory
+                    .pending
+                    .iter()
+                    .map(|(sequence, _)| sequence + 1)
+                    .max()
+                    .unwrap_or(0),
+            );
+        report.acknowledged_past_store = accepted_below
+            .filter(|accepted_below| *accepted_below > store_ends_below)
+            .map(|accepted_below| AcknowledgedPastStore {
+                accepted_below,
+                store_ends_below,
+            });
         if let Some(record) = inventory.holds {
             report.operator_holds = Some(record.clone());
             sink.holds(record)?;
@@ -1028,6 +1067,7 @@ pub fn salvage(
                 raw.tasks.len()
             ));
         }
+        note_acknowledged_past_store(&mut report);
         return Ok(report);
     }
     let mut raw_entries = 0;
@@ -1080,7 +1120,36 @@ pub fn salvage(
                 .into(),
         );
     }
+    note_acknowledged_past_store(&mut report);
     Ok(report)
+}
+
+/// A store that holds less than its watermark says was acknowledged is
+/// never a complete salvage, whatever sled read of it: the tasks accepted
+/// after the state sled recovered are gone from it (a damaged blob or log
+/// record), and only the raw scan can have found some of them.
+fn note_acknowledged_past_store(report: &mut SalvageReport) {
+    let Some(gap) = report.acknowledged_past_store else {
+        return;
+    };
+    report.complete = false;
+    let found = if report.raw_scan_tasks > 0 {
+        format!("it recovered {}", report.raw_scan_tasks)
+    } else if report.raw_scan_unmatched > 0 {
+        format!(
+            "it found {} task records sled did not return: run the salvage again with --include-unmatched to \
+             recover them",
+            report.raw_scan_unmatched
+        )
+    } else {
+        "it found none".into()
+    };
+    report.notes.push(format!(
+        "the store's accepted-watermark says tasks up to sequence {} were acknowledged, but what sled \
+         recovered ends below {}: tasks accepted after that state are missing from it (a damaged blob or log \
+         record), except those the raw scan of the files found ({found})",
+        gap.accepted_below, gap.store_ends_below,
+    ));
 }
 
 // ---------------------------------------------------------------------
