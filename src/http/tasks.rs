@@ -333,19 +333,22 @@ pub(crate) fn parse_submission(
             (group.tasks, Some(group.group_id), group.chord)
         }
     };
-    // The fingerprint is of the request as sent, before the group's numbers
-    // are filled in: a retry of the same request matches it.
-    let fingerprint = request_fingerprint(route.fingerprint_name(), &requests)
-        + &group_id
-            .clone()
-            .flatten()
-            .map(|id| format!("/{id}"))
-            .unwrap_or_default()
-        + &chord
-            .as_ref()
-            .map(|body| format!("/chord:{}", serde_json::to_string(body).unwrap_or_default()))
-            .unwrap_or_default();
     let idempotency = idempotency_key(headers)?;
+    // The fingerprint is of the request as sent, before the group's numbers
+    // are filled in: a retry of the same request matches it. Only a request
+    // with a key needs one (it costs a serialisation and a hash).
+    let fingerprint = idempotency.as_ref().map(|_| {
+        request_fingerprint(route.fingerprint_name(), &requests)
+            + &group_id
+                .clone()
+                .flatten()
+                .map(|id| format!("/{id}"))
+                .unwrap_or_default()
+            + &chord
+                .as_ref()
+                .map(|body| format!("/chord:{}", serde_json::to_string(body).unwrap_or_default()))
+                .unwrap_or_default()
+    });
     let group_id = group_id.map(|given| {
         given.unwrap_or_else(|| match &idempotency {
             Some(key) => uuid::Uuid::new_v5(&GROUP_ID_NAMESPACE, key.as_bytes()).to_string(),
@@ -399,7 +402,9 @@ pub(crate) fn parse_submission(
         // Published before the members, as Celery's chord does.
         tasks.insert(0, unlock);
     }
-    let key = idempotency.map(|key| IdempotencyKey::new(key, fingerprint));
+    let key = idempotency
+        .zip(fingerprint)
+        .map(|(key, fingerprint)| IdempotencyKey::new(key, fingerprint));
     Ok(Submission {
         tasks,
         key,
