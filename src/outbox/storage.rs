@@ -54,9 +54,31 @@ pub trait OutboxStorage: Send + Sync + 'static {
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The production store: one sled tree, made durable by [`DurableFiles`].
+///
+/// Invariant: once a write or flush failed, the sled handle is never
+/// dropped. sled's `Drop` flushes, and after a failed write that flush
+/// waits forever for the buffer that was never written: a `serve` stopped
+/// with SIGTERM after its disk filled logged "taskgate stopped" and never
+/// exited (measured on a full tmpfs; the committer thread sat in sled's
+/// `make_stable`). Everything acknowledged was made durable before its
+/// `202`, and nothing more can be, so the handle is left to the process's
+/// end instead.
 pub struct SledStorage {
-    db: sled::Db,
+    /// `None` only while dropping.
+    db: Option<sled::Db>,
     files: DurableFiles,
+    failed: std::sync::atomic::AtomicBool,
+}
+
+impl Drop for SledStorage {
+    fn drop(&mut self) {
+        if let Some(db) = self.db.take() {
+            if self.failed.load(std::sync::atomic::Ordering::SeqCst) {
+                tracing::warn!("the outbox store failed: its handle is not closed (sled would wait forever)");
+                std::mem::forget(db);
+            }
+        }
+    }
 }
 
 impl SledStorage {
@@ -143,7 +165,21 @@ impl SledStorage {
         }
         let files =
             DurableFiles::open(path).map_err(|error| StorageError::Io(format!("{}: {error}", path.display())))?;
-        Ok(Self { db, files })
+        Ok(Self {
+            db: Some(db),
+            files,
+            failed: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    fn db(&self) -> &sled::Db {
+        self.db.as_ref().expect("the sled handle lives until drop")
+    }
+
+    /// A write or flush error: noted for [`Drop`], then reported.
+    fn write_failed(&self, error: impl std::fmt::Display) -> StorageError {
+        self.failed.store(true, std::sync::atomic::Ordering::SeqCst);
+        StorageError::Io(error.to_string())
     }
 }
 
@@ -153,7 +189,7 @@ fn io_error(error: sled::Error) -> StorageError {
 
 impl OutboxStorage for SledStorage {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
-        Ok(self.db.get(key).map_err(io_error)?.map(|v| v.to_vec()))
+        Ok(self.db().get(key).map_err(io_error)?.map(|v| v.to_vec()))
     }
 
     fn apply(&self, mut operations: Vec<WriteOperation>) -> Result<(), StorageError> {
@@ -164,10 +200,10 @@ impl OutboxStorage for SledStorage {
         if operations.len() == 1 {
             let (key, value) = operations.pop().expect("one operation");
             return match value {
-                Some(value) => self.db.insert(key, value).map(drop),
-                None => self.db.remove(key).map(drop),
+                Some(value) => self.db().insert(key, value).map(drop),
+                None => self.db().remove(key).map(drop),
             }
-            .map_err(io_error);
+            .map_err(|error| self.write_failed(error));
         }
         let mut batch = sled::Batch::default();
         for (key, value) in operations {
@@ -176,7 +212,7 @@ impl OutboxStorage for SledStorage {
                 None => batch.remove(key),
             }
         }
-        self.db.apply_batch(batch).map_err(io_error)
+        self.db().apply_batch(batch).map_err(|error| self.write_failed(error))
     }
 
     fn scan(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<KeyValuePairs, StorageError> {
@@ -185,7 +221,7 @@ impl OutboxStorage for SledStorage {
             None => Bound::Included(prefix.to_vec()),
         };
         let mut found = Vec::new();
-        for item in self.db.range::<Vec<u8>, _>((start, Bound::Unbounded)) {
+        for item in self.db().range::<Vec<u8>, _>((start, Bound::Unbounded)) {
             let (key, value) = item.map_err(io_error)?;
             if !key.starts_with(prefix) || found.len() >= limit {
                 break;
@@ -198,13 +234,13 @@ impl OutboxStorage for SledStorage {
     fn flush(&self) -> Result<(), StorageError> {
         // sled's own flush writes its buffers out (pwrite) but ends in
         // sync_file_range, which is not durable; the sync that is follows.
-        self.db.flush().map_err(io_error)?;
+        self.db().flush().map_err(|error| self.write_failed(error))?;
         self.files
             .sync()
-            .map_err(|error| StorageError::Io(format!("syncing the outbox files failed: {error}")))
+            .map_err(|error| self.write_failed(format!("syncing the outbox files failed: {error}")))
     }
 
     fn size_on_disk(&self) -> Result<u64, StorageError> {
-        self.db.size_on_disk().map_err(io_error)
+        self.db().size_on_disk().map_err(io_error)
     }
 }
