@@ -94,6 +94,14 @@ pub trait Publisher: Send + Sync + 'static {
         })
     }
 
+    /// Why `task` could never be delivered, whatever the broker's state
+    /// (a message over the broker's size limit), so that intake refuses it
+    /// instead of answering `202` for a task that can only become a dead
+    /// letter. `None` when it can be.
+    fn undeliverable(&self, _task: &Task) -> Option<String> {
+        None
+    }
+
     /// Connection state, updated by the background connection manager.
     fn status(&self) -> watch::Receiver<BrokerStatus>;
 

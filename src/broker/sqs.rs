@@ -781,6 +781,29 @@ impl Publisher for SqsPublisher {
         Box::pin(self.publish_window(lane, entries))
     }
 
+    /// A message over [`MAX_MESSAGE_BYTES`] as [`SqsPublisher::prepare`]
+    /// would encode it for any of the task's queues (kombu's envelope holds
+    /// the body base64-encoded and is base64-encoded itself: 16/9 of it).
+    fn undeliverable(&self, task: &Task) -> Option<String> {
+        let message = celery::encode_at(task, &self.origin, chrono::Utc::now());
+        task.queues.iter().find_map(|queue| {
+            let sqs_name = self.queue_name(queue.as_str());
+            let body = celery::sqs_message_body(
+                &message,
+                self.router.exchange(),
+                &task.routing_key,
+                &delivery_tag(&task.id, &sqs_name),
+            );
+            (body.len() > MAX_MESSAGE_BYTES).then(|| {
+                format!(
+                    "the task's SQS message for queue {sqs_name} would be {} bytes, over SQS's limit of \
+                     {MAX_MESSAGE_BYTES} bytes (kombu base64-encodes the body and its envelope); send less data with the task",
+                    body.len()
+                )
+            })
+        })
+    }
+
     fn status(&self) -> watch::Receiver<BrokerStatus> {
         self.status.subscribe()
     }
@@ -853,6 +876,32 @@ mod tests {
         );
         task.properties = properties.as_object().cloned().unwrap_or_default();
         task
+    }
+
+    /// Intake encodes a task as SQS would only for requests of at least
+    /// `UNDELIVERABLE_CHECK_BYTES`: a smaller request must never make a
+    /// message over the limit, even of the characters that grow most
+    /// (4-byte ones, written as 12-byte surrogate pairs, then base64 twice).
+    #[test]
+    fn no_request_below_the_intake_check_makes_a_message_over_the_limit() {
+        let limit = crate::http::tasks::UNDELIVERABLE_CHECK_BYTES;
+        let half: String = std::iter::repeat_n('😀', (limit - 64) / 2 / '😀'.len_utf8()).collect();
+        let request = json!({"task": "rawq.echo", "args": [half.clone()], "kwargs": {"text": half.clone()}});
+        let request_bytes = serde_json::to_vec(&request).unwrap().len();
+        assert!(
+            request_bytes < limit && request_bytes > limit - 100,
+            "the worst case fills the budget: {request_bytes}"
+        );
+        let mut worst = task(&["rawq"], json!({}));
+        worst.args = vec![Value::String(half.clone())];
+        worst.kwargs = json!({ "text": half }).as_object().unwrap().clone();
+        let message = celery::encode_at(&worst, "gen1@host", chrono::Utc::now());
+        let body = celery::sqs_message_body(&message, "celery", "rawq", "tag");
+        assert!(
+            body.len() < MAX_MESSAGE_BYTES,
+            "{} bytes of SQS message from a request of {request_bytes} bytes",
+            body.len(),
+        );
     }
 
     #[test]

@@ -133,7 +133,10 @@ fn accept_errors(operation: OperationBuilder) -> OperationBuilder {
                 .build(),
         )
         .response("409", problem("The client-chosen task id was already accepted"))
-        .response("413", problem("The body exceeds http.max_body_bytes"))
+        .response(
+            "413",
+            problem("The body exceeds http.max_body_bytes, or (SQS) a task's message would exceed SQS's 1 MiB limit"),
+        )
         .response(
             "422",
             problem(

@@ -3,8 +3,9 @@
 //!
 //! The body is read as bytes and decoded here (not by axum's `Json`), so
 //! that a syntax error is a 400, a type error a 422 naming the field, and
-//! an oversized body a 413, each as problem+json. Nothing is written
-//! unless every task of the request passed intake.
+//! an oversized body a 413, each as problem+json; so is a task whose
+//! message its broker could never take (over SQS's size limit). Nothing is
+//! written unless every task of the request passed intake.
 //!
 //! The bodies these routes decode and send are the types below; their
 //! `ToSchema` derives are what `GET /openapi.json` documents, so the
@@ -480,12 +481,28 @@ async fn submit(
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(Vec<Acceptance>, Submitted), Problem> {
+    let request_bytes = body.as_ref().map_or(0, Bytes::len);
     let Submission {
         tasks,
         key,
         group_id,
         chord,
     } = parse_submission(route, body, headers, &state.registry, &state.router, chrono::Utc::now())?;
+    // No task is larger than the request that carried it: encoding each
+    // one as its broker would is only needed for large requests.
+    if request_bytes >= UNDELIVERABLE_CHECK_BYTES {
+        for (index, task) in tasks.iter().enumerate() {
+            if let Some(why) = state.publisher.undeliverable(task) {
+                return Err(Problem::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "message-too-large",
+                    "Task too large for the broker",
+                    why,
+                )
+                .with_field(undeliverable_field(route, index, chord.is_some())));
+            }
+        }
+    }
     let tasks: Vec<_> = tasks
         .into_iter()
         .map(|task| {
@@ -506,6 +523,23 @@ async fn submit(
         }
     };
     Ok((acceptances, Submitted { group_id, chord }))
+}
+
+/// Requests at least this large have each task checked against its
+/// broker's message size limit ([`crate::broker::Publisher::undeliverable`]).
+/// SQS's 1 MiB holds any task of a smaller request: kombu's envelope is
+/// base64 twice (16/9 of the JSON), and the JSON can be three times the
+/// request's text (Python's `ensure_ascii` writes a 4-byte character as a
+/// 12-byte surrogate pair), so at most 5.4 times this, headers aside.
+pub(crate) const UNDELIVERABLE_CHECK_BYTES: usize = 160 * 1024;
+
+/// The request field of the task at `index` of a submission (a chord's
+/// unlock task comes first, before the members).
+fn undeliverable_field(route: SubmitRoute, index: usize, chord: bool) -> Option<String> {
+    let member = if chord { index.checked_sub(1)? } else { index };
+    let prefix = route.field_prefix(member);
+    let field = prefix.trim_end_matches('.');
+    (!field.is_empty()).then(|| field.to_owned())
 }
 
 pub async fn post_task(
