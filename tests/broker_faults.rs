@@ -11,7 +11,10 @@
 //!   letter with the reason `expired`, counted, and never reaches the queue;
 //! - a paused relay makes health `warn` with `async_available: false`;
 //! - `breaker release` then `breaker close`, back to back, while a backlog
-//!   fails: the forced state holds every time.
+//!   fails: the forced state holds every time;
+//! - a message over RabbitMQ's `max_message_size` (which closes the
+//!   channel): that task alone is a dead letter, the ones around it are
+//!   delivered, in order.
 
 mod support;
 
@@ -85,6 +88,71 @@ async fn a_queue_declared_with_other_arguments_does_not_stop_the_others() {
     assert_eq!(received.len(), 1);
     app.stop().await.unwrap();
     delete_amqp_entities(RABBITMQ_URL, &[&odd, &fine], &[&exchange]);
+}
+
+/// RabbitMQ's `max_message_size` lowered for one test, put back after
+/// (also when the test fails). The other tests of this binary send small
+/// messages only.
+struct MaxMessageSize(String);
+
+impl MaxMessageSize {
+    fn lower_to(bytes: usize) -> Self {
+        let before = rabbitmqctl(&["eval", "application:get_env(rabbit, max_message_size)."]);
+        let before = before
+            .trim()
+            .strip_prefix("{ok,")
+            .and_then(|rest| rest.strip_suffix('}'))
+            .unwrap_or("134217728")
+            .to_owned();
+        rabbitmqctl(&[
+            "eval",
+            &format!("application:set_env(rabbit, max_message_size, {bytes})."),
+        ]);
+        MaxMessageSize(before)
+    }
+}
+
+impl Drop for MaxMessageSize {
+    fn drop(&mut self) {
+        rabbitmqctl(&[
+            "eval",
+            &format!("application:set_env(rabbit, max_message_size, {}).", self.0),
+        ]);
+    }
+}
+
+/// RabbitMQ refuses a message over its `max_message_size` by closing the
+/// channel, which every message in flight on it sees: that one message is
+/// dead-lettered with the reason (it would be refused again on every retry
+/// and hold its lane for good), and the tasks before and after it arrive,
+/// in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_over_the_brokers_size_limit_is_a_dead_letter_and_its_lane_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let queue = unique("sizelimit");
+    let mut settings = test_settings(dir.path(), RABBITMQ_URL, &[(&queue, "#")]);
+    settings.http.max_body_bytes = 4 << 20;
+    let exchange = settings.routing.exchange.clone();
+    let _limit = MaxMessageSize::lower_to(1 << 20);
+    let app = spawn_app(settings).await;
+    let first = app.post_accepted(json!({"task": "t.small", "args": [1]})).await;
+    let huge = app
+        .post_accepted(json!({"task": "t.huge", "args": ["x".repeat(1_500_000)]}))
+        .await;
+    let last = app.post_accepted(json!({"task": "t.small", "args": [3]})).await;
+    let received = consume_ids(&queue, &[first.clone(), last.clone()], Duration::from_secs(30)).await;
+    let ids: Vec<String> = received.iter().map(|message| message.task_id()).collect();
+    assert_eq!(ids, vec![first, last.clone()], "the small tasks arrive, in order");
+    let status = task_status(&app, &huge).await;
+    assert_eq!(status["state"], "dead_letter", "{status:#}");
+    let reason = status["last_error"].as_str().unwrap();
+    assert!(
+        reason.contains("exceeds the broker's limit of 1048576 bytes"),
+        "{reason}"
+    );
+    assert_eq!(task_status(&app, &last).await["state"], "published");
+    app.stop().await.unwrap();
+    delete_amqp_entities(RABBITMQ_URL, &[&queue], &[&exchange]);
 }
 
 /// A RabbitMQ user of its own for one test, deleted after (also when the

@@ -580,6 +580,7 @@ impl AmqpPublisher {
         // message is encoded just before it is handed over, so the broker
         // starts on the first one while the rest are encoded.
         let mut sending = Vec::with_capacity(entries.len());
+        let mut body_sizes = vec![0; entries.len()];
         for (index, entry) in entries.iter().enumerate() {
             let now = chrono::Utc::now();
             if PublishError::has_expired(&entry.task, now) {
@@ -587,6 +588,7 @@ impl AmqpPublisher {
                 continue;
             }
             let message = celery::encode_at(&entry.task, &self.origin, now);
+            body_sizes[index] = message.body.len();
             let properties = basic_properties(&message);
             let channel = live.channel.clone();
             let routing_key = ShortString::from(entry.task.routing_key.as_str());
@@ -692,6 +694,18 @@ impl AmqpPublisher {
             // A timeout or channel error leaves the channel in an unknown
             // state: start over on a fresh connection.
             live.lost.notify_one();
+        }
+        // A message over the broker's size limit would be refused again on
+        // every retry, and block its lane for good: it alone is refused for
+        // good (dead-lettered); the others the close took are sent again.
+        for (result, size) in results.iter_mut().zip(&body_sizes) {
+            if let Some(Err(error)) = result {
+                if let Some((refused, limit)) = error.broker_refused_size() {
+                    if refused == *size {
+                        *result = Some(Err(PublishError::too_large(refused, limit)));
+                    }
+                }
+            }
         }
         // What is left was never handed to the connection: a message before
         // it failed, so it was not sent (and is no attempt on the task).

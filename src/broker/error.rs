@@ -86,6 +86,21 @@ impl PublishError {
             .is_some_and(|expires| expires < now + chrono::Duration::milliseconds(1))
     }
 
+    /// RabbitMQ's refusal of a message over its `max_message_size`: it
+    /// closes the channel with `PRECONDITION_FAILED - message size N is
+    /// larger than configured max size M`, so every message in flight on
+    /// the channel gets that error. Returns (N, M): only the message whose
+    /// body is N bytes is the one refused.
+    pub fn broker_refused_size(&self) -> Option<(usize, usize)> {
+        let Self::Transient(text) = self else {
+            return None;
+        };
+        let (_, rest) = text.split_once("message size ")?;
+        let (size, rest) = rest.split_once(" is larger than configured max size ")?;
+        let limit: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        Some((size.parse().ok()?, limit.parse().ok()?))
+    }
+
     pub fn too_large(size: usize, limit: usize) -> Self {
         Self::Permanent(format!(
             "message of {size} bytes exceeds the broker's limit of {limit} bytes"
@@ -258,6 +273,24 @@ mod tests {
         assert!(PublishError::timed_out("confirm", std::time::Duration::from_secs(1)).is_retryable());
         assert!(!PublishError::unroutable("x", "y", "312 NO_ROUTE").is_retryable());
         assert!(!PublishError::too_large(2, 1).is_retryable());
+    }
+
+    /// The text lapin gives for RabbitMQ's channel close over a message
+    /// too large (as captured from RabbitMQ 3.10 with max_message_size
+    /// lowered to 1 MiB).
+    #[test]
+    fn rabbitmq_refusing_a_message_for_its_size_is_recognised() {
+        let error = PublishError::Transient(
+            "AMQP error: protocol error: AMQP soft error: PRECONDITION-FAILED: PRECONDITION_FAILED - message \
+             size 1500094 is larger than configured max size 1048576"
+                .into(),
+        );
+        assert_eq!(error.broker_refused_size(), Some((1_500_094, 1_048_576)));
+        assert_eq!(
+            PublishError::Transient("AMQP error: connection reset".into()).broker_refused_size(),
+            None
+        );
+        assert_eq!(PublishError::too_large(2, 1).broker_refused_size(), None);
     }
 
     #[test]
