@@ -985,7 +985,7 @@ pub fn salvage(
                 inventory
                     .pending
                     .iter()
-                    .map(|(sequence, _)| sequence + 1)
+                    .map(|(sequence, _)| sequence.saturating_add(1))
                     .max()
                     .unwrap_or(0),
             );
