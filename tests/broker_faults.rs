@@ -125,7 +125,7 @@ impl Drop for MaxMessageSize {
 /// channel, which every message in flight on it sees: that one message is
 /// dead-lettered with the reason (it would be refused again on every retry
 /// and hold its lane for good), and the tasks before and after it arrive,
-/// in order.
+/// in order (one in flight with it may arrive twice).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_over_the_brokers_size_limit_is_a_dead_letter_and_its_lane_goes_on() {
     let dir = tempfile::tempdir().unwrap();
@@ -141,8 +141,21 @@ async fn a_message_over_the_brokers_size_limit_is_a_dead_letter_and_its_lane_goe
         .await;
     let last = app.post_accepted(json!({"task": "t.small", "args": [3]})).await;
     let received = consume_ids(&queue, &[first.clone(), last.clone()], Duration::from_secs(30)).await;
+    // A task in flight when the channel closed may come twice (its confirm
+    // was lost with the channel: at least once); the order of first copies
+    // is the lane's, and the refused task never arrives.
     let ids: Vec<String> = received.iter().map(|message| message.task_id()).collect();
-    assert_eq!(ids, vec![first, last.clone()], "the small tasks arrive, in order");
+    let mut first_copies: Vec<String> = Vec::new();
+    for id in &ids {
+        if !first_copies.contains(id) {
+            first_copies.push(id.clone());
+        }
+    }
+    assert_eq!(
+        first_copies,
+        vec![first, last.clone()],
+        "the small tasks arrive, in order: {ids:?}"
+    );
     let status = task_status(&app, &huge).await;
     assert_eq!(status["state"], "dead_letter", "{status:#}");
     let reason = status["last_error"].as_str().unwrap();
