@@ -19,8 +19,8 @@
 //! disagree (`acknowledged_past_store`).
 //!
 //! The second life also spools a few large tasks, which sled writes as
-//! blob files; every blob cut short must make serve refuse the store and
-//! salvage report itself incomplete.
+//! blob files; every blob cut short, or with bytes flipped, must make serve
+//! refuse the store and salvage report itself incomplete.
 
 mod support;
 
@@ -455,6 +455,18 @@ async fn a_damaged_outbox_never_panics_and_salvage_recovers_its_intact_tasks() {
                 truncate(&blob, 1000);
             }
         })
+        .loses_tasks(),
+        case(
+            "8 bytes flipped in the middle of every blob",
+            Serve::Refuses,
+            Recovers::Intact,
+            |s| {
+                for blob in blobs(s) {
+                    let length = std::fs::metadata(&blob).unwrap().len();
+                    flip(&blob, length / 2, 8);
+                }
+            },
+        )
         .loses_tasks(),
     ];
 
