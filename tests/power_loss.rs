@@ -107,9 +107,7 @@ async fn power_loss_under_load_loses_no_accepted_task() {
         .collect();
     // The stated bound (src/relay/mod.rs): a crash re-sends at most a
     // window and a slice per lane; two windows leaves room for the slice.
-    let bound = 2 * support::app::test_settings(Path::new("."), RABBITMQ_URL, &[])
-        .relay
-        .publish_window;
+    let bound = 2 * taskgate::config::RelaySettings::default().publish_window;
     for (index, round) in rounds.iter().enumerate() {
         assert!(
             round.duplicates.len() <= bound,
