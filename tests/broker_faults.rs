@@ -23,7 +23,8 @@ use lapin::types::{AMQPValue, FieldTable};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 use support::app::{
-    consume_ids, counter_sum, rabbitmqctl, ready_messages, spawn_app, test_settings, unique, TestApp, RABBITMQ_URL,
+    close_quietly, consume_ids, counter_sum, rabbitmqctl, ready_messages, spawn_app, test_settings, unique, TestApp,
+    RABBITMQ_URL,
 };
 use support::celery::delete_amqp_entities;
 use support::fault_proxy::{FaultMode, FaultProxy};
@@ -61,7 +62,7 @@ async fn a_queue_declared_with_other_arguments_does_not_stop_the_others() {
             )
             .await
             .unwrap();
-        let _ = connection.close(200, "done".into()).await;
+        close_quietly(connection).await;
     }
     let settings = test_settings(dir.path(), RABBITMQ_URL, &[(&odd, "odd.#"), (&fine, "fine.#")]);
     let exchange = settings.routing.exchange.clone();

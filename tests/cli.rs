@@ -10,7 +10,9 @@ use serde_json::{json, Value};
 use std::collections::HashSet;
 use std::path::Path;
 use std::time::Duration;
-use support::app::{consume, delete_queues, test_settings, unique, write_config, GatewayProcess, RABBITMQ_URL};
+use support::app::{
+    close_quietly, consume, delete_queues, test_settings, unique, write_config, GatewayProcess, RABBITMQ_URL,
+};
 use support::fault_proxy::{FaultMode, FaultProxy};
 use support::operator::{closed_address, start_gateway, taskgate, taskgate_with, OperatorGateway};
 use taskgate::relay::breaker::BreakerState;
@@ -73,7 +75,7 @@ async fn declare_bound_queue(exchange: &str, queue: &str) {
         )
         .await
         .unwrap();
-    let _ = connection.close(200, "done".into()).await;
+    close_quietly(connection).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

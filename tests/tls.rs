@@ -23,7 +23,8 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 use support::app::{
-    binary_path, rabbitmqctl, ready_messages, spawn_app, test_settings, unique, write_config, RABBITMQ_URL,
+    binary_path, close_quietly, rabbitmqctl, ready_messages, spawn_app, test_settings, unique, write_config,
+    RABBITMQ_URL,
 };
 use support::celery::{delete_amqp_entities, CeleryWorker, CeleryWorkerOptions};
 use support::postgres::{tls_dir, TestDatabase};
@@ -142,7 +143,7 @@ async fn queue_exists(queue: &str) -> bool {
         )
         .await
         .is_ok();
-    let _ = connection.close(200, "done".into()).await;
+    close_quietly(connection).await;
     exists
 }
 
