@@ -285,11 +285,28 @@ pub struct RelaySettings {
     /// (measured with `scripts/bench` when the window was made to slide,
     /// commit 695a452); a remote broker may want more.
     pub publish_window: usize,
+    /// How long the relay gathers a trickle before its next round: after a
+    /// round that left less than a slice pending, it waits this long, so a
+    /// producer sending one task at a
+    /// time is published in batches instead of in a round of its own per
+    /// task (a sent mark, a flush, a publish, a confirm and a completion),
+    /// which on a host shared with the broker made each of its `POST`s
+    /// about a third slower (docs/benchmarks.md, (f)). The first task
+    /// after an idle spell goes at once, and a backlog is never held back.
+    /// 0: every round at once.
+    pub linger_ms: u64,
 }
+
+/// Longest `relay.linger_ms` accepted: the wait is added to the delivery
+/// of tasks that trickle in.
+pub const MAX_RELAY_LINGER_MS: u64 = 1_000;
 
 impl Default for RelaySettings {
     fn default() -> Self {
-        Self { publish_window: 500 }
+        Self {
+            publish_window: 500,
+            linger_ms: 10,
+        }
     }
 }
 
@@ -459,6 +476,12 @@ fn validate(settings: &Settings, explicit: &Figment) -> Result<(), ConfigError> 
     }
     if settings.relay.publish_window == 0 {
         return Err(ConfigError::key("relay.publish_window", "must be at least 1"));
+    }
+    if settings.relay.linger_ms > MAX_RELAY_LINGER_MS {
+        return Err(ConfigError::key(
+            "relay.linger_ms",
+            format!("must be at most {MAX_RELAY_LINGER_MS} (it delays every task that trickles in)"),
+        ));
     }
     let broker = &settings.broker;
     for (key, value) in [
@@ -913,6 +936,16 @@ mod tests {
         let file = write("[broker]\nurll = \"amqp://x\"\n");
         let error = load_with_env(Some(file.path()), no_env()).unwrap_err().to_string();
         assert!(error.contains("urll"), "{error}");
+    }
+
+    #[test]
+    fn a_relay_linger_over_a_second_is_refused_by_name() {
+        let file = write("[relay]\nlinger_ms = 5000\n");
+        let error = load_with_env(Some(file.path()), no_env()).unwrap_err().to_string();
+        assert!(error.contains("relay.linger_ms"), "{error}");
+        let file = write("[relay]\nlinger_ms = 0\n");
+        let settings = load_with_env(Some(file.path()), no_env()).unwrap();
+        assert_eq!(settings.relay.linger_ms, 0, "0 turns the gathering off");
     }
 
     #[test]
