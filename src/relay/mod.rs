@@ -803,7 +803,8 @@ mod tests {
     /// round (a sent mark, a flush, a publish, a completion) each.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_trickle_is_gathered_and_the_first_task_after_idle_goes_at_once() {
-        const LINGER: Duration = Duration::from_millis(400);
+        // Long, so that a loaded machine's slow flushes cannot end it early.
+        const LINGER: Duration = Duration::from_secs(2);
         let scripted = scripted(0..0, None, false).await;
         let relay = Relay::new(
             scripted.outbox.clone(),
@@ -857,8 +858,12 @@ mod tests {
             "the first task after an idle spell waited {first_sent_after:?}"
         );
         until_event("confirmed 0").await;
-        // Its round ends; the relay lingers. Four tasks trickle in.
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Its round ends (the completion, then a flush); the relay lingers.
+        // Four tasks trickle in.
+        while scripted.outbox.depth() > 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
         for number in 1..=4 {
             accept(number).await;
             tokio::time::sleep(Duration::from_millis(20)).await;
