@@ -741,6 +741,24 @@ mod tests {
         }
     }
 
+    /// Accepts one task into the test lane, `number` its first argument.
+    async fn accept_numbered(outbox: &Outbox, number: i64) -> TaskId {
+        let task = Task::for_test(
+            TaskId::generate(),
+            "app.work",
+            vec![json!(number)],
+            Map::new(),
+            "app",
+            &["q"],
+        );
+        let id = task.id;
+        outbox
+            .accept(vec![(task, vec![Lane::new("exchange")])], None)
+            .await
+            .unwrap();
+        id
+    }
+
     async fn scripted(numbers: std::ops::Range<i64>, refuse_once: Option<i64>, unreachable: bool) -> Scripted {
         let dir = tempfile::tempdir().unwrap();
         let settings = OutboxSettings::for_test(dir.path());
@@ -749,19 +767,7 @@ mod tests {
         let outbox = Outbox::with_storage(storage.clone(), settings).unwrap();
         let mut ids = Vec::new();
         for number in numbers {
-            let task = Task::for_test(
-                TaskId::generate(),
-                "app.work",
-                vec![json!(number)],
-                Map::new(),
-                "app",
-                &["q"],
-            );
-            ids.push(task.id);
-            outbox
-                .accept(vec![(task, vec![Lane::new("exchange")])], None)
-                .await
-                .unwrap();
+            ids.push(accept_numbered(&outbox, number).await);
         }
         let (status, _) = watch::channel(BrokerStatus::disconnected("test".into(), None));
         let publisher = Arc::new(ScriptedPublisher {
@@ -818,23 +824,6 @@ mod tests {
         .unwrap();
         let shutdown = CancellationToken::new();
         let running = tokio::spawn(relay.clone().run(shutdown.clone()));
-        let accept = |number: i64| {
-            let outbox = scripted.outbox.clone();
-            async move {
-                let task = Task::for_test(
-                    TaskId::generate(),
-                    "app.work",
-                    vec![json!(number)],
-                    Map::new(),
-                    "app",
-                    &["q"],
-                );
-                outbox
-                    .accept(vec![(task, vec![Lane::new("exchange")])], None)
-                    .await
-                    .unwrap();
-            }
-        };
         let until_event = |event: &'static str| {
             let publisher = scripted.publisher.clone();
             async move {
@@ -850,7 +839,7 @@ mod tests {
 
         tokio::time::sleep(Duration::from_millis(100)).await;
         let accepted = tokio::time::Instant::now();
-        accept(0).await;
+        accept_numbered(&scripted.outbox, 0).await;
         until_event("sent 0").await;
         let first_sent_after = accepted.elapsed();
         assert!(
@@ -865,7 +854,7 @@ mod tests {
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
         for number in 1..=4 {
-            accept(number).await;
+            accept_numbered(&scripted.outbox, number).await;
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         until_event("confirmed 3").await;
