@@ -287,13 +287,12 @@ pub struct RelaySettings {
     pub publish_window: usize,
     /// How long the relay gathers a trickle before its next round: after a
     /// round that left less than a slice pending, it waits this long, so a
-    /// producer sending one task at a
-    /// time is published in batches instead of in a round of its own per
-    /// task (a sent mark, a flush, a publish, a confirm and a completion),
-    /// which on a host shared with the broker made each of its `POST`s
-    /// about a third slower (docs/benchmarks.md, (f)). The first task
-    /// after an idle spell goes at once, and a backlog is never held back.
-    /// 0: every round at once.
+    /// producer sending one task at a time is published in batches instead
+    /// of in a round of its own per task (a sent mark, a flush, a publish,
+    /// a confirm and a completion), which on a host shared with the broker
+    /// made each of its `POST`s about a third slower (docs/benchmarks.md,
+    /// (f)). The first task after an idle spell goes at once, and a backlog
+    /// is never held back. 0: every round at once.
     pub linger_ms: u64,
 }
 
