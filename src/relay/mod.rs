@@ -870,6 +870,45 @@ mod tests {
         assert_eq!(scripted.outbox.depth(), 0, "everything completed");
     }
 
+    /// The linger is for trickles only: a backlog of many slices is sent
+    /// round after round without it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_backlog_is_never_held_back_by_the_linger() {
+        const LINGER: Duration = Duration::from_secs(5);
+        // Five rounds' worth: a round sends at most four windows of 8.
+        let scripted = scripted(0..160, None, false).await;
+        let relay = Relay::new(
+            scripted.outbox.clone(),
+            scripted.publisher.clone(),
+            Arc::new(Breaker::new(&BreakerSettings::default())),
+            RelaySettings {
+                publish_window: WINDOW,
+                linger_ms: LINGER.as_millis() as u64,
+            },
+        )
+        .unwrap();
+        let shutdown = CancellationToken::new();
+        let started = tokio::time::Instant::now();
+        let running = tokio::spawn(relay.clone().run(shutdown.clone()));
+        tokio::time::timeout(LINGER, async {
+            while scripted.outbox.depth() > 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "{} of 160 still pending after {:?}: the backlog waited for the linger",
+                scripted.outbox.depth(),
+                started.elapsed()
+            )
+        });
+        shutdown.cancel();
+        running.await.unwrap();
+        let sent: Vec<i64> = scripted.publisher.windows.lock().unwrap().concat();
+        assert_eq!(sent, (0..160).collect::<Vec<_>>(), "each once, in order");
+    }
+
     /// The sliding window (issue 19): up to `publish_window` unconfirmed,
     /// topped up as each slice is confirmed, and under a nack mid-window
     /// the lane stops at the first unconfirmed task: nothing behind it is
