@@ -664,7 +664,7 @@ fn paths() -> PathsBuilder {
                     .response(
                         "503",
                         retry_after_problem(
-                            "The outbox does not know the task and the tracking database cannot be asked",
+                            "The outbox does not know the task and the tracking database cannot be asked, or the outbox store has failed and cannot be read (until taskgate restarts)",
                         ),
                     ),
             ),

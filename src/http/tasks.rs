@@ -128,6 +128,21 @@ fn intake_problem(error: intake::IntakeError, prefix: &str) -> Problem {
     Problem::new(StatusCode::UNPROCESSABLE_ENTITY, slug, title, error.message).with_field(field)
 }
 
+/// A task's state could not be read from the outbox. After the store
+/// failed a write, sled answers reads with that first error too, so an id
+/// the outbox never hid (a task refused before its group was written) can
+/// be neither found nor ruled out until taskgate restarts.
+fn outbox_read_problem(error: OutboxError) -> Problem {
+    tracing::error!(%error, "reading a task's state from the outbox failed");
+    Problem::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "outbox-unavailable",
+        "Outbox unavailable",
+        format!("the task's state cannot be read from the outbox: {error}"),
+    )
+    .retry_after(1)
+}
+
 pub(super) fn outbox_problem(error: OutboxError) -> Problem {
     match error {
         OutboxError::Full { used, limit } => Problem::new(
@@ -671,7 +686,7 @@ pub async fn get_task(State(state): State<AppState>, Path(id): Path<String>) -> 
         return Err(Problem::not_found(format!("{id:?} is not a task id")));
     }
     let outbox_status = match TaskId::parse(&id) {
-        Ok(task_id) => state.outbox.status(&task_id).map_err(outbox_problem)?,
+        Ok(task_id) => state.outbox.status(&task_id).map_err(outbox_read_problem)?,
         Err(_) => None,
     };
     let mut tracking_error: Option<String> = None;
@@ -685,7 +700,7 @@ pub async fn get_task(State(state): State<AppState>, Path(id): Path<String>) -> 
     // Asked by public id: the outbox knows the task by its Celery id.
     let outbox_status = match (outbox_status, &row) {
         (None, Some(row)) => match TaskId::parse(&row.task_id) {
-            Ok(task_id) => state.outbox.status(&task_id).map_err(outbox_problem)?,
+            Ok(task_id) => state.outbox.status(&task_id).map_err(outbox_read_problem)?,
             Err(_) => None,
         },
         (known, _) => known,
