@@ -728,13 +728,18 @@ mod tests {
         /// Another relay over the same outbox and publisher, as a restart
         /// builds it.
         fn rebuilt_relay(&self) -> Arc<Relay> {
+            self.relay_lingering(RelaySettings::default().linger_ms)
+        }
+
+        /// A relay over the same outbox and publisher with its own linger.
+        fn relay_lingering(&self, linger_ms: u64) -> Arc<Relay> {
             Relay::new(
                 self.outbox.clone(),
                 self.publisher.clone(),
                 Arc::new(Breaker::new(&BreakerSettings::default())),
                 RelaySettings {
                     publish_window: WINDOW,
-                    ..RelaySettings::default()
+                    linger_ms,
                 },
             )
             .unwrap()
@@ -812,16 +817,7 @@ mod tests {
         // Long, so that a loaded machine's slow flushes cannot end it early.
         const LINGER: Duration = Duration::from_secs(2);
         let scripted = scripted(0..0, None, false).await;
-        let relay = Relay::new(
-            scripted.outbox.clone(),
-            scripted.publisher.clone(),
-            Arc::new(Breaker::new(&BreakerSettings::default())),
-            RelaySettings {
-                publish_window: WINDOW,
-                linger_ms: LINGER.as_millis() as u64,
-            },
-        )
-        .unwrap();
+        let relay = scripted.relay_lingering(LINGER.as_millis() as u64);
         let shutdown = CancellationToken::new();
         let running = tokio::spawn(relay.clone().run(shutdown.clone()));
         let until_event = |event: &'static str| {
@@ -877,16 +873,7 @@ mod tests {
         const LINGER: Duration = Duration::from_secs(5);
         // Five rounds' worth: a round sends at most four windows of 8.
         let scripted = scripted(0..160, None, false).await;
-        let relay = Relay::new(
-            scripted.outbox.clone(),
-            scripted.publisher.clone(),
-            Arc::new(Breaker::new(&BreakerSettings::default())),
-            RelaySettings {
-                publish_window: WINDOW,
-                linger_ms: LINGER.as_millis() as u64,
-            },
-        )
-        .unwrap();
+        let relay = scripted.relay_lingering(LINGER.as_millis() as u64);
         let shutdown = CancellationToken::new();
         let started = tokio::time::Instant::now();
         let running = tokio::spawn(relay.clone().run(shutdown.clone()));
