@@ -1,12 +1,13 @@
-//! Staging accepts: turns a group of accept requests into one atomic
-//! storage batch, on the committer thread ([`super::group_commit`]).
+//! Staging accepts: turns a group of accept requests into one
+//! all-or-nothing write, on the committer thread ([`super::group_commit`]).
 //!
 //! Why accepts are written by the committer rather than by each request:
-//! sled 0.34 seals and writes its I/O buffer (a `pwrite` plus
-//! `sync_file_range` on its thread pool, waking every pool thread) on every
-//! `apply_batch`, so one batch per request cost one disk write per request
-//! whatever the group commit saved on flushes. One batch per group turns
-//! that into one write per group.
+//! sled 0.34 writes its I/O buffer (a `pwrite` plus `sync_file_range` on
+//! its thread pool, waking every pool thread) on every flush, and twice
+//! more for every `apply_batch`, so a write per request cost disk writes
+//! per request whatever the group commit saved on flushes. One write per
+//! group, behind its manifest ([`super::group_manifest`]), turns that into
+//! one log write per group.
 //!
 //! Invariants:
 //! - Requests are staged in arrival order, under the outbox's insert lock,
@@ -14,13 +15,16 @@
 //!   keys become visible together, after every smaller sequence.
 //! - A request's checks (idempotency key, reused task id, room) see the
 //!   store *and* the requests staged before it in the same group.
-//! - The group's batch is all or nothing: if it fails, no request in it was
-//!   written, and the counters are untouched.
+//! - The group is all or nothing: if a write fails, no request in it is
+//!   answered as written, the counters are untouched, and what was written
+//!   stays hidden for the life of the process and is rolled back at the
+//!   next open ([`super::group_manifest`]).
 //! - The expensive, request-local work (JSON encoding) is done by the
 //!   caller in [`PreparedAccept::prepare`], off the committer thread.
 
 use super::counters::apply_counted;
-use super::keys::{idempotency_key, pending_key, status_key};
+use super::group_manifest::GroupManifest;
+use super::keys::{idempotency_key, pending_key, status_key, ACCEPT_GROUP, SEQUENCE_RESERVED};
 use super::storage::{StorageError, WriteOperation};
 use super::{
     journal, AcceptOutcome, Acceptance, IdempotencyKey, IdempotencyRecord, Lane, OutboxError, SequenceState, Shared,
@@ -140,7 +144,7 @@ struct GroupBatch<'a> {
 }
 
 impl AcceptWriter {
-    /// Stages `requests` in order and writes them as one atomic batch.
+    /// Stages `requests` in order and writes them as one group.
     /// Returns each request's outcome and the ids of the tasks written,
     /// which stay hidden until the group's flush returns; a storage
     /// failure fails every request that would have written something.
@@ -171,22 +175,35 @@ impl AcceptWriter {
             Ok(())
         } else {
             self.shared.visibility.hide(&staged_ids);
+            // Saturating: only a damaged record holds a number this high, and
+            // a group stuck at it is kept after a crash, never rolled back.
+            sequences.group = sequences.group.saturating_add(1);
+            let number = sequences.group;
             let operations = std::mem::take(&mut group.operations);
-            apply_counted(
-                self.shared.storage.as_ref(),
-                &self.shared.counters,
-                operations,
-                |counters| {
-                    for (lane, task, bytes) in &group.additions {
-                        counters.add(lane, &task.queues, *bytes);
-                    }
-                    counters.journal += group.journaled;
-                },
-            )
-            .map_err(|error| match error {
-                OutboxError::Storage(error) => error,
-                other => StorageError::Io(other.to_string()),
-            })
+            // The manifest first, the counters record last: see
+            // `group_manifest` for why that makes the group all or nothing.
+            let created = operations
+                .iter()
+                .map(|(key, _)| key)
+                .filter(|key| key.as_slice() != SEQUENCE_RESERVED);
+            let manifest = (ACCEPT_GROUP.to_vec(), Some(GroupManifest::encode(number, created)));
+            let storage = self.shared.storage.as_ref();
+            storage
+                .apply_in_order(std::iter::once(manifest).chain(operations).collect())
+                .map_err(OutboxError::from)
+                .and_then(|()| {
+                    apply_counted(storage, &self.shared.counters, Vec::new(), |counters| {
+                        for (lane, task, bytes) in &group.additions {
+                            counters.add(lane, &task.queues, *bytes);
+                        }
+                        counters.journal += group.journaled;
+                        counters.finished_group = number;
+                    })
+                })
+                .map_err(|error| match error {
+                    OutboxError::Storage(error) => error,
+                    other => StorageError::Io(other.to_string()),
+                })
         };
         match written {
             Ok(()) => {
@@ -351,7 +368,11 @@ mod tests {
                 storage,
                 failure: Arc::default(),
                 visibility: Visibility::new(1),
-                insert_lock: Mutex::new(SequenceState { next: 1, reserved: 1 }),
+                insert_lock: Mutex::new(SequenceState {
+                    next: 1,
+                    reserved: 1,
+                    group: 0,
+                }),
                 counters: Mutex::new(Counters::default()),
                 refusing: AtomicBool::new(false),
                 journal_depth: AtomicU64::new(0),

@@ -33,6 +33,8 @@ pub(super) struct Counters {
     /// Tracking journal entries (mirrored in `Outbox::journal_depth` for
     /// lock-free reads).
     pub(super) journal: u64,
+    /// The last accept group written whole ([`super::group_manifest`]).
+    pub(super) finished_group: u64,
 }
 
 impl Counters {
@@ -74,6 +76,7 @@ impl Counters {
                 .collect(),
             dead_letters: self.dead_letters,
             journal: Some(self.journal),
+            finished_group: Some(self.finished_group),
         }
     }
 
@@ -81,6 +84,7 @@ impl Counters {
         let mut counters = Counters {
             dead_letters: record.dead_letters,
             journal: record.journal.unwrap_or_default(),
+            finished_group: record.finished_group.unwrap_or_default(),
             ..Counters::default()
         };
         for (lane, depth, bytes) in record.lanes {
@@ -116,6 +120,10 @@ pub(super) struct PersistedCounters {
     /// kept here (the journal is then scanned once).
     #[serde(default)]
     pub(super) journal: Option<u64>,
+    /// The last accept group written whole; absent in records written
+    /// before groups had numbers ([`super::group_manifest`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) finished_group: Option<u64>,
 }
 
 impl PersistedCounters {

@@ -3,7 +3,7 @@
 //! binary cannot be told to fail its writes.
 
 use super::storage::{KeyValuePairs, OutboxStorage, StorageError, WriteOperation};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 /// A store that fails on demand, for tests of what the outbox promises when
@@ -12,6 +12,8 @@ pub struct FaultyStorage {
     inner: Arc<dyn OutboxStorage>,
     fail_writes: AtomicBool,
     fail_flushes: AtomicBool,
+    /// Writes still let through before `fail_writes` turns on by itself.
+    writes_before_failing: AtomicUsize,
 }
 
 impl FaultyStorage {
@@ -20,11 +22,21 @@ impl FaultyStorage {
             inner,
             fail_writes: AtomicBool::new(false),
             fail_flushes: AtomicBool::new(false),
+            writes_before_failing: AtomicUsize::new(usize::MAX),
         }
     }
 
     pub fn fail_writes(&self, fail: bool) {
+        if !fail {
+            self.writes_before_failing.store(usize::MAX, Ordering::SeqCst);
+        }
         self.fail_writes.store(fail, Ordering::SeqCst);
+    }
+
+    /// Lets `writes` more writes through, then fails every later one, as a
+    /// disk that fills in the middle of a group would.
+    pub fn fail_writes_after(&self, writes: usize) {
+        self.writes_before_failing.store(writes, Ordering::SeqCst);
     }
 
     pub fn fail_flushes(&self, fail: bool) {
@@ -38,6 +50,15 @@ impl OutboxStorage for FaultyStorage {
     }
 
     fn apply(&self, operations: Vec<WriteOperation>) -> Result<(), StorageError> {
+        let let_through = self
+            .writes_before_failing
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |left| {
+                (left != usize::MAX).then(|| left.saturating_sub(1))
+            })
+            .unwrap_or(usize::MAX);
+        if let_through == 0 {
+            self.fail_writes.store(true, Ordering::SeqCst);
+        }
         if self.fail_writes.load(Ordering::SeqCst) {
             return Err(StorageError::Io("injected write failure".into()));
         }

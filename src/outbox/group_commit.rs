@@ -1,15 +1,15 @@
-//! Group commit: many writers, one batch, one flush.
+//! Group commit: many writers, one write, one flush.
 //!
 //! An accept hands its prepared request to [`GroupCommitter::accept`] and
 //! waits. One committer thread collects every request that arrived while
 //! the previous group was written, stages them in arrival order into one
-//! atomic batch ([`super::accept`]), applies it, and covers the group with
+//! all-or-nothing write ([`super::accept`]), applies it, and covers the group with
 //! a single blocking `flush()`. [`GroupCommitter::commit`] asks for a flush
 //! alone, for writes applied elsewhere. Invariant: a request is answered
 //! only after a flush that *started after* its writes were applied, so an
 //! `Ok` means on disk.
 //!
-//! Invariant: nothing is seen before it is durable. sled makes a batch
+//! Invariant: nothing is seen before it is durable. sled makes a write
 //! visible as soon as it is applied, before the flush that makes it
 //! durable; [`Visibility`] hides it until then. Pending and journal entries
 //! are read only below the sequence that was allocated when the last
@@ -244,7 +244,7 @@ impl GroupCommitter {
     }
 }
 
-/// Writes one group: its accepts as one batch, then one flush for all, and
+/// Writes one group: its accepts as one write, then one flush for all, and
 /// makes what the flush covered visible.
 fn write_group(writer: &AcceptWriter, group: &mut Vec<Request>) {
     let shared = &writer.shared;

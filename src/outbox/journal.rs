@@ -52,7 +52,7 @@ pub(super) fn journal_key(sequence: u64) -> Vec<u8> {
     prefixed(JOURNAL, &sequence.to_be_bytes())
 }
 
-fn parse_journal_key(key: &[u8]) -> Option<u64> {
+pub(super) fn parse_journal_key(key: &[u8]) -> Option<u64> {
     let bytes: [u8; 8] = key.strip_prefix(JOURNAL)?.try_into().ok()?;
     Some(u64::from_be_bytes(bytes))
 }

@@ -19,6 +19,7 @@ pub(super) const COUNTERS: &[u8] = b"m/counters";
 pub(super) const JOURNAL: &[u8] = b"j/";
 pub(super) const OPERATOR_HOLDS: &[u8] = b"m/operator_holds";
 pub(super) const SENT_MARK: &[u8] = b"m/sent/";
+pub(super) const ACCEPT_GROUP: &[u8] = b"m/accept_group";
 
 pub(super) fn pending_prefix(lane: &Lane) -> Vec<u8> {
     let mut key = Vec::with_capacity(PENDING.len() + lane.as_str().len() + 1);

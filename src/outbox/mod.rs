@@ -19,9 +19,11 @@
 //!    would pass `max_bytes` is refused with [`OutboxError::Full`]. Readers
 //!    page through lanes (`head(limit)`), and sled's page cache is capped,
 //!    so memory does not grow with depth.
-//! 5. **All-or-nothing batches.** Every accept (one task or a batch, its
-//!    status records, its tracking journal entries and its idempotency key)
-//!    is one atomic storage batch.
+//! 5. **All or nothing.** Every accept (one task or a batch, its status
+//!    records, its tracking journal entries and its idempotency key) is
+//!    written whole or not at all: other writes as one atomic storage
+//!    batch, accept groups as single keys behind a manifest, which a crash
+//!    cut short is rolled back at open ([`group_manifest`]).
 //! 6. **Counters are stored with what they count.** Every batch that adds or
 //!    removes pending entries or dead letters carries the new `m/counters`
 //!    record ([`apply_counted`]), so the record always matches the entries
@@ -42,8 +44,8 @@
 //! - [`records`]: the stored records and the answers readers get;
 //! - [`counters`]: counting what is pending, and the one room rule
 //!   ([`within_limit`]);
-//! - [`accept`] (on the committer thread) and [`group_commit`]: the write
-//!   path, one batch and one flush per group;
+//! - [`accept`] (on the committer thread), [`group_manifest`] and
+//!   [`group_commit`]: the write path, one write and one flush per group;
 //! - [`delivery`]: what the relay reads and writes (heads, completion,
 //!   sent marks, failures, dead letters);
 //! - [`operations`]: what operators do (list, drain, export, import,
@@ -61,9 +63,10 @@
 //! | `i/{idempotency key}` | [`IdempotencyRecord`] (JSON), honoured for 24 h |
 //! | `p/{published at, ms:u64}{task id}` | the ids (16 bytes each) of the tasks one window published, the key's id first: retention index of published statuses (empty in older outboxes: the key's id alone) |
 //! | `m/sequence_reserved` | u64: the next sequence (every sequence in use lies below it), written by every batch that hands out sequences |
-//! | `m/counters` | [`PersistedCounters`] (JSON): pending depth and bytes per lane, depth per queue, dead letters |
+//! | `m/counters` | [`PersistedCounters`] (JSON): pending depth and bytes per lane, depth per queue, dead letters, journal entries, the last finished accept group |
 //! | `j/{sequence:u64}` | accepted [`Task`] (JSON) not yet recorded in the tracking database ([`journal`]) |
 //! | `m/operator_holds` | [`crate::relay::holds::OperatorHolds`] (JSON): a pause or forced breaker state that outlives a restart; absent = none |
+//! | `m/accept_group` | the last accept group's manifest ([`group_manifest`]): its number (u64), then each key it writes (u32 length, bytes); the group is finished once `m/counters` names its number as `finished_group` |
 //! | `m/sent/{lane}` | u64: the highest sequence of the lane ever handed to the broker; a later send of an entry at or below it is a re-send ([`Outbox::mark_sending`]) |
 //!
 //! # What makes a batch durable
@@ -90,6 +93,7 @@ pub mod failure;
 #[cfg(test)]
 mod faulty_storage;
 pub mod group_commit;
+mod group_manifest;
 pub mod journal;
 mod keys;
 pub mod operations;
@@ -213,6 +217,9 @@ impl std::fmt::Display for Lane {
 struct SequenceState {
     next: u64,
     reserved: u64,
+    /// The number of the last accept group written (finished or not):
+    /// the next group takes the one after it ([`group_manifest`]).
+    group: u64,
 }
 
 impl SequenceState {
@@ -288,6 +295,14 @@ impl Outbox {
     pub fn with_storage(storage: Arc<dyn OutboxStorage>, settings: OutboxSettings) -> Result<Arc<Self>, OutboxError> {
         let failure = Arc::new(failure::StorageFailure::default());
         let storage: Arc<dyn OutboxStorage> = Arc::new(failure::GuardedStorage::new(storage, failure.clone()));
+        // Before anything is read or counted: a group a crash cut short
+        // was never acknowledged, and none of it may be seen.
+        let watermark_reading = watermark::read(&settings.path);
+        let accepted_below = match watermark_reading {
+            watermark::Reading::Valid(accepted_below) => Some(accepted_below),
+            _ => None,
+        };
+        let groups = group_manifest::roll_back_unfinished(storage.as_ref(), &settings.path, accepted_below)?;
         let stored = storage
             .get(COUNTERS)?
             .and_then(|bytes| serde_json::from_slice::<PersistedCounters>(&bytes).ok())
@@ -329,7 +344,7 @@ impl Outbox {
             ))
             .into());
         }
-        match watermark::read(&settings.path) {
+        match watermark_reading {
             watermark::Reading::Valid(accepted_below) if accepted_below > next => {
                 return Err(StorageError::Corrupt(format!(
                     "the outbox at {} is damaged: it opened at an earlier state than it had acknowledged (tasks \
@@ -350,7 +365,11 @@ impl Outbox {
             storage,
             failure,
             visibility: group_commit::Visibility::new(next),
-            insert_lock: Mutex::new(SequenceState { next, reserved: next }),
+            insert_lock: Mutex::new(SequenceState {
+                next,
+                reserved: next,
+                group: groups.last_number,
+            }),
             counters: Mutex::new(counters),
             refusing: AtomicBool::new(false),
             journal_depth: AtomicU64::new(journal_depth),

@@ -591,14 +591,18 @@ fn counters_record() -> impl Strategy<Value = PersistedCounters> {
             0..4,
         ),
         count.clone(),
+        proptest::option::of(count.clone()),
         proptest::option::of(count),
     )
-        .prop_map(|(lanes, queues, dead_letters, journal)| PersistedCounters {
-            lanes,
-            queues,
-            dead_letters,
-            journal,
-        })
+        .prop_map(
+            |(lanes, queues, dead_letters, journal, finished_group)| PersistedCounters {
+                lanes,
+                queues,
+                dead_letters,
+                journal,
+                finished_group,
+            },
+        )
 }
 
 fn holds() -> impl Strategy<Value = OperatorHolds> {
@@ -756,6 +760,7 @@ fn an_implausible_counters_record_is_counted_again() {
         queues: Vec::new(),
         dead_letters: u64::MAX,
         journal: Some(u64::MAX),
+        finished_group: honest.finished_group,
     };
     records.insert(COUNTERS.to_vec(), serde_json::to_vec(&damaged).expect("serializes"));
     let outbox = Outbox::with_storage(Arc::new(MemoryStorage::with(records)), settings()).expect("opens");

@@ -52,7 +52,10 @@
 //! scan resumes at the first key after it that reads (probed by doubling,
 //! then bisecting, the key's fixed-width suffix), so one bad node costs the
 //! records in it, not the rest. The counters record (`m/counters`) says how
-//! many entries there should be.
+//! many entries there should be. The entries of an accept group that was
+//! never finished (never acknowledged; [`super::group_manifest`]) are left
+//! out of what sled read, as opening the store would roll them back; the
+//! raw scan reports their records as it does a torn sled batch's.
 //!
 //! When that was not the whole store (no copy opened, a damaged node, fewer
 //! entries than counted, or a cut log), a raw scan of the original files
@@ -72,8 +75,9 @@
 //! and journal entries as for any accept), or as `outbox export` lines.
 
 use super::counters::{apply_counted, PersistedCounters};
+use super::group_manifest::{last_group, GroupState};
 use super::keys::{
-    dead_key, parse_pending_key, pending_prefix, status_key, COUNTERS, DEAD, OPERATOR_HOLDS, PENDING,
+    dead_key, parse_pending_key, pending_prefix, status_key, ACCEPT_GROUP, COUNTERS, DEAD, OPERATOR_HOLDS, PENDING,
     SEQUENCE_RESERVED, STATUS,
 };
 use super::operations::OutboxRecord;
@@ -574,7 +578,7 @@ fn discover_lanes(db: &sled::Db, counters: Option<&PersistedCounters>) -> Vec<La
     lanes
 }
 
-fn take_inventory(db: &sled::Db) -> Inventory {
+fn take_inventory(db: &sled::Db, accepted_below: Option<u64>) -> Inventory {
     let mut inventory = Inventory {
         counters: get(db, COUNTERS)
             .and_then(|bytes| serde_json::from_slice(&bytes).ok())
@@ -583,6 +587,19 @@ fn take_inventory(db: &sled::Db) -> Inventory {
         ..Inventory::default()
     };
     inventory.lanes = discover_lanes(db, inventory.counters.as_ref());
+    // What open would roll back was never acknowledged: it is left out.
+    // Its records in the log are reported by the raw scan, as those of a
+    // torn sled batch are (sled itself drops those at recovery).
+    let unfinished: HashSet<Vec<u8>> = match last_group(
+        get(db, COUNTERS).as_deref(),
+        get(db, ACCEPT_GROUP).as_deref(),
+        accepted_below,
+    )
+    .state
+    {
+        GroupState::Unfinished(group) => group.keys.into_iter().collect(),
+        GroupState::Standing | GroupState::DamagedAfterAcknowledged(_) => HashSet::new(),
+    };
     for (index, lane) in inventory.lanes.clone().iter().enumerate() {
         let prefix = pending_prefix(lane);
         let Inventory {
@@ -597,6 +614,7 @@ fn take_inventory(db: &sled::Db) -> Inventory {
                 return;
             };
             match serde_json::from_slice::<PendingProbe>(value) {
+                Ok(_) if unfinished.contains(key) => {}
                 Ok(probe) => {
                     pending.push((sequence, index));
                     known.insert(probe.id);
@@ -976,7 +994,7 @@ pub fn salvage(
             }
             Ok(db) => db,
         };
-        let inventory = take_inventory(&db);
+        let inventory = take_inventory(&db, accepted_below);
         let written = write_inventory(&db, &inventory, sink)?;
         let store_ends_below = get(&db, SEQUENCE_RESERVED)
             .and_then(|bytes| <[u8; 8]>::try_from(bytes.as_slice()).ok())
@@ -1421,6 +1439,48 @@ mod tests {
         let (_, lanes) = &sink.pending[9];
         assert_eq!(lanes, &vec![Lane::new("a"), Lane::new("b")]);
         assert!(!dir.path().join("work").exists(), "the work directory is removed");
+    }
+
+    /// A group a crash cut short was never acknowledged: salvage leaves it
+    /// out, as opening the store would roll it back, and the store counts
+    /// as read whole.
+    #[tokio::test]
+    async fn an_accept_group_cut_short_is_left_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = OutboxSettings::for_test(dir.path());
+        let tasks: Vec<Task> = (0..3).map(|n| task(n, &["a"])).collect();
+        let cut = task(3, &["a"]);
+        {
+            use crate::outbox::OutboxStorage;
+            let sled = Arc::new(crate::outbox::SledStorage::open(&settings.path, 1 << 20).unwrap());
+            let faulty = Arc::new(crate::outbox::FaultyStorage::new(sled.clone()));
+            let outbox = Outbox::with_storage(faulty.clone(), settings.clone()).unwrap();
+            for task in &tasks {
+                outbox
+                    .accept(vec![(task.clone(), vec![Lane::new("a")])], None)
+                    .await
+                    .unwrap();
+            }
+            // The manifest, the sequence reserved, the status and the
+            // pending entry; not the journal entry, nor the counters.
+            faulty.fail_writes_after(4);
+            outbox
+                .accept(vec![(cut.clone(), vec![Lane::new("a")])], None)
+                .await
+                .unwrap_err();
+            drop(outbox);
+            assert!(
+                sled.scan(b"q/", None, 10).unwrap().len() == 4,
+                "the cut group's entry is in the store"
+            );
+            sled.flush().unwrap();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let mut sink = Collected::default();
+        let report = salvage(&settings.path, &dir.path().join("work"), &exchange, false, &mut sink).unwrap();
+        assert!(report.complete, "{report:#?}");
+        let ids: Vec<TaskId> = sink.pending.iter().map(|(record, _)| record.task.id).collect();
+        assert_eq!(ids, tasks.iter().map(|task| task.id).collect::<Vec<_>>());
     }
 
     #[tokio::test]

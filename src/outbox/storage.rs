@@ -40,6 +40,18 @@ pub trait OutboxStorage: Send + Sync + 'static {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError>;
     /// Applies every operation or none of them.
     fn apply(&self, operations: Vec<WriteOperation>) -> Result<(), StorageError>;
+    /// Applies the operations one by one, in order, each atomic by itself
+    /// and the whole not: after a failure or a crash any prefix of them
+    /// may be there. The caller makes that recoverable (the accept
+    /// groups' manifest, `super::group_manifest`); in return no batch is
+    /// written (sled writes each behind a manifest of its own, an extra
+    /// write to its log).
+    fn apply_in_order(&self, operations: Vec<WriteOperation>) -> Result<(), StorageError> {
+        for operation in operations {
+            self.apply(vec![operation])?;
+        }
+        Ok(())
+    }
     /// Up to `limit` pairs whose key starts with `prefix`, in key order,
     /// strictly after `after` when given.
     fn scan(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<KeyValuePairs, StorageError>;
