@@ -22,8 +22,8 @@
 //! - The expensive, request-local work (JSON encoding) is done by the
 //!   caller in [`PreparedAccept::prepare`], off the committer thread.
 
-use super::counters::apply_counted;
-use super::group_manifest::GroupManifest;
+use super::counters::{apply_counted, Counters};
+use super::group_manifest::{self, GroupManifest};
 use super::keys::{idempotency_key, pending_key, status_key, ACCEPT_GROUP, SEQUENCE_RESERVED};
 use super::storage::{StorageError, WriteOperation};
 use super::{
@@ -179,31 +179,36 @@ impl AcceptWriter {
             // a group stuck at it is kept after a crash, never rolled back.
             sequences.group = sequences.group.saturating_add(1);
             let number = sequences.group;
-            let operations = std::mem::take(&mut group.operations);
-            // The manifest first, the counters record last: see
-            // `group_manifest` for why that makes the group all or nothing.
-            let created = operations
-                .iter()
-                .map(|(key, _)| key)
-                .filter(|key| key.as_slice() != SEQUENCE_RESERVED);
-            let manifest = (ACCEPT_GROUP.to_vec(), Some(GroupManifest::encode(number, created)));
+            let mut operations = std::mem::take(&mut group.operations);
+            let count = |counters: &mut Counters| {
+                for (lane, task, bytes) in &group.additions {
+                    counters.add(lane, &task.queues, *bytes);
+                }
+                counters.journal += group.journaled;
+                counters.finished_group = number;
+            };
             let storage = self.shared.storage.as_ref();
-            storage
-                .apply_in_order(std::iter::once(manifest).chain(operations).collect())
-                .map_err(OutboxError::from)
-                .and_then(|()| {
-                    apply_counted(storage, &self.shared.counters, Vec::new(), |counters| {
-                        for (lane, task, bytes) in &group.additions {
-                            counters.add(lane, &task.queues, *bytes);
-                        }
-                        counters.journal += group.journaled;
-                        counters.finished_group = number;
-                    })
-                })
-                .map_err(|error| match error {
-                    OutboxError::Storage(error) => error,
-                    other => StorageError::Io(other.to_string()),
-                })
+            let applied = if operations.len() < group_manifest::MAX_SINGLE_KEY_WRITES {
+                // The manifest first, the counters record last: see
+                // `group_manifest` for why that makes the group all or
+                // nothing.
+                let created = operations
+                    .iter()
+                    .map(|(key, _)| key)
+                    .filter(|key| key.as_slice() != SEQUENCE_RESERVED);
+                let manifest = (ACCEPT_GROUP.to_vec(), Some(GroupManifest::encode(number, created)));
+                operations.insert(0, manifest);
+                storage
+                    .apply_in_order(operations)
+                    .map_err(OutboxError::from)
+                    .and_then(|()| apply_counted(storage, &self.shared.counters, Vec::new(), count))
+            } else {
+                apply_counted(storage, &self.shared.counters, operations, count)
+            };
+            applied.map_err(|error| match error {
+                OutboxError::Storage(error) => error,
+                other => StorageError::Io(other.to_string()),
+            })
         };
         match written {
             Ok(()) => {

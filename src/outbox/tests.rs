@@ -352,8 +352,9 @@ async fn a_failed_group_write_changes_nothing() {
     assert_eq!(outbox.depth(), 1);
 }
 
-/// An accept group is written as single keys (`group_manifest`): cut
-/// short after any one of its writes, as a crash or a full disk would, the
+/// A small accept group is written as single keys (`group_manifest`),
+/// after a large one written as a sled batch: cut short after any one of
+/// its writes, as a crash or a full disk would, the
 /// store opened again holds nothing of it (no entry, no status, no journal
 /// entry, no idempotency record, counters equal to a scan) and everything
 /// accepted before it, and the same ids and key are accepted anew.
@@ -367,6 +368,9 @@ async fn a_group_cut_short_after_any_write_is_rolled_back_at_open() {
         let outbox = Outbox::with_storage(faulty.clone(), settings(dir.path())).unwrap();
         let before = task("a.b", 0);
         outbox.accept(vec![(before.clone(), vec![lane()])], None).await.unwrap();
+        // A group large enough to be written as one sled batch.
+        let batch: Vec<(Task, Vec<Lane>)> = (10..30).map(|n| (task("a.b", n), vec![lane()])).collect();
+        outbox.accept(batch, None).await.unwrap();
         // Two tasks fanned out to two lanes, with a key: every kind of write.
         let cut: Vec<Task> = (1..3).map(|n| task("a.b", n)).collect();
         let lanes = vec![lane(), Lane::new("other_exchange")];
@@ -382,27 +386,30 @@ async fn a_group_cut_short_after_any_write_is_rolled_back_at_open() {
         }
         let outbox = Outbox::with_storage(faulty.clone(), settings(dir.path())).unwrap();
         let context = format!("cut after {cut_at} writes");
-        assert_eq!(outbox.depth(), 1, "{context}");
-        assert_eq!(outbox.journal_depth(), 1, "{context}");
+        assert_eq!(outbox.depth(), 21, "{context}");
+        assert_eq!(outbox.journal_depth(), 21, "{context}");
         assert_eq!(outbox.head(&lane(), 10).unwrap()[0].task.id, before.id, "{context}");
         for task in &cut {
             assert!(faulty.get(&status_key(&task.id)).unwrap().is_none(), "{context}");
         }
-        for lane in &lanes {
-            assert!(
-                faulty.scan(&pending_prefix(lane), None, 10).unwrap().len() <= 1,
-                "{context}"
-            );
-        }
+        assert_eq!(
+            faulty.scan(&pending_prefix(&lanes[0]), None, 100).unwrap().len(),
+            21,
+            "{context}"
+        );
+        assert!(
+            faulty.scan(&pending_prefix(&lanes[1]), None, 100).unwrap().is_empty(),
+            "{context}"
+        );
         assert!(faulty.get(b"i/k").unwrap().is_none(), "{context}");
         assert_counters_match_a_scan(&outbox);
         let outcome = outbox.accept(request(), Some(retried("k"))).await.unwrap();
         assert!(matches!(outcome, AcceptOutcome::Accepted(_)), "{context}: {outcome:?}");
-        assert_eq!(outbox.depth(), 5, "{context}");
+        assert_eq!(outbox.depth(), 25, "{context}");
         drop(outbox);
         // And that group, finished, is kept by the next open.
         let outbox = Outbox::with_storage(faulty.clone(), settings(dir.path())).unwrap();
-        assert_eq!(outbox.depth(), 5, "{context}");
+        assert_eq!(outbox.depth(), 25, "{context}");
         assert!(outbox.status(&cut[1].id).unwrap().is_some(), "{context}");
         cut_at += 1;
     }
