@@ -6,8 +6,9 @@
 //! its thread pool, waking every pool thread) on every flush, and twice
 //! more for every `apply_batch`, so a write per request cost disk writes
 //! per request whatever the group commit saved on flushes. One write per
-//! group, behind its manifest ([`super::group_manifest`]), turns that into
-//! one log write per group.
+//! group turns that into one or two log writes per group: a small group as
+//! single keys behind its manifest, a large one as one batch
+//! ([`super::group_manifest`] says why and where the line is).
 //!
 //! Invariants:
 //! - Requests are staged in arrival order, under the outbox's insert lock,

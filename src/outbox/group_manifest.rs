@@ -100,16 +100,6 @@ struct FinishedGroup {
     finished_group: Option<u64>,
 }
 
-/// What [`roll_back_unfinished`] found.
-#[derive(Debug, PartialEq)]
-pub(super) struct GroupsAtOpen {
-    /// The highest group number the store has seen: the next group takes
-    /// the one after it.
-    pub(super) last_number: u64,
-    /// Keys removed, when the last group was never finished.
-    pub(super) rolled_back: Option<usize>,
-}
-
 /// The last accept group as the store holds it.
 #[derive(Debug, PartialEq)]
 pub(super) enum GroupState {
@@ -192,24 +182,20 @@ pub(super) fn last_group(counters: Option<&[u8]>, manifest: Option<&[u8]>, accep
 }
 
 /// Removes the keys of an accept group that was never finished (see the
-/// module comment and [`last_group`]). A group the watermark says was
+/// module comment and [`last_group`]), and returns the highest group
+/// number the store has seen: the next group takes the one after it. A group the watermark says was
 /// acknowledged is not removed: the store is damaged, and nothing is
 /// written to it.
 pub(super) fn roll_back_unfinished(
     storage: &dyn OutboxStorage,
     path: &Path,
     accepted_below: Option<u64>,
-) -> Result<GroupsAtOpen, StorageError> {
+) -> Result<u64, StorageError> {
     let counters = storage.get(COUNTERS)?;
     let manifest = storage.get(ACCEPT_GROUP)?;
     let LastGroup { last_number, state } = last_group(counters.as_deref(), manifest.as_deref(), accepted_below);
     let unfinished = match state {
-        GroupState::Standing => {
-            return Ok(GroupsAtOpen {
-                last_number,
-                rolled_back: None,
-            })
-        }
+        GroupState::Standing => return Ok(last_number),
         GroupState::DamagedAfterAcknowledged(group) => {
             return Err(StorageError::Corrupt(format!(
                 "the outbox at {} is damaged: its last accept group (number {}) is incomplete, yet its tasks \
@@ -232,10 +218,7 @@ pub(super) fn roll_back_unfinished(
         keys = removed,
         "an accept group that a crash interrupted was rolled back: its tasks were never acknowledged"
     );
-    Ok(GroupsAtOpen {
-        last_number,
-        rolled_back: Some(removed),
-    })
+    Ok(last_number)
 }
 
 #[cfg(test)]

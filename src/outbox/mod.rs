@@ -21,8 +21,8 @@
 //!    so memory does not grow with depth.
 //! 5. **All or nothing.** Every accept (one task or a batch, its status
 //!    records, its tracking journal entries and its idempotency key) is
-//!    written whole or not at all: other writes as one atomic storage
-//!    batch, accept groups as single keys behind a manifest, which a crash
+//!    written whole or not at all: as one atomic storage batch, or, for a
+//!    small accept group, as single keys behind a manifest, which a crash
 //!    cut short is rolled back at open ([`group_manifest`]).
 //! 6. **Counters are stored with what they count.** Every batch that adds or
 //!    removes pending entries or dead letters carries the new `m/counters`
@@ -302,7 +302,7 @@ impl Outbox {
             watermark::Reading::Valid(accepted_below) => Some(accepted_below),
             _ => None,
         };
-        let groups = group_manifest::roll_back_unfinished(storage.as_ref(), &settings.path, accepted_below)?;
+        let last_group = group_manifest::roll_back_unfinished(storage.as_ref(), &settings.path, accepted_below)?;
         let stored = storage
             .get(COUNTERS)?
             .and_then(|bytes| serde_json::from_slice::<PersistedCounters>(&bytes).ok())
@@ -368,7 +368,7 @@ impl Outbox {
             insert_lock: Mutex::new(SequenceState {
                 next,
                 reserved: next,
-                group: groups.last_number,
+                group: last_group,
             }),
             counters: Mutex::new(counters),
             refusing: AtomicBool::new(false),
