@@ -849,7 +849,13 @@ mod tests {
             .dead_letter(&entry, "poison", crate::outbox::Attempt::Made)
             .unwrap();
         let mut filler = task(1, &["export"]);
-        filler.kwargs.insert("blob".into(), json!("x".repeat(3600)));
+        // Room for the filler, and not for the first task beside it.
+        let first_bytes = serde_json::to_vec(&first).unwrap().len();
+        filler.kwargs.insert("blob".into(), json!(""));
+        let bare_bytes = serde_json::to_vec(&filler).unwrap().len();
+        filler
+            .kwargs
+            .insert("blob".into(), json!("x".repeat(4096 + 1 - first_bytes - bare_bytes)));
         accept_each(&outbox, std::slice::from_ref(&filler), |_| vec![exchange()]).await;
         let id = outbox.dead_letters(None, 1).unwrap()[0].sequence;
         assert!(matches!(
