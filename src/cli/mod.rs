@@ -184,9 +184,9 @@ fn migrate(settings: &config::Settings, json: bool) -> ExitCode {
 /// measured better end to end (`scripts/bench` (b): 0.72, 0.82, 0.73 of
 /// the broker's limit against 0.68, 0.68, 0.67 with two, in alternated
 /// runs) and for one producer at a time (broker down, p50 0.50-0.61 ms
-/// against 0.55-0.80, and 12-30 % less CPU per task), at the same
-/// accept rate (docs/benchmarks.md).
-pub fn runtime_workers(cores: usize) -> usize {
+/// against 0.55-0.80, at less CPU per task), at the same accept rate
+/// (docs/benchmarks.md).
+fn runtime_workers(cores: usize) -> usize {
     cores.saturating_sub(1).max(1)
 }
 
