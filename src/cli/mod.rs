@@ -105,14 +105,11 @@ pub fn run(cli: Cli) -> ExitCode {
         }
         Command::Serve => {
             init_tracing();
-            let mut builder = tokio::runtime::Builder::new_multi_thread();
-            // tokio's own variable, when set, still decides.
-            if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
-                builder.worker_threads(runtime_workers(
-                    std::thread::available_parallelism().map_or(1, usize::from),
-                ));
-            }
-            let runtime = match builder.thread_stack_size(THREAD_STACK_BYTES).enable_all().build() {
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .thread_stack_size(THREAD_STACK_BYTES)
+                .enable_all()
+                .build()
+            {
                 Ok(runtime) => runtime,
                 Err(error) => {
                     eprintln!("taskgate: cannot start the async runtime: {error}");
@@ -175,21 +172,6 @@ fn migrate(settings: &config::Settings, json: bool) -> ExitCode {
     }
 }
 
-/// The async runtime's worker threads on a machine of `cores`: one fewer
-/// than the cores, and at least one. The work a task waits for runs on
-/// threads of its own, beside the workers: the outbox committer, sled's
-/// I/O pool, lapin's I/O loop, SQLite's connections. With a worker per
-/// core those threads and the workers took turns on every core, and a
-/// wake-up crossed cores more often than not. On two cores, one worker
-/// measured better end to end (`scripts/bench` (b): 0.72, 0.82, 0.73 of
-/// the broker's limit against 0.68, 0.68, 0.67 with two, in alternated
-/// runs) and for one producer at a time (broker down, p50 0.50-0.61 ms
-/// against 0.55-0.80, at less CPU per task), at the same accept rate
-/// (docs/benchmarks.md).
-fn runtime_workers(cores: usize) -> usize {
-    cores.saturating_sub(1).max(1)
-}
-
 /// Stack of every thread of `serve` (tokio's workers, lapin's I/O
 /// thread): deeply nested AMQP headers from the broker are parsed and
 /// dropped recursively (see `main.rs`).
@@ -208,19 +190,4 @@ fn init_tracing() {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
-}
-
-#[cfg(test)]
-mod tests {
-    use super::runtime_workers;
-
-    /// One core is left to the committer, sled's and lapin's threads, but
-    /// never the only one: a runtime without workers would never run.
-    #[test]
-    fn the_runtime_leaves_a_core_to_the_outbox_threads_but_keeps_one_worker() {
-        assert_eq!(runtime_workers(0), 1);
-        assert_eq!(runtime_workers(1), 1);
-        assert_eq!(runtime_workers(2), 1);
-        assert_eq!(runtime_workers(8), 7);
-    }
 }
